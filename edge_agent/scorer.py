@@ -1,0 +1,102 @@
+"""The inference engine: uint8 frames -> ONNX Runtime features -> FAISS kNN -> patch and image
+scores. One Scorer owns one ORT session and one index; it is used from one thread."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from edge_agent import scoring
+from edge_agent.bundle import Bundle
+from edge_agent.images import resize, to_bgr
+from edge_agent.knn import MemoryBankIndex
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class BatchScores:
+    image_scores: np.ndarray  # [B] float32
+    patch_scores: np.ndarray  # [B, h, w] float32
+
+
+def _providers(device: str) -> list[str]:
+    available = ort.get_available_providers()
+    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        log.warning("ONNX Runtime has no CUDA provider here (install onnxruntime-gpu): using CPU")
+    return ["CPUExecutionProvider"]
+
+
+class Scorer:
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        index: str = "flat",
+        hnsw_ef_search: int = 64,
+    ) -> None:
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        self.bundle = bundle
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
+        self.session = ort.InferenceSession(
+            str(bundle.model_path), opts, providers=_providers(device)
+        )
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.index = MemoryBankIndex(
+            bundle.bank, kind=index, device=device, hnsw_ef_search=hnsw_ef_search
+        )
+        cfg = bundle.scoring
+        self.k = int(cfg.get("k", 1))
+        self.reweight = bool(cfg.get("reweight", False)) and bundle.bank_knn is not None
+        self.sigma = float(cfg.get("mask_sigma", 4.0))
+        self.input_size = bundle.input_size
+        self.grid = bundle.grid
+
+    @property
+    def device(self) -> str:
+        onnx = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        return f"onnx:{onnx} faiss:{self.index.device}/{self.index.kind}"
+
+    def prepare(self, frame: np.ndarray) -> np.ndarray:
+        """Any decoded frame -> uint8 BGR at the model's input size (raises images.BadImage)."""
+        return resize(to_bgr(frame), self.input_size)
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 [B, H, W, 3] -> float32 [B, h*w, D]."""
+        return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+    def score(self, batch: np.ndarray) -> BatchScores:
+        """Score a stacked batch of prepared frames."""
+        feats = self.features(batch)
+        b, p, d = feats.shape
+        dist, idx = self.index.search(feats.reshape(b * p, d), self.k)
+        patch = (dist[:, 0] if self.k == 1 else dist.mean(axis=1)).reshape(b, p)
+        if self.reweight:
+            image = scoring.reweighted_scores(
+                feats, patch, idx[:, 0].reshape(b, p), self.bundle.bank, self.bundle.bank_knn
+            )
+        else:
+            image = patch.max(axis=1)
+        return BatchScores(image.astype(np.float32), patch.reshape(b, *self.grid))
+
+    def score_frames(self, frames: Sequence[np.ndarray]) -> BatchScores:
+        return self.score(np.stack([self.prepare(f) for f in frames]))
+
+    def anomaly_map(self, patch_scores: np.ndarray) -> np.ndarray:
+        """[h, w] patch scores -> smoothed map at the model's input size."""
+        return scoring.anomaly_map(patch_scores, self.input_size, self.sigma)

