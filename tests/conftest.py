@@ -1,0 +1,54 @@
+"""Shared fixtures: the real MTD data beside the project and a real bundle fitted from it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MTD = Path(os.environ.get("EDGE_AGENT_MTD", ROOT.parent / "shared" / "datasets" / "mtd"))
+
+
+def require_mtd() -> Path:
+    if not (MTD / "train" / "good").is_dir():
+        pytest.skip(f"MTD dataset not found at {MTD} (set EDGE_AGENT_MTD)")
+    return MTD
+
+
+def mtd_subset(dest: Path, *, n_train: int, n_test_good: int, n_per_defect: int) -> Path:
+    """A small MVTec-layout copy of MTD: the first files of each folder, masks included."""
+    src = require_mtd()
+    pick = {"train/good": n_train, "test/good": n_test_good}
+    for defect in sorted(p.name for p in (src / "test").iterdir() if p.name != "good"):
+        pick[f"test/{defect}"] = n_per_defect
+    for rel, n in pick.items():
+        (dest / rel).mkdir(parents=True, exist_ok=True)
+        for f in sorted((src / rel).iterdir())[:n]:
+            shutil.copy(f, dest / rel / f.name)
+            if rel.startswith("test/") and rel != "test/good":
+                defect = rel.split("/")[1]
+                mask = src / "ground_truth" / defect / f"{f.stem}_mask.png"
+                (dest / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
+                shutil.copy(mask, dest / "ground_truth" / defect / mask.name)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def mtd_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 good training tiles; 20 good and 6 of each defect type for testing."""
+    return mtd_subset(
+        tmp_path_factory.mktemp("mtd_small"), n_train=60, n_test_good=20, n_per_defect=6
+    )
+
+
+@pytest.fixture(scope="session")
+def small_bundle(mtd_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real bundle (ONNX + coreset bank), fitted once per test session at 224x224."""
+    from export.fit import FitOptions, fit
+
+    out = tmp_path_factory.mktemp("bundles") / "small"
+    fit(mtd_small, out, FitOptions(coreset=0.05, progress=False))
+    return out
