@@ -145,20 +145,24 @@ def _load_npy(bundle_dir: Path, name: str, dtype: type) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
-def onnx_output_width(model_path: Path) -> int | None:
-    """Feature width D declared by the ONNX graph's output, read without running it."""
+def onnx_output_width(model_path: Path, input_size: tuple[int, int]) -> int:
+    """Feature width D of the ONNX graph: as declared, or by running one blank frame through
+    it when the graph leaves the width symbolic."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        width = sess.get_outputs()[0].shape[-1]
+        if isinstance(width, int):
+            return width
+        blank = np.zeros((1, *input_size, 3), dtype=np.uint8)
+        return int(sess.run(None, {sess.get_inputs()[0].name: blank})[0].shape[-1])
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
         raise UserError(
             f"bundle {model_path.parent}: {MODEL_FILE} cannot be loaded ({exc})"
         ) from None
-    shape = sess.get_outputs()[0].shape
-    return shape[-1] if isinstance(shape[-1], int) else None
 
 
 def load_bundle(bundle_dir: str | os.PathLike[str], *, check_model: bool = True) -> Bundle:
@@ -175,8 +179,9 @@ def load_bundle(bundle_dir: str | os.PathLike[str], *, check_model: bool = True)
             bundle_dir, f"{BANK_FILE} is {bank.shape[1]} wide but the manifest says D={dim}"
         )
     if check_model:
-        width = onnx_output_width(bundle_dir / MODEL_FILE)
-        if width is not None and width != bank.shape[1]:
+        size = (int(manifest["input"]["height"]), int(manifest["input"]["width"]))
+        width = onnx_output_width(bundle_dir / MODEL_FILE, size)
+        if width != bank.shape[1]:
             raise _fail(
                 bundle_dir,
                 f"{MODEL_FILE} outputs {width}-wide features but {BANK_FILE} is "

@@ -35,7 +35,25 @@ def export_onnx(extractor: PatchFeatureExtractor, path: Path, height: int, width
             opset_version=OPSET,
             dynamo=False,
         )
-    path.write_bytes(buf.getvalue())
+    _pin_output_shape(buf.getvalue(), path, extractor, height, width)
+
+
+def _pin_output_shape(
+    model_bytes: bytes, path: Path, extractor: PatchFeatureExtractor, height: int, width: int
+) -> None:
+    """Declare [batch, h*w, D] with static h*w and D, so a loader can check the bank width
+    against the graph without running it (the exporter leaves them symbolic)."""
+    import onnx
+
+    model = onnx.load_from_string(model_bytes)
+    grid = extractor.grid_for(height, width)
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    dims[1].ClearField("dim_param")
+    dims[1].dim_value = grid[0] * grid[1]
+    dims[2].ClearField("dim_param")
+    dims[2].dim_value = extractor.dim
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
 
 
 def parity(

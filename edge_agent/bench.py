@@ -1,0 +1,148 @@
+"""`edge-agent bench`: where the time goes, per stage, and end-to-end throughput and latency.
+
+Stages are those of the run-time path, timed on the same code the agent runs: decode (file
+bytes -> BGR), prepare (resize to the input size), infer (ONNX Runtime), knn (FAISS), score
+(image score, Eq. 7 when enabled), map (upsample + Gaussian), regions (threshold + connected
+components). A frame's latency is measured from the start of its batch (when the first frame
+of the batch is read) to the end of its own regions stage, so larger batches trade latency for
+throughput exactly as they do in the agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent import scoring
+from edge_agent.bundle import load_bundle
+from edge_agent.errors import UserError
+from edge_agent.images import decode_image, list_images
+from edge_agent.knn import INDEX_KINDS
+from edge_agent.scorer import DEVICES, Scorer
+
+STAGES = ("decode", "prepare", "infer", "knn", "score", "map", "regions")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", type=Path, required=True, help="bundle folder")
+    p.add_argument("--data", type=Path, required=True, help="image folder (searched recursively)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32], help="batch sizes")
+    p.add_argument("--limit", type=int, help="use at most this many images")
+    p.add_argument("--warmup", type=int, default=2, help="batches run before timing")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--index", choices=INDEX_KINDS, default="flat", help="kNN index")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+def _load_files(data: Path, limit: int | None) -> list[bytes]:
+    paths = list_images(data, recursive=True)
+    # Skip ground-truth masks when pointed at an MVTec dataset root.
+    paths = [p for p in paths if "ground_truth" not in p.parts][:limit]
+    return [p.read_bytes() for p in paths]
+
+
+def bench_batch(scorer: Scorer, files: list[bytes], batch: int, warmup: int) -> dict[str, Any]:
+    threshold = float(scorer.bundle.thresholds.get("pixel") or np.inf)
+    stage_s = dict.fromkeys(STAGES, 0.0)
+    latencies: list[float] = []
+    n_timed = 0
+    batches = [files[i : i + batch] for i in range(0, len(files), batch)]
+    # Warm-up batches (first ORT runs allocate and tune) are excluded from every figure.
+    schedule = [(b, False) for b in batches[:warmup]] + [(b, True) for b in batches]
+    wall_started = None
+    for chunk, timed in schedule:
+        if timed and wall_started is None:
+            wall_started = time.perf_counter()
+        t = [time.perf_counter()]
+        frames = [decode_image(data) for data in chunk]
+        t.append(time.perf_counter())
+        stacked = np.stack([scorer.prepare(f) for f in frames])
+        t.append(time.perf_counter())
+        feats = scorer.features(stacked)
+        t.append(time.perf_counter())
+        b, p, d = feats.shape
+        dist, idx = scorer.index.search(feats.reshape(b * p, d), scorer.k)
+        t.append(time.perf_counter())
+        patch = (dist[:, 0] if scorer.k == 1 else dist.mean(axis=1)).reshape(b, p)
+        if scorer.reweight:
+            scoring.reweighted_scores(
+                feats, patch, idx[:, 0].reshape(b, p), scorer.bundle.bank, scorer.bundle.bank_knn
+            )
+        else:
+            patch.max(axis=1)
+        t.append(time.perf_counter())
+        grids = patch.reshape(b, *scorer.grid)
+        done = []
+        map_s = regions_s = 0.0
+        for g in grids:
+            t0 = time.perf_counter()
+            amap = scorer.anomaly_map(g)
+            t1 = time.perf_counter()
+            scoring.find_regions(amap, threshold if np.isfinite(threshold) else float(amap.max()))
+            t2 = time.perf_counter()
+            map_s += t1 - t0
+            regions_s += t2 - t1
+            done.append(t2)
+        if not timed:
+            continue
+        for i, stage in enumerate(STAGES[:5]):
+            stage_s[stage] += t[i + 1] - t[i]
+        stage_s["map"] += map_s
+        stage_s["regions"] += regions_s
+        latencies.extend(end - t[0] for end in done)
+        n_timed += len(chunk)
+    wall = time.perf_counter() - (wall_started or time.perf_counter())
+    lat_ms = np.array(latencies) * 1000
+    return {
+        "batch": batch,
+        "images": n_timed,
+        "images_per_second": n_timed / wall,
+        "latency_ms": {
+            "p50": float(np.percentile(lat_ms, 50)),
+            "p99": float(np.percentile(lat_ms, 99)),
+        },
+        "stages": {s: 1000 * v / n_timed for s, v in stage_s.items()},  # ms per image
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    if min(args.batch) < 1:
+        raise UserError("--batch sizes must be at least 1")
+    bundle = load_bundle(args.bundle)
+    files = _load_files(args.data, args.limit)
+    scorer = Scorer(bundle, device=args.device, threads=args.threads, index=args.index)
+    results = [bench_batch(scorer, files, b, args.warmup) for b in args.batch]
+    print(f"{len(files)} images, {scorer.device}, D={bundle.dim}, M={len(bundle.bank)}")
+    header = f"{'batch':>5} {'img/s':>7} {'p50 ms':>7} {'p99 ms':>7}  " + " ".join(
+        f"{s:>7}" for s in STAGES
+    )
+    print(header + "   (stages: ms per image)")
+    for r in results:
+        stages = " ".join(f"{r['stages'][s]:7.2f}" for s in STAGES)
+        print(
+            f"{r['batch']:>5} {r['images_per_second']:7.1f} {r['latency_ms']['p50']:7.1f} "
+            f"{r['latency_ms']['p99']:7.1f}  {stages}"
+        )
+    if args.json:
+        best = max(results, key=lambda r: r["images_per_second"])
+        print(
+            json.dumps(
+                {
+                    "images_per_second": best["images_per_second"],
+                    "latency_ms": best["latency_ms"],
+                    "stages": best["stages"],
+                    "batch": best["batch"],
+                    "by_batch": results,
+                    "device": scorer.device,
+                    "dim": bundle.dim,
+                    "bank_size": len(bundle.bank),
+                }
+            )
+        )
+    return 0
