@@ -72,7 +72,7 @@ def bench_batch(scorer: Scorer, files: list[bytes], batch: int, warmup: int) -> 
         patch = (dist[:, 0] if scorer.k == 1 else dist.mean(axis=1)).reshape(b, p)
         if scorer.reweight:
             scoring.reweighted_scores(
-                feats, patch, idx[:, 0].reshape(b, p), scorer.bundle.bank, scorer.bundle.bank_knn
+                feats, patch, idx[:, 0].reshape(b, p), scorer.bundle.bank, scorer.bank_knn
             )
         else:
             patch.max(axis=1)

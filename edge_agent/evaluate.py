@@ -174,10 +174,13 @@ def evaluate(
     device: str = "auto",
     threads: int | None = None,
     index: str = "flat",
+    scoring_overrides: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Scored]:
     bundle = load_bundle(bundle_dir)
     samples = test_samples(data)
-    scorer = Scorer(bundle, device=device, threads=threads, index=index)
+    scorer = Scorer(
+        bundle, device=device, threads=threads, index=index, scoring_overrides=scoring_overrides
+    )
     scored = score_dataset(scorer, samples, batch_size)
     result = compute_metrics(scored)
     result["images_per_second"] = len(scored.samples) / scored.seconds

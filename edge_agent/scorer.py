@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -45,6 +46,7 @@ class Scorer:
         threads: int | None = None,
         index: str = "flat",
         hnsw_ef_search: int = 64,
+        scoring_overrides: dict[str, Any] | None = None,
     ) -> None:
         if device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
@@ -60,10 +62,15 @@ class Scorer:
         self.index = MemoryBankIndex(
             bundle.bank, kind=index, device=device, hnsw_ef_search=hnsw_ef_search
         )
-        cfg = bundle.scoring
+        cfg = {**bundle.scoring, **(scoring_overrides or {})}
         self.k = int(cfg.get("k", 1))
-        self.reweight = bool(cfg.get("reweight", False)) and bundle.bank_knn is not None
         self.sigma = float(cfg.get("mask_sigma", 4.0))
+        self.bank_knn: np.ndarray | None = None
+        if cfg.get("reweight") and int(cfg.get("reweight_k", 0)) >= 2:
+            if bundle.bank_knn is None or bundle.bank_knn.shape[1] < int(cfg["reweight_k"]):
+                raise ValueError("reweighting needs bank_knn.npy with at least reweight_k columns")
+            self.bank_knn = bundle.bank_knn[:, : int(cfg["reweight_k"])]
+        self.reweight = self.bank_knn is not None
         self.input_size = bundle.input_size
         self.grid = bundle.grid
 
@@ -88,7 +95,7 @@ class Scorer:
         patch = (dist[:, 0] if self.k == 1 else dist.mean(axis=1)).reshape(b, p)
         if self.reweight:
             image = scoring.reweighted_scores(
-                feats, patch, idx[:, 0].reshape(b, p), self.bundle.bank, self.bundle.bank_knn
+                feats, patch, idx[:, 0].reshape(b, p), self.bundle.bank, self.bank_knn
             )
         else:
             image = patch.max(axis=1)

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-3  # relative to the largest feature value
 PARITY_IMAGES = 4
+CORESET_PROJ_DIM = 128  # the reference's approximate greedy coreset works in 128 dims
 
 
 @dataclass
@@ -187,54 +188,99 @@ def _read_training_images(
     return frames, hashes, skipped
 
 
-def extract_features(
-    model_path: Path,
-    frames: list[np.ndarray],
-    batch_size: int,
-    device: str,
-    threads: int | None,
-    progress: bool,
-) -> np.ndarray:
-    """[N images * h*w, D] float32 through ONNX Runtime (several times faster than eager torch
-    on a CPU), written in place to bound peak memory."""
-    import onnxruntime as ort
+class FeatureStream:
+    """Training features through ONNX Runtime, batch by batch, in image order.
 
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
-    if device == "cuda":
-        providers.insert(0, "CUDAExecutionProvider")
-    session = ort.InferenceSession(str(model_path), opts, providers=providers)
-    out: np.ndarray | None = None
-    with tqdm(total=len(frames), desc="features", unit="img", disable=not progress) as bar:
-        for start in range(0, len(frames), batch_size):
-            chunk = np.stack(frames[start : start + batch_size])
-            feats = session.run(None, {INPUT_NAME: chunk})[0]
-            if out is None:
-                per_image, dim = feats.shape[1:]
-                out = np.empty((len(frames) * per_image, dim), dtype=np.float32)
-            n = feats.shape[0] * feats.shape[1]
-            out[start * feats.shape[1] : start * feats.shape[1] + n] = feats.reshape(n, -1)
-            bar.update(len(chunk))
-    assert out is not None
+    Eager torch is several times slower than ORT on a CPU, and streaming lets `fit` keep only
+    what it needs (the coreset's projected copy, then the selected rows) instead of all N x D
+    features: 587k patches x 1024 dims would be 2.4 GB.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        frames: list[np.ndarray],
+        batch_size: int,
+        device: str,
+        threads: int | None,
+    ) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(model_path), opts, providers=providers)
+        self.frames = frames
+        self.batch_size = batch_size
+        shape = self.session.get_outputs()[0].shape
+        self.per_image, self.dim = int(shape[1]), int(shape[2])
+
+    def __len__(self) -> int:
+        return len(self.frames) * self.per_image
+
+    def batches(self, desc: str, progress: bool, limit: int | None = None):
+        """Yield (first row index, [rows, D] float32) per batch of images."""
+        frames = self.frames[:limit]
+        with tqdm(total=len(frames), desc=desc, unit="img", disable=not progress) as bar:
+            for start in range(0, len(frames), self.batch_size):
+                chunk = np.stack(frames[start : start + self.batch_size])
+                feats = self.session.run(None, {INPUT_NAME: chunk})[0]
+                yield start * self.per_image, feats.reshape(-1, self.dim)
+                bar.update(len(chunk))
+
+
+def coreset_space(stream: FeatureStream, proj_dim: int, seed: int, progress: bool) -> np.ndarray:
+    """[N, min(D, proj_dim)] float32: the random projection the greedy coreset runs in (as the
+    reference's approximate greedy coreset), without holding the full features."""
+    rng = np.random.default_rng(seed)
+    matrix = None
+    if stream.dim > proj_dim:
+        matrix = (rng.standard_normal((stream.dim, proj_dim)) / math.sqrt(proj_dim)).astype(
+            np.float32
+        )
+    out = np.empty((len(stream), min(stream.dim, proj_dim)), dtype=np.float32)
+    for first, feats in stream.batches("features", progress):
+        out[first : first + len(feats)] = feats if matrix is None else feats @ matrix
     return out
 
 
-def output_projection(features: np.ndarray, kind: str, dim: int, seed: int) -> np.ndarray:
-    """[D_raw, dim] matrix: Gaussian (distance-preserving scale) or the top principal axes.
+def gather_rows(stream: FeatureStream, rows: np.ndarray, progress: bool) -> np.ndarray:
+    """The full-width features of the given global rows, in the given order."""
+    bank = np.empty((len(rows), stream.dim), dtype=np.float32)
+    order = np.argsort(rows)
+    sorted_rows = rows[order]
+    for first, feats in stream.batches("bank", progress):
+        lo, hi = np.searchsorted(sorted_rows, [first, first + len(feats)])
+        bank[order[lo:hi]] = feats[sorted_rows[lo:hi] - first]
+    return bank
+
+
+def output_projection(stream: FeatureStream, kind: str, dim: int, seed: int) -> np.ndarray:
+    """[D_raw, dim] matrix: Gaussian (distance-preserving scale) or the top principal axes of
+    the training patches (from up to 256 images).
 
     PCA needs no centring in the graph: a shift changes no distance.
     """
     rng = np.random.default_rng(seed)
-    d_raw = features.shape[1]
+    d_raw = stream.dim
     if dim > d_raw:
         raise UserError(f"--embed-dim {dim} is wider than the raw features ({d_raw})")
     if kind == "random":
         return (rng.standard_normal((d_raw, dim)) / math.sqrt(dim)).astype(np.float32)
-    sample = features[rng.choice(len(features), min(len(features), 200_000), replace=False)]
-    sample = sample.astype(np.float64) - sample.mean(axis=0)
-    _, vecs = np.linalg.eigh(sample.T @ sample)
+    cov = np.zeros((d_raw, d_raw))
+    total = np.zeros(d_raw)
+    n = 0
+    for _, feats in stream.batches("pca", False, limit=256):
+        f = feats.astype(np.float64)
+        cov += f.T @ f
+        total += f.sum(axis=0)
+        n += len(f)
+    mean = total / n
+    cov = cov / n - np.outer(mean, mean)
+    _, vecs = np.linalg.eigh(cov)
     return np.ascontiguousarray(vecs[:, ::-1][:, :dim], dtype=np.float32)
 
 
@@ -277,8 +323,11 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
     height, width = opts.image_size
     grid = extractor.grid_for(height, width)
     if grid[0] * grid[1] * len(paths) > 3_000_000:
-        log.warning("%d images x %d patches is a lot of memory; consider a smaller --image-size",
-                    len(paths), grid[0] * grid[1])
+        log.warning(
+            "%d images x %d patches is a lot of memory; consider a smaller --image-size",
+            len(paths),
+            grid[0] * grid[1],
+        )
 
     frames, hashes, skipped = _read_training_images(paths, (height, width))
     if not frames:
@@ -289,16 +338,12 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
     model_path = out / bundle_format.MODEL_FILE
     t0 = time.perf_counter()
     export_onnx(extractor, model_path, height, width)
-    features = extract_features(
-        model_path, frames, opts.batch_size, device, opts.threads, opts.progress
-    )
-    opts.timings["features"] = time.perf_counter() - t0
-
     if opts.projection in ("random", "pca"):
         assert opts.embed_dim is not None
-        matrix = output_projection(features, opts.projection, opts.embed_dim, opts.seed)
-        features = features @ matrix
-        extractor.set_output_projection(matrix)
+        stream = FeatureStream(model_path, frames, opts.batch_size, device, opts.threads)
+        extractor.set_output_projection(
+            output_projection(stream, opts.projection, opts.embed_dim, opts.seed)
+        )
         export_onnx(extractor, model_path, height, width)
 
     # Check the graph the agent will run before spending time on the coreset.
@@ -314,15 +359,18 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
             f"ONNX Runtime and torch disagree on real images: max difference {diff:.3g} "
             f"({rel:.3g} relative, tolerance {PARITY_TOLERANCE}); the bundle is not usable"
         )
+    stream = FeatureStream(model_path, frames, opts.batch_size, device, opts.threads)
+    projected = coreset_space(stream, CORESET_PROJ_DIM, opts.seed, opts.progress)
+    opts.timings["features"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    n_select = max(1, math.ceil(opts.coreset * len(features)))
+    n_patches = len(stream)
+    n_select = max(1, math.ceil(opts.coreset * n_patches))
     selected = approximate_greedy_coreset(
-        features, n_select, seed=opts.seed, progress=opts.progress
+        projected, n_select, proj_dim=None, seed=opts.seed, progress=opts.progress
     )
-    bank = np.ascontiguousarray(features[selected])
+    del projected
     opts.timings["coreset"] = time.perf_counter() - t0
-    n_patches = len(features)
-    del features
+    bank = gather_rows(stream, selected, opts.progress)
 
     files = [bundle_format.MODEL_FILE, bundle_format.BANK_FILE, bundle_format.TRAINING_IMAGES_FILE]
     np.save(out / bundle_format.BANK_FILE, bank, allow_pickle=False)

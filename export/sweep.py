@@ -1,0 +1,142 @@
+"""`edge-agent sweep`: fit and evaluate a grid of embedding and scoring choices on an
+MVTec-layout dataset and print one table (accuracy, fit time, images/s, bank size).
+
+Each embedding choice (layers x projection x patch size x coreset fraction) is fitted once;
+the scoring choices (Eq. 7 reweighting k) are evaluated on that same bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from edge_agent.errors import UserError
+from edge_agent.evaluate import evaluate
+from export.fit import FitOptions, fit
+
+log = logging.getLogger(__name__)
+
+
+def _projection(value: str) -> tuple[str, int | None]:
+    kind, _, dim = value.partition(":")
+    if kind not in ("none", "adaptive", "random", "pca"):
+        raise argparse.ArgumentTypeError(f"unknown projection {kind!r}")
+    if (kind == "none") != (dim == ""):
+        raise argparse.ArgumentTypeError(f"{value!r}: use none, adaptive:D, random:D or pca:D")
+    return kind, int(dim) if dim else None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", type=Path, help="MVTec-layout dataset")
+    p.add_argument("--out", type=Path, required=True, help="folder for bundles and results")
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        default=["blocks.2,blocks.4"],
+        help="one or more comma-separated layer sets",
+    )
+    p.add_argument(
+        "--projection",
+        nargs="+",
+        type=_projection,
+        default=[("none", None)],
+        help="none, adaptive:D, random:D, pca:D",
+    )
+    p.add_argument("--patch-size", nargs="+", type=int, default=[3])
+    p.add_argument("--coreset", nargs="+", type=float, default=[0.01])
+    p.add_argument("--reweight-k", nargs="+", type=int, default=[0, 9])
+    p.add_argument("--image-size", type=int, nargs="+", default=[224])
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--keep-bundles", action="store_true", help="keep every fitted bundle")
+
+
+def _row(config: dict[str, Any], fit_m: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **config,
+        "image_auroc": result["image_auroc"],
+        "pixel_auroc": result["pixel_auroc"],
+        "pro": result["pro"],
+        "per_type": {
+            t: {k: m[k] for k in ("image_auroc", "pixel_auroc", "pro")}
+            for t, m in result["per_type"].items()
+        },
+        "images_per_second": result["images_per_second"],
+        "fit_seconds": fit_m["training"]["seconds"],
+        "coreset_seconds": fit_m["training"]["coreset_seconds"],
+        "peak_rss_mb": fit_m["training"]["peak_rss_mb"],
+        "bank_size": fit_m["bank"]["size"],
+        "dim": fit_m["features"]["dim"],
+    }
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    head = (
+        f"{'layers':<18}{'proj':<14}{'p':>2}{'core':>6}{'rw':>3}{'D':>6}{'M':>7}"
+        f"{'image':>7}{'pixel':>7}{'PRO':>7}{'fit s':>7}{'img/s':>7}"
+    )
+    print(head)
+    for r in rows:
+        proj = r["projection"] + (f":{r['embed_dim']}" if r["embed_dim"] else "")
+        print(
+            f"{r['layers']:<18}{proj:<14}{r['patch_size']:>2}{r['coreset']:>6.3f}"
+            f"{r['reweight_k']:>3}{r['dim']:>6}{r['bank_size']:>7}{r['image_auroc']:>7.3f}"
+            f"{r['pixel_auroc']:>7.3f}{r['pro']:>7.3f}{r['fit_seconds']:>7.0f}"
+            f"{r['images_per_second']:>7.1f}"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    if not (args.data / "test").is_dir():
+        raise UserError(f"{args.data}: sweep needs an MVTec-layout dataset with test/")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_file = args.out / "sweep.jsonl"
+    size = (args.image_size[0], args.image_size[-1])
+    rows = []
+    grid = itertools.product(args.layers, args.projection, args.patch_size, args.coreset)
+    max_k = max(args.reweight_k)
+    for n, (layers, (projection, dim), patch, coreset) in enumerate(grid):
+        bundle = args.out / f"bundle-{n}"
+        opts = FitOptions(
+            backbone=args.backbone,
+            layers=layers.split(","),
+            image_size=size,
+            coreset=coreset,
+            projection=projection,
+            embed_dim=dim,
+            patch_size=patch,
+            reweight_k=max_k if max_k >= 2 else 0,
+            progress=False,
+        )
+        log.info("fitting %s %s p=%d coreset=%g", layers, projection, patch, coreset)
+        manifest = fit(args.data, bundle, opts, force=True)
+        for k in args.reweight_k:
+            scoring = {"reweight": k >= 2, "reweight_k": k}
+            result, _ = evaluate(bundle, args.data, scoring_overrides=scoring)
+            config = {
+                "layers": layers,
+                "projection": projection,
+                "embed_dim": dim,
+                "patch_size": patch,
+                "coreset": coreset,
+                "reweight_k": k,
+                "image_size": list(size),
+            }
+            row = _row(config, manifest, result)
+            rows.append(row)
+            with results_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            log.info(
+                "image %.3f pixel %.3f PRO %.3f",
+                *(row[m] for m in ("image_auroc", "pixel_auroc", "pro")),
+            )
+        if not args.keep_bundles:
+            import shutil
+
+            shutil.rmtree(bundle)
+    _print_table(rows)
+    print(f"results: {results_file}")
+    return 0
