@@ -1,0 +1,439 @@
+"""Camera capture: one thread per camera reads frames and puts them on the shared FrameQueue.
+
+Sources (``kind``, chosen from ``source`` when "auto"):
+
+- ``usb``: an int or digit string is a device index, a ``/dev/...`` path a V4L2 device.
+- ``stream``: any ``scheme://`` URL (RTSP, HTTP MJPEG, ...), read by OpenCV's FFMPEG backend
+  with open and read timeouts so that a dead peer ends a read instead of hanging it.
+- ``folder``: every image file in sorted order, one frame each. An unreadable file still yields
+  a frame, with an EMPTY image, so the inference side answers it as a bad frame and every file
+  gets exactly one verdict.
+- ``file``: a video file, every decoded frame once and in order.
+
+Live sources (usb, stream) never stop on their own: an open or read failure starts an outage,
+logged once, and the thread retries with exponential back-off plus jitter until it is back
+(logged once more) or the capture is stopped. A file that cannot be opened or a folder without
+images is a configuration error (UserError at start), not an outage.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import cv2
+import numpy as np
+
+from edge_agent.errors import UserError
+from edge_agent.frame_queue import Frame, FrameQueue
+from edge_agent.images import BadImage, list_images, read_image
+
+log = logging.getLogger(__name__)
+
+KINDS = ("auto", "usb", "stream", "file", "folder")
+OVERFLOWS = ("auto", "drop_oldest", "block")
+MODES = ("continuous", "trigger")
+LIVE_KINDS = ("usb", "stream")
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def empty_image() -> np.ndarray:
+    """The image of a frame that could not be read: the inference side rejects it as bad."""
+    return np.empty((0, 0, 3), np.uint8)
+
+
+@dataclass(frozen=True)
+class CameraSettings:
+    """One camera as configured; see the module docstring for the source kinds."""
+
+    id: str
+    source: str | int
+    kind: str = "auto"
+    overflow: str = "auto"  # auto: file/folder -> block, live -> drop_oldest
+    fps_limit: float | None = None  # live sources: emit at most this many frames per second
+    reconnect_initial_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    loop: bool = False  # file/folder: start again at the end (demos)
+    mode: str = "continuous"  # or "trigger": the service decides what to inspect
+    open_timeout_s: float = 10.0  # streams: give up connecting after this long
+    read_timeout_s: float = 5.0  # streams: a read that waits longer counts as a lost stream
+
+    def __post_init__(self) -> None:
+        where = f"camera {self.id!r}"
+        for key, value, choices in (
+            ("kind", self.kind, KINDS),
+            ("overflow", self.overflow, OVERFLOWS),
+            ("mode", self.mode, MODES),
+        ):
+            if value not in choices:
+                raise UserError(
+                    f"{where}: {key} must be one of {', '.join(choices)}, got {value!r}"
+                )
+        if self.fps_limit is not None and not self.fps_limit > 0:
+            raise UserError(f"{where}: fps_limit must be above 0, got {self.fps_limit}")
+        if not 0 < self.reconnect_initial_s <= self.reconnect_max_s:
+            raise UserError(
+                f"{where}: need 0 < reconnect_initial_s <= reconnect_max_s, got "
+                f"{self.reconnect_initial_s} and {self.reconnect_max_s}"
+            )
+        if not (self.open_timeout_s > 0 and self.read_timeout_s > 0):
+            raise UserError(f"{where}: open_timeout_s and read_timeout_s must be above 0")
+
+    def resolved_kind(self) -> str:
+        """The source kind, with "auto" decided from the source."""
+        if self.kind != "auto":
+            return self.kind
+        source = self.source
+        if isinstance(source, int) or source.isdigit() or source.startswith("/dev/"):
+            return "usb"
+        if _URL.match(source):
+            return "stream"
+        return "folder" if Path(source).is_dir() else "file"
+
+    def blocks(self) -> bool:
+        """True for back-pressure, False for drop-oldest (the overflow policy resolved)."""
+        if self.overflow == "auto":
+            return self.resolved_kind() not in LIVE_KINDS
+        return self.overflow == "block"
+
+
+def redact(source: str | int) -> str:
+    """The source for logs: user, password and query (tokens) of a URL replaced by ***."""
+    text = str(source)
+    if not _URL.match(text):
+        return text
+    parts = urlsplit(text)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = "***" if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+class CameraCapture:
+    """Reads one camera on a daemon thread and puts Frames on `queue`."""
+
+    def __init__(
+        self, settings: CameraSettings, queue: FrameQueue, *, run_id: str | None = None
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.kind = settings.resolved_kind()
+        self.block = settings.blocks()
+        self._prefix = f"{run_id}-{settings.id}" if run_id else settings.id
+        self._name = redact(settings.source)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._rng = random.Random()
+        self._sequence = 0
+        self._frames_in = 0
+        self._reconnects = 0
+        self._reconnect_attempts = 0
+        self._connected = False
+        self._last_error: str | None = None
+        self._finished = False
+        self._outage_since: float | None = None  # monotonic start of the current outage
+        self._ever_connected = False
+        self._files: list[Path] = []
+        self._video: cv2.VideoCapture | None = None
+        self._first: tuple[float, np.ndarray] | None = None
+
+    # -- public ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Check a file/folder source (UserError if unusable) and start the capture thread."""
+        if self._thread is not None:
+            raise RuntimeError(f"camera {self.settings.id}: already started")
+        if self.kind == "folder":
+            try:
+                self._files = list_images(self.settings.source)
+            except UserError as exc:
+                raise UserError(f"camera {self.settings.id}: {exc}") from None
+        elif self.kind == "file":
+            self._video, self._first = self._open_file()
+        target = {
+            "folder": self._run_folder,
+            "file": self._run_file,
+            "usb": self._run_live,
+            "stream": self._run_live,
+        }[self.kind]
+        policy = "block" if self.block else "drop_oldest"
+        log.info(
+            "camera %s: capturing %s %s (overflow %s)",
+            self.settings.id,
+            self.kind,
+            self._name,
+            policy,
+        )
+        self._thread = threading.Thread(
+            target=self._guarded, args=(target,), name=f"capture-{self.settings.id}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread; returns within `timeout_s` even if a read is hung (daemon thread)."""
+        self._stop.set()
+        self.queue.wake()
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return
+        thread.join(timeout_s)
+        if thread.is_alive():
+            log.warning(
+                "camera %s: capture thread still in a read after %.1f s; leaving it to end",
+                self.settings.id,
+                timeout_s,
+            )
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def finished(self) -> bool:
+        """A finite source (file/folder without loop) has delivered every frame."""
+        return self._finished
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def stats(self) -> dict:
+        """Counters for metrics and status.
+
+        frames_in: frames captured (numbered); reconnects: outages recovered (a live camera
+        delivering again after failing to open or losing its stream); reconnect_attempts: opens
+        tried after the first; connected: delivering frames now; last_error: the latest
+        failure (credentials redacted), kept after recovery; dropped: this camera's frames
+        the queue dropped; finished: a finite source is done.
+        """
+        return {
+            "frames_in": self._frames_in,
+            "reconnects": self._reconnects,
+            "reconnect_attempts": self._reconnect_attempts,
+            "connected": self._connected,
+            "last_error": self._last_error,
+            "dropped": self.queue.dropped.get(self.settings.id, 0),
+            "finished": self._finished,
+        }
+
+    # -- common ------------------------------------------------------------------------------
+
+    def _guarded(self, target) -> None:
+        try:
+            target()
+        except UserError as exc:  # e.g. a looping video file deleted meanwhile
+            self._last_error = str(exc)
+            log.error("%s", exc)
+        except Exception as exc:  # a bug must not die silently on a daemon thread
+            self._last_error = f"capture thread failed: {exc!r}"
+            log.exception("camera %s: capture thread failed", self.settings.id)
+        finally:
+            self._connected = False
+
+    def _emit(self, image: np.ndarray, captured_at: float, source_name: str | None = None) -> bool:
+        """Number and queue one frame; False when the capture must end (stopped or closed)."""
+        seq = self._sequence
+        frame = Frame(
+            camera=self.settings.id,
+            sequence=seq,
+            frame_id=f"{self._prefix}-{seq}",
+            captured_at=captured_at,
+            image=image,
+            source_name=source_name,
+        )
+        self._sequence = seq + 1
+        self._frames_in += 1
+        ok = self.queue.put(frame, block=self.block, cancel=self._stop)
+        return ok and not self._stop.is_set()
+
+    # -- folder ------------------------------------------------------------------------------
+
+    def _run_folder(self) -> None:
+        self._connected = True
+        while not self._stop.is_set():
+            for path in self._files:
+                if self._stop.is_set():
+                    return
+                try:
+                    image = read_image(path)
+                except BadImage as exc:
+                    # One verdict per file: the empty frame is answered as bad downstream.
+                    self._last_error = str(exc)
+                    log.warning(
+                        "camera %s: %s; passing it on as a bad frame", self.settings.id, exc
+                    )
+                    image = empty_image()
+                if not self._emit(image, time.time(), path.name):
+                    return
+            if not self.settings.loop:
+                self._finished = True
+                log.info("camera %s: folder done, %d files", self.settings.id, len(self._files))
+                return
+
+    # -- video file --------------------------------------------------------------------------
+
+    def _open_file(self) -> tuple[cv2.VideoCapture, tuple[float, np.ndarray]]:
+        """Open the video and read its first frame; UserError if either fails."""
+        path = Path(str(self.settings.source))
+        where = f"camera {self.settings.id}: {path}"
+        if not path.exists():
+            raise UserError(f"{where}: no such video file")
+        if not path.is_file():
+            raise UserError(f"{where}: not a file")
+        cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+        if not cap.isOpened():
+            cap.release()
+            raise UserError(f"{where}: cannot open as a video")
+        ok, image = cap.read()
+        captured_at = time.time()
+        if not ok or image is None:
+            cap.release()
+            raise UserError(f"{where}: no decodable frames")
+        return cap, (captured_at, image)
+
+    def _run_file(self) -> None:
+        cap, first = self._video, self._first
+        self._video = self._first = None
+        assert cap is not None and first is not None
+        self._connected = True
+        try:
+            while not self._stop.is_set():
+                if not self._emit(first[1], first[0]):
+                    return
+                n = self._read_to_end(cap) + 1
+                if self._stop.is_set():
+                    return
+                if not self.settings.loop:
+                    self._finished = True
+                    log.info("camera %s: video done, %d frames", self.settings.id, n)
+                    return
+                cap.release()
+                cap, first = self._open_file()  # reopening is more reliable than seeking
+        finally:
+            cap.release()
+
+    def _read_to_end(self, cap: cv2.VideoCapture) -> int:
+        """Emit frames until the end of the file (or a stop); the number emitted."""
+        n = 0
+        while not self._stop.is_set():
+            if not cap.grab():
+                return n
+            captured_at = time.time()
+            ok, image = cap.retrieve()
+            if not self._emit(image if ok else empty_image(), captured_at):
+                return n
+            n += 1
+        return n
+
+    # -- live: usb and streams ---------------------------------------------------------------
+
+    def _open_live(self) -> cv2.VideoCapture | None:
+        source = self.settings.source
+        s = self.settings
+        try:
+            if self.kind == "usb":
+                if isinstance(source, int) or source.isdigit():
+                    cap = cv2.VideoCapture(int(source))
+                else:
+                    cap = cv2.VideoCapture(source, cv2.CAP_V4L2)
+            else:
+                params = [
+                    cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+                    int(s.open_timeout_s * 1000),
+                    cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+                    int(s.read_timeout_s * 1000),
+                ]
+                cap = cv2.VideoCapture(str(source), cv2.CAP_FFMPEG, params)
+        except cv2.error as exc:
+            self._last_error = f"cannot open {self._name}: {str(exc).strip()}"
+            return None
+        if not cap.isOpened():
+            cap.release()
+            self._last_error = f"cannot open {self._name}"
+            return None
+        return cap
+
+    def _run_live(self) -> None:
+        backoff = self.settings.reconnect_initial_s
+        attempts = 0
+        while not self._stop.is_set():
+            if attempts:
+                self._reconnect_attempts += 1
+            attempts += 1
+            cap = self._open_live()
+            if cap is not None:
+                try:
+                    delivered = self._read_live(cap)
+                finally:
+                    cap.release()
+                    self._connected = False
+                if self._stop.is_set() or self.queue.closed:
+                    return
+                if delivered:
+                    backoff = self.settings.reconnect_initial_s
+            if self._outage_since is None:
+                self._outage_since = time.monotonic()
+                self._log_lost()
+            delay = backoff * (1.0 + 0.25 * self._rng.random())  # jitter: cameras not in step
+            backoff = min(backoff * 2.0, self.settings.reconnect_max_s)
+            if self._stop.wait(delay):
+                return
+
+    def _read_live(self, cap: cv2.VideoCapture) -> bool:
+        """Read until the stream fails, the capture stops or the queue closes.
+
+        Returns whether any frame was delivered; sets last_error when the stream failed. The
+        camera counts as back (connected) at its first frame, not when it merely opens.
+        """
+        fps = self.settings.fps_limit
+        interval = 1.0 / fps if fps else 0.0
+        next_due = 0.0
+        delivered = False
+        while not self._stop.is_set():
+            # grab() keeps draining the camera even when frames are skipped, so what is
+            # retrieved is current rather than a stale buffered frame.
+            if not cap.grab():
+                self._last_error = f"read from {self._name} failed or timed out"
+                return delivered
+            captured_at = time.time()
+            now = time.monotonic()
+            if interval and now < next_due:
+                continue
+            ok, image = cap.retrieve()
+            if not ok:
+                self._last_error = f"cannot decode a frame from {self._name}"
+                return delivered
+            next_due = now + interval
+            if not delivered:
+                delivered = True
+                self._on_connected()
+            if not self._emit(image, captured_at):
+                return delivered
+        return delivered
+
+    def _on_connected(self) -> None:
+        self._connected = True
+        if self._outage_since is not None:
+            self._reconnects += 1
+            seconds = time.monotonic() - self._outage_since
+            verb = "reconnected" if self._ever_connected else "connected"
+            log.info("camera %s: %s after %.1f s", self.settings.id, verb, seconds)
+            self._outage_since = None
+        self._ever_connected = True
+
+    def _log_lost(self) -> None:
+        if self._ever_connected:
+            log.warning(
+                "camera %s: stream lost (%s), reconnecting", self.settings.id, self._last_error
+            )
+        else:
+            log.warning("camera %s: %s, retrying with back-off", self.settings.id, self._last_error)
