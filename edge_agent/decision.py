@@ -1,0 +1,169 @@
+"""From scores to a verdict: pure functions, no I/O, no model.
+
+- verdict: NG when the image score reaches the image threshold (score >= threshold), else OK;
+- normalised score: the calibrated piecewise-linear scale (threshold -> 0.5); without a
+  calibrated scale, score / (2 * threshold) clipped to [0, 1], which also puts the threshold
+  at 0.5;
+- regions: connected components of the anomaly map >= the pixel threshold, in the ORIGINAL
+  frame's pixel coordinates, reported for NG verdicts only. An OK frame may still have a few
+  pixels over the pixel threshold (the two thresholds are calibrated separately); reporting
+  them would contradict the verdict, and skipping the map for OK frames saves its cost on the
+  common path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edge_agent import scoring
+
+OK = "OK"
+NG = "NG"
+ERROR = "ERROR"
+
+MAX_REGIONS = 16  # keeps a verdict message small even for a frame full of speckles
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Image and pixel thresholds plus the normalisation scale (None: uncalibrated scale)."""
+
+    image: float
+    pixel: float
+    normalization: dict[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("image", "pixel"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} threshold must be a positive number, got {value!r}")
+
+    @property
+    def scale(self) -> dict[str, float]:
+        """The normalisation actually used: calibrated when it fits the image threshold."""
+        norm = self.normalization
+        if norm and float(norm["low"]) < self.image < float(norm["high"]):
+            return {"low": float(norm["low"]), "threshold": self.image, "high": float(norm["high"])}
+        return {"low": 0.0, "threshold": self.image, "high": 2.0 * self.image}
+
+
+def resolve_thresholds(
+    bundle_thresholds: dict[str, Any], image: float | None, pixel: float | None
+) -> Thresholds | None:
+    """Config overrides win over the bundle's calibration; None when either is unknown."""
+    image = image if image is not None else bundle_thresholds.get("image")
+    pixel = pixel if pixel is not None else bundle_thresholds.get("pixel")
+    if image is None or pixel is None:
+        return None
+    norm = bundle_thresholds.get("normalization")
+    return Thresholds(float(image), float(pixel), dict(norm) if isinstance(norm, dict) else None)
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: str  # OK or NG
+    score: float
+    normalised_score: float
+    threshold: float
+    regions: tuple[scoring.Region, ...] = ()
+    anomaly_map: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def is_ng(self) -> bool:
+        return self.verdict == NG
+
+
+def verdict_for(score: float, thresholds: Thresholds) -> str:
+    return NG if score >= thresholds.image else OK
+
+
+def frame_map(amap: np.ndarray, frame_hw: tuple[int, int]) -> np.ndarray:
+    """An anomaly map at the model's input size -> float32 map at the frame's size."""
+    height, width = frame_hw
+    if amap.shape[:2] == (height, width):
+        return np.asarray(amap, dtype=np.float32)
+    amap = np.ascontiguousarray(amap, dtype=np.float32)
+    return cv2.resize(amap, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def decide(
+    score: float,
+    amap_input: np.ndarray | None,
+    frame_hw: tuple[int, int],
+    thresholds: Thresholds,
+    *,
+    max_regions: int = MAX_REGIONS,
+) -> Decision:
+    """The verdict for one frame.
+
+    `amap_input` is the anomaly map at the model's input size (Scorer.anomaly_map); it is only
+    used for NG frames and may be None for OK ones. Regions are found on the map resized to
+    `frame_hw` (height, width), so their boxes are in the original frame's pixels.
+    """
+    score = float(score)
+    verdict = verdict_for(score, thresholds)
+    normalised = float(scoring.normalise(score, thresholds.scale))
+    if verdict == OK or amap_input is None:
+        return Decision(verdict, score, normalised, thresholds.image)
+    amap = frame_map(amap_input, frame_hw)
+    regions = scoring.find_regions(amap, thresholds.pixel)[:max_regions]
+    return Decision(verdict, score, normalised, thresholds.image, tuple(regions), amap)
+
+
+def verdict_message(
+    decision: Decision | None,
+    *,
+    camera: str,
+    sequence: int,
+    frame_id: str,
+    captured_at: float,
+    decided_at: float,
+    model_id: str,
+    part_id: str | None = None,
+    reject_image: str | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """The MQTT verdict payload (contract edge-agent/verdict/v1, docs/mqtt.md).
+
+    With `decision` None the frame could not be inspected: verdict ERROR and the `error`
+    string; score, normalised_score and threshold are null and regions empty.
+    """
+    msg: dict[str, Any] = {
+        "schema": "edge-agent/verdict/v1",
+        "timestamp": round(captured_at * 1000),
+        "camera": camera,
+        "sequence": int(sequence),
+        "frame_id": frame_id,
+        "part_id": part_id,
+        "verdict": ERROR,
+        "score": None,
+        "normalised_score": None,
+        "threshold": None,
+        "regions": [],
+        "latency_ms": round(max(0.0, decided_at - captured_at) * 1000.0, 2),
+        "model_id": model_id,
+        "reject_image": reject_image,
+        "delayed": False,
+    }
+    if decision is None:
+        msg["error"] = error or "frame could not be inspected"
+        return msg
+    msg.update(
+        verdict=decision.verdict,
+        score=_finite(decision.score),
+        normalised_score=_finite(decision.normalised_score),
+        threshold=_finite(decision.threshold),
+        regions=[r.as_dict() for r in decision.regions],
+    )
+    return msg
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN/Inf: those become null."""
+    value = float(value)
+    return round(value, 6) if math.isfinite(value) else None

@@ -1,0 +1,626 @@
+"""`edge-agent run`: the long-running agent, cameras -> batched inference -> verdicts over MQTT.
+
+Threads: one capture thread per camera (edge_agent.capture) feeding one bounded FrameQueue;
+the MAIN thread is the inference thread: it owns the Scorer (ONNX Runtime session + FAISS
+index), forms micro-batches across cameras (up to `max_batch`, waiting at most `max_wait_ms`
+for stragglers), decides, archives rejects and hands verdicts to the publisher, which never
+blocks it. Being the main thread also means the signal handlers run here, between batches:
+
+- SIGTERM/SIGINT: stop the cameras, answer every frame already queued, flush MQTT, publish
+  `offline`, exit 0;
+- SIGHUP: reload the bundle (same path): a helper thread loads it and builds a new Scorer
+  while the old one keeps inspecting; it is swapped in between two batches. A broken bundle
+  is rejected with one log line and the old model keeps running.
+
+systemd (Type=notify): READY=1 once everything is started, WATCHDOG=1 from this loop (a hung
+inference stops the pings), STATUS= every few seconds. Logs: one line per event, never per
+frame; a final line sums up the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+
+from edge_agent.archive import RejectArchive
+from edge_agent.bundle import Bundle, load_bundle
+from edge_agent.capture import LIVE_KINDS, CameraCapture
+from edge_agent.config import Config, load_checked_bundle, load_config, thresholds_for
+from edge_agent.decision import Thresholds, decide, verdict_message
+from edge_agent.errors import UserError
+from edge_agent.frame_queue import Frame, FrameQueue
+from edge_agent.images import BadImage, to_bgr
+from edge_agent.metrics_http import AgentMetrics, MetricsServer
+from edge_agent.publisher import Publisher
+from edge_agent.scorer import Scorer
+from edge_agent.sdnotify import Notifier
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.25  # longest the loop sleeps without frames: bounds signal and watchdog latency
+STATUS_INTERVAL_S = 5.0
+MAX_PENDING_TRIGGERS = 64
+MAX_FAILED_BATCHES = 3  # consecutive inference failures before giving up (systemd restarts)
+CAPTURE_STOP_S = 5.0
+PUBLISH_FLUSH_S = 10.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True, metavar="FILE", help="YAML config")
+    p.add_argument(
+        "--exit-when-done",
+        action="store_true",
+        help="exit 0 once every file/folder source has been read and every frame answered "
+        "(offline runs, tests, demos); live cameras never finish",
+    )
+    p.add_argument(
+        "--check", action="store_true", help="validate the config and the bundle, then exit"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if not getattr(args, "verbose", False):
+        logging.getLogger().setLevel(config.log_level.upper())
+    bundle, thresholds = load_checked_bundle(config)
+    if args.check:
+        print(
+            f"{config.path}: OK: {len(config.cameras)} camera(s), bundle {config.bundle} "
+            f"(model {bundle.model_id}), thresholds image {thresholds.image:g} "
+            f"pixel {thresholds.pixel:g}"
+        )
+        return 0
+    return Agent(config, bundle, thresholds, exit_when_done=args.exit_when_done).run()
+
+
+@dataclass
+class CameraCounts:
+    """What the inference side did with one camera's frames (main thread only)."""
+
+    inspected: int = 0
+    ng: int = 0
+    errors: int = 0
+    discarded: int = 0  # trigger mode: frames with no pending trigger
+    window: deque[float] = field(default_factory=lambda: deque(maxlen=512))  # answer times
+
+    def fps(self, now: float, span_s: float = 10.0) -> float:
+        recent = [t for t in self.window if now - t <= span_s]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
+
+
+@dataclass
+class _Item:
+    frame: Frame
+    part_id: str | None = None
+    image: np.ndarray | None = None  # BGR, original size
+    prepared: np.ndarray | None = None  # BGR at the model's input size
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class _Reloaded:
+    bundle: Bundle
+    thresholds: Thresholds
+    scorer: Scorer
+    seconds: float
+
+
+class Agent:
+    def __init__(
+        self, config: Config, bundle: Bundle, thresholds: Thresholds, *, exit_when_done: bool
+    ) -> None:
+        self.config = config
+        self.bundle = bundle
+        self.thresholds = thresholds
+        self.exit_when_done = exit_when_done
+        self.metrics = AgentMetrics()
+        self.notifier = Notifier()
+        self.queue = FrameQueue(config.batching.queue_size)
+        run_id = uuid.uuid4().hex[:8]  # frame ids stay unique across restarts
+        self.captures = [CameraCapture(c, self.queue, run_id=run_id) for c in config.cameras]
+        self.trigger_mode = {c.id for c in config.cameras if c.mode == "trigger"}
+        self.counts = {c.id: CameraCounts() for c in config.cameras}
+        self.publisher = Publisher(config.mqtt, [c.id for c in config.cameras])
+        self.archive = RejectArchive(config.archive) if config.archive else None
+        self.metrics_server: MetricsServer | None = None
+        self.scorer: Scorer | None = None
+        self._triggers: dict[str, deque[tuple[float, str]]] = {c: deque() for c in self.counts}
+        self._trigger_lock = threading.Lock()
+        self._trigger_overflow_logged = False
+        self._stop_reason: str | None = None
+        self._reload_requested = False
+        self._reload_thread: threading.Thread | None = None
+        self._reload_result: _Reloaded | Exception | None = None
+        self._draining = False
+        self._failed_batches = 0
+        self._started_at = time.monotonic()
+        self._next_status = 0.0
+        self._next_health = 0.0
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        cleanup: list[Callable[[], None]] = []
+        previous = self._install_signal_handlers()
+        try:
+            self._start(cleanup)
+            code = self._loop()
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception:
+            log.exception("the agent failed; stopping")
+            code = 1
+        finally:
+            self._stop_captures()
+            self._shutdown(cleanup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return code
+
+    def _start(self, cleanup: list[Callable[[], None]]) -> None:
+        self.scorer = self._build_scorer(self.bundle)
+        h, w = self.scorer.input_size
+        log.info(
+            "model %s on %s (input %dx%d, bank %d x %d, thresholds image %g pixel %g)",
+            self.bundle.model_id,
+            self.scorer.device,
+            w,
+            h,
+            *self.bundle.bank.shape,
+            self.thresholds.image,
+            self.thresholds.pixel,
+        )
+        self.publisher.set_trigger_handler(self._on_trigger)
+        self.publisher.start(connect_timeout_s=5.0)
+        cleanup.append(lambda: self.publisher.stop(timeout_s=PUBLISH_FLUSH_S))
+        if self.config.metrics.port is not None:
+            server = MetricsServer(
+                self.metrics.registry, self.config.metrics.host, self.config.metrics.port
+            )
+            server.start()
+            self.metrics_server = server
+            cleanup.append(server.stop)
+        self.metrics.registry.add_collector(self._collect)
+        if self.archive is not None:
+            self.archive.start()
+            cleanup.append(self.archive.close)
+        for capture in self.captures:
+            capture.start()
+        if self.exit_when_done:
+            live = [c.settings.id for c in self.captures if _is_endless(c)]
+            if live:
+                log.warning(
+                    "--exit-when-done: camera(s) %s never end; the agent exits on a signal only",
+                    ", ".join(live),
+                )
+        self._publish_health()
+        self.notifier.ready(self._status_line())
+        log.info(
+            "running: %d camera(s), batches of up to %d (wait %g ms), queue %d",
+            len(self.captures),
+            self.config.batching.max_batch,
+            self.config.batching.max_wait_ms,
+            self.config.batching.queue_size,
+        )
+
+    def _build_scorer(self, bundle: Bundle) -> Scorer:
+        c = self.config
+        return Scorer(bundle, device=c.device, threads=c.threads, index=c.index)
+
+    def _loop(self) -> int:
+        b = self.config.batching
+        while True:
+            batch = self.queue.get_batch(b.max_batch, b.max_wait_ms / 1000.0, timeout_s=TICK_S)
+            if batch:
+                self._process(batch)
+            self.notifier.watchdog_due()
+            self._housekeeping()
+            self._finish_reload()
+            if self._reload_requested and not self._draining and not self._reloading:
+                self._start_reload()  # a SIGHUP during a reload starts another after it
+            if self._stop_reason is None and self.exit_when_done and self._sources_done():
+                self._stop_reason = "every source has been read"
+            if self._stop_reason is not None and not self._draining:
+                self._begin_drain(self._stop_reason)
+            if self._draining and self.queue.closed and not batch and self.queue.depth() == 0:
+                break
+        unfinished = [c.settings.id for c in self.captures if not c.finished]
+        if self.exit_when_done and unfinished and self._stop_reason == "every source has been read":
+            log.error("camera(s) %s ended without finishing their source", ", ".join(unfinished))
+            return 1
+        return 0
+
+    def _sources_done(self) -> bool:
+        return all(not c.running for c in self.captures)
+
+    def _begin_drain(self, reason: str) -> None:
+        self._draining = True
+        depth = self.queue.depth()
+        log.info("stopping (%s): answering %d queued frame(s)", reason, depth)
+        self.notifier.stopping(f"stopping: answering {depth} queued frame(s)")
+
+        def stop_then_close() -> None:
+            self._stop_captures()
+            self.queue.close()
+
+        # Captures are stopped off this thread so that it keeps draining the queue: a camera
+        # blocked on a full queue (back-pressure) needs room to notice its stop.
+        threading.Thread(target=stop_then_close, name="stop-captures", daemon=True).start()
+
+    def _stop_captures(self) -> None:
+        for capture in self.captures:
+            capture.stop(timeout_s=CAPTURE_STOP_S)
+
+    def _shutdown(self, cleanup: list[Callable[[], None]]) -> None:
+        self.queue.close()
+        if self.scorer is not None:
+            try:
+                self._publish_health()  # the final counts, retained
+            except Exception:
+                log.exception("cannot publish the final health")
+        for fn in reversed(cleanup):
+            self.notifier.watchdog()  # flushing MQTT can take seconds: still alive
+            try:
+                fn()
+            except Exception:  # the rest of the clean-up must still run
+                log.exception("error while shutting down")
+        frames_in = sum(c.stats["frames_in"] for c in self.captures)
+        dropped = sum(self.queue.dropped.values())
+        totals = {
+            k: sum(getattr(n, k) for n in self.counts.values())
+            for k in ("inspected", "ng", "errors", "discarded")
+        }
+        ps = self.publisher.stats
+        log.info(
+            "stopped after %.0f s: frames_in %d, inspected %d, NG %d, errors %d, dropped %d, "
+            "discarded %d; MQTT published %d, spooled %d, dropped %d",
+            time.monotonic() - self._started_at,
+            frames_in,
+            totals["inspected"],
+            totals["ng"],
+            totals["errors"],
+            dropped,
+            totals["discarded"],
+            ps["published"],
+            ps["spooled"],
+            ps["dropped"],
+        )
+        self.notifier.close()
+
+    # -- signals and triggers (other contexts: keep them to flag setting) -------------------
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return previous  # embedded use (tests, demo thread): the caller stops us
+        for sig, handler in (
+            (signal.SIGTERM, self._on_stop_signal),
+            (signal.SIGINT, self._on_stop_signal),
+            (signal.SIGHUP, self._on_hup),
+        ):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self._stop_reason is None:
+            self._stop_reason = signal.Signals(signum).name
+
+    def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
+        self._reload_requested = True
+
+    def request_stop(self, reason: str = "requested") -> None:
+        """Stop as on SIGTERM (for callers that run the agent in a thread)."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+
+    def _on_trigger(self, camera: str, part_id: str) -> None:
+        """From the publisher's network thread: inspect the next frame of `camera`."""
+        if camera not in self.trigger_mode:
+            return
+        with self._trigger_lock:
+            pending = self._triggers[camera]
+            if len(pending) >= MAX_PENDING_TRIGGERS:
+                pending.popleft()
+                first = not self._trigger_overflow_logged
+                self._trigger_overflow_logged = True
+            else:
+                first = False
+            pending.append((time.time(), part_id))
+        if first:
+            log.warning(
+                "camera %s: more than %d triggers pending (no frames?); dropping the oldest",
+                camera,
+                MAX_PENDING_TRIGGERS,
+            )
+
+    def _take_trigger(self, frame: Frame) -> tuple[bool, str | None]:
+        """(inspect?, part id) for a trigger-mode frame: only frames taken after a trigger."""
+        with self._trigger_lock:
+            pending = self._triggers[frame.camera]
+            if pending and frame.captured_at >= pending[0][0]:
+                return True, pending.popleft()[1]
+        return False, None
+
+    # -- the inference path -----------------------------------------------------------------
+
+    def _process(self, frames: list[Frame]) -> None:
+        assert self.scorer is not None
+        scorer = self.scorer
+        m = self.metrics
+        now = time.time()
+        items: list[_Item] = []
+        for frame in frames:
+            m.stage_seconds.observe("wait", value=max(0.0, now - frame.captured_at))
+            part_id = None
+            if frame.camera in self.trigger_mode:
+                inspect, part_id = self._take_trigger(frame)
+                if not inspect:
+                    self.counts[frame.camera].discarded += 1
+                    m.trigger_discarded.inc(frame.camera)
+                    continue
+            items.append(_Item(frame, part_id))
+        if not items:
+            return
+        m.batch_size.observe(value=len(items))
+
+        t0 = time.perf_counter()
+        for item in items:
+            try:
+                item.image = to_bgr(item.frame.image)
+                item.prepared = scorer.prepare(item.image)
+            except BadImage as exc:
+                name = item.frame.source_name
+                item.error = f"{name}: {exc}" if name else str(exc)
+        good = [item for item in items if item.error is None]
+        prep_s = time.perf_counter() - t0
+        for _ in items:
+            m.stage_seconds.observe("preprocess", value=prep_s / len(items))
+
+        scores = None
+        failure: Exception | None = None
+        if good:
+            t1 = time.perf_counter()
+            try:
+                scores = scorer.score(np.stack([item.prepared for item in good]))
+            except Exception as exc:  # ORT/FAISS failures: answer the frames, then decide
+                failure = exc
+                self._failed_batches += 1
+                log.error("inference failed on a batch of %d: %r", len(good), exc)
+                for item in good:
+                    item.error = f"inference failed: {type(exc).__name__}"
+            else:
+                self._failed_batches = 0
+                m.stage_seconds.observe("infer", value=time.perf_counter() - t1)
+
+        answered = iter(range(len(good)))
+        for item in items:
+            if item.error is None and scores is not None:
+                self._answer(item, scores.image_scores, scores.patch_scores, next(answered))
+            else:
+                self._answer_error(item)
+        if failure is not None and self._failed_batches >= MAX_FAILED_BATCHES:
+            # Likely permanent (GPU lost, out of memory): exit 1 so systemd restarts us.
+            raise RuntimeError(f"inference failed {self._failed_batches} times in a row")
+
+    def _answer(
+        self, item: _Item, image_scores: np.ndarray, patch_scores: np.ndarray, i: int
+    ) -> None:
+        assert self.scorer is not None and item.image is not None
+        frame, m, t = item.frame, self.metrics, self.thresholds
+        t0 = time.perf_counter()
+        score = float(image_scores[i])
+        ng = score >= t.image
+        amap = self.scorer.anomaly_map(patch_scores[i]) if ng else None
+        decision = decide(score, amap, item.image.shape[:2], t)
+        decided_at = time.time()
+        msg = verdict_message(
+            decision,
+            camera=frame.camera,
+            sequence=frame.sequence,
+            frame_id=frame.frame_id,
+            captured_at=frame.captured_at,
+            decided_at=decided_at,
+            model_id=self.bundle.model_id,
+            part_id=item.part_id,
+        )
+        if frame.source_name is not None:
+            msg["source"] = frame.source_name
+        if self.archive is not None and self.archive.wants(decision.verdict):
+            scale = t.scale
+            msg["reject_image"] = self.archive.submit(
+                item.image,
+                msg,
+                amap=decision.anomaly_map,
+                vmin=scale["low"],
+                vmax=scale["high"],
+                pixel_threshold=t.pixel,
+            )
+        m.stage_seconds.observe("decide", value=time.perf_counter() - t0)
+        m.latency_seconds.observe(value=max(0.0, decided_at - frame.captured_at))
+        counts = self.counts[frame.camera]
+        counts.inspected += 1
+        m.frames_inspected.inc(frame.camera)
+        if decision.is_ng:
+            counts.ng += 1
+            m.ng.inc(frame.camera)
+        self._publish(frame.camera, msg, counts)
+
+    def _answer_error(self, item: _Item) -> None:
+        frame = item.frame
+        msg = verdict_message(
+            None,
+            camera=frame.camera,
+            sequence=frame.sequence,
+            frame_id=frame.frame_id,
+            captured_at=frame.captured_at,
+            decided_at=time.time(),
+            model_id=self.bundle.model_id,
+            part_id=item.part_id,
+            error=item.error,
+        )
+        if frame.source_name is not None:
+            msg["source"] = frame.source_name
+        counts = self.counts[frame.camera]
+        counts.errors += 1
+        self.metrics.bad_frames.inc(frame.camera)
+        self._publish(frame.camera, msg, counts)
+
+    def _publish(self, camera: str, msg: dict[str, Any], counts: CameraCounts) -> None:
+        t0 = time.perf_counter()
+        self.publisher.publish_verdict(camera, msg)
+        self.metrics.stage_seconds.observe("publish", value=time.perf_counter() - t0)
+        counts.window.append(time.monotonic())
+
+    # -- reload -----------------------------------------------------------------------------
+
+    def _start_reload(self) -> None:
+        """SIGHUP: load and build the new bundle on a helper thread while the running model
+        keeps inspecting, so a reload costs no frames even on live cameras."""
+        self._reload_requested = False
+        self.notifier.reloading()
+        log.info(
+            "SIGHUP: loading the bundle %s (the running model keeps going)", self.config.bundle
+        )
+
+        def build() -> None:
+            started = time.perf_counter()
+            try:
+                bundle = load_bundle(self.config.bundle)
+                thresholds = thresholds_for(self.config, bundle)
+                # Built here, used only by the inference thread once swapped in.
+                scorer = self._build_scorer(bundle)
+            except Exception as exc:  # UserError or anything ORT/FAISS raise: keep running
+                self._reload_result = exc
+            else:
+                self._reload_result = _Reloaded(
+                    bundle, thresholds, scorer, time.perf_counter() - started
+                )
+
+        self._reload_thread = threading.Thread(target=build, name="reload", daemon=True)
+        self._reload_thread.start()
+
+    @property
+    def _reloading(self) -> bool:
+        return self._reload_thread is not None and self._reload_thread.is_alive()
+
+    def _finish_reload(self) -> None:
+        """Between two batches: swap the new model in, or report why it was rejected."""
+        if self._reload_thread is None or self._reload_thread.is_alive():
+            return  # the result is only complete once the thread has ended
+        result, self._reload_result, self._reload_thread = self._reload_result, None, None
+        if result is None:
+            return
+        old = self.bundle.model_id
+        if isinstance(result, Exception):
+            self.metrics.reloads.inc("rejected")
+            log.error("reload rejected, model %s keeps running: %s", old, result)
+        else:
+            self.bundle, self.thresholds, self.scorer = (
+                result.bundle,
+                result.thresholds,
+                result.scorer,
+            )
+            self.metrics.reloads.inc("ok")
+            log.info(
+                "reloaded in %.1f s: model %s (was %s) on %s, thresholds image %g pixel %g",
+                result.seconds,
+                result.bundle.model_id,
+                old,
+                result.scorer.device,
+                result.thresholds.image,
+                result.thresholds.pixel,
+            )
+        self.notifier.ready(self._status_line())
+        self._publish_health()
+
+    # -- status, health, metrics ------------------------------------------------------------
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_status:
+            self._next_status = now + STATUS_INTERVAL_S
+            self.notifier.status(self._status_line())
+        if now >= self._next_health:
+            self._publish_health()
+
+    def _status_line(self) -> str:
+        now = time.monotonic()
+        inspected = sum(c.inspected for c in self.counts.values())
+        ng = sum(c.ng for c in self.counts.values())
+        fps = sum(c.fps(now) for c in self.counts.values())
+        return f"inspected {inspected}, NG {ng}, fps {fps:.1f}, queue {self.queue.depth()}"
+
+    def _publish_health(self) -> None:
+        now = time.monotonic()
+        self._next_health = now + self.config.health_interval_s
+        per_link = self.publisher.stats.get("cameras", {})
+        device = self.scorer.device if self.scorer is not None else None
+        for capture in self.captures:
+            cam = capture.settings.id
+            stats = capture.stats
+            counts = self.counts[cam]
+            link = per_link.get(cam, {})
+            self.publisher.publish_health(
+                cam,
+                {
+                    "schema": "edge-agent/health/v1",
+                    "timestamp": round(time.time() * 1000),
+                    "camera": cam,
+                    "fps": round(counts.fps(now), 2),
+                    "frames_in": stats["frames_in"],
+                    "dropped": stats["dropped"],
+                    "inspected": counts.inspected,
+                    "ng": counts.ng,
+                    "errors": counts.errors,
+                    "discarded": counts.discarded,
+                    "queue_depth": self.queue.depth(),
+                    "spool": link.get("spooled", 0) + link.get("pending", 0),
+                    "connected": stats["connected"],
+                    "finished": stats["finished"],
+                    "last_error": stats["last_error"],
+                    "model_id": self.bundle.model_id,
+                    "device": device,
+                    "uptime_s": round(now - self._started_at, 1),
+                },
+            )
+
+    def _collect(self) -> None:
+        """Scrape time: mirror values owned by other threads into the metrics."""
+        m = self.metrics
+        for capture in self.captures:
+            cam, stats = capture.settings.id, capture.stats
+            m.frames_in.set(cam, value=stats["frames_in"])
+            m.frames_dropped.set(cam, value=stats["dropped"])
+            m.reconnects.set(cam, value=stats["reconnect_attempts"])
+            m.camera_connected.set(cam, value=1 if stats["connected"] else 0)
+        m.queue_depth.set(value=self.queue.depth())
+        ps = self.publisher.stats
+        m.spool_messages.set(value=ps["spooled"])
+        m.spool_dropped.set(value=ps["dropped"])
+        if self.archive is not None:
+            a = self.archive.stats
+            m.archive_saved.set(value=a["saved"])
+            m.archive_errors.set(value=a["errors"] + a["skipped"])
+        m.uptime.set(value=round(time.monotonic() - self._started_at, 1))
+        scorer = self.scorer
+        if scorer is not None:
+            m.model_info.clear()  # a reload changes the labels
+            m.model_info.set(self.bundle.model_id, scorer.device, value=1)
+
+
+def _is_endless(capture: CameraCapture) -> bool:
+    return capture.kind in LIVE_KINDS or capture.settings.loop

@@ -1,0 +1,134 @@
+"""Verdicts from scores: threshold rule, normalisation, regions in frame coordinates."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from edge_agent.decision import (
+    ERROR,
+    NG,
+    OK,
+    Thresholds,
+    decide,
+    frame_map,
+    resolve_thresholds,
+    verdict_message,
+)
+
+
+def _map_with_blob(size=(224, 224), box=(100, 40, 30, 20), value=5.0) -> np.ndarray:
+    amap = np.full(size, 0.5, dtype=np.float32)
+    x, y, w, h = box
+    amap[y : y + h, x : x + w] = value
+    return amap
+
+
+def test_threshold_is_inclusive_and_normalises_to_half() -> None:
+    t = Thresholds(image=2.0, pixel=1.5)
+    at = decide(2.0, None, (10, 10), t)
+    below = decide(np.nextafter(2.0, 0.0), None, (10, 10), t)
+    assert at.verdict == NG and below.verdict == OK
+    assert at.normalised_score == pytest.approx(0.5)
+    assert decide(0.0, None, (10, 10), t).normalised_score == 0.0
+    assert decide(9.0, None, (10, 10), t).normalised_score == 1.0
+
+
+def test_calibrated_scale_is_used_and_override_keeps_half_at_threshold() -> None:
+    norm = {"low": 1.0, "threshold": 2.0, "high": 4.0}
+    t = resolve_thresholds({"image": 2.0, "pixel": 1.8, "normalization": norm}, None, None)
+    assert t is not None
+    assert decide(3.0, None, (4, 4), t).normalised_score == pytest.approx(0.75)
+    # A config override moves the threshold: it, not the bundle's, maps to 0.5.
+    over = resolve_thresholds({"image": 2.0, "pixel": 1.8, "normalization": norm}, 3.0, None)
+    assert over is not None and over.image == 3.0 and over.pixel == 1.8
+    assert decide(3.0, None, (4, 4), over).normalised_score == pytest.approx(0.5)
+
+
+def test_missing_thresholds_resolve_to_none() -> None:
+    assert resolve_thresholds({}, None, None) is None
+    assert resolve_thresholds({}, 2.0, None) is None
+    assert resolve_thresholds({"image": 2.0}, None, 1.0) == Thresholds(2.0, 1.0, None)
+    with pytest.raises(ValueError):
+        Thresholds(image=0.0, pixel=1.0)
+
+
+def test_regions_are_in_original_frame_pixels() -> None:
+    amap = _map_with_blob()  # blob at x=100..129, y=40..59 in a 224x224 map
+    frame_hw = (448, 896)  # twice as tall, four times as wide
+    d = decide(6.0, amap, frame_hw, Thresholds(image=2.0, pixel=2.0))
+    assert d.verdict == NG
+    assert d.anomaly_map is not None and d.anomaly_map.shape == frame_hw
+    assert len(d.regions) == 1
+    r = d.regions[0]
+    # Scaled box (400, 80, 120, 40), give or take the bilinear edge.
+    assert abs(r.x - 400) <= 4 and abs(r.y - 80) <= 2
+    assert abs(r.width - 120) <= 8 and abs(r.height - 40) <= 4
+    assert r.peak == pytest.approx(5.0)
+
+
+def test_ok_frames_report_no_regions_even_over_the_pixel_threshold() -> None:
+    amap = _map_with_blob(value=3.0)
+    d = decide(1.0, amap, (224, 224), Thresholds(image=2.0, pixel=2.0))
+    assert d.verdict == OK and d.regions == () and d.anomaly_map is None
+
+
+def test_region_count_is_capped() -> None:
+    amap = np.zeros((64, 64), dtype=np.float32)
+    amap[::4, ::4] = 9.0  # 256 isolated speckles
+    d = decide(9.0, amap, (64, 64), Thresholds(image=1.0, pixel=1.0), max_regions=5)
+    assert len(d.regions) == 5
+
+
+def test_frame_map_keeps_same_size_and_resizes_others() -> None:
+    amap = _map_with_blob()
+    assert frame_map(amap, (224, 224)) is not None
+    assert frame_map(amap, (224, 224)).shape == (224, 224)
+    assert frame_map(amap, (100, 300)).shape == (100, 300)
+
+
+def test_verdict_message_fields_and_json() -> None:
+    d = decide(6.0, _map_with_blob(), (224, 224), Thresholds(image=2.0, pixel=2.0))
+    msg = verdict_message(
+        d,
+        camera="cam1",
+        sequence=7,
+        frame_id="cam1-7",
+        captured_at=1700000000.1234,
+        decided_at=1700000000.2234,
+        model_id="abc",
+        part_id="P-1",
+        reject_image="/a/b.jpg",
+    )
+    assert msg["schema"] == "edge-agent/verdict/v1"
+    assert msg["timestamp"] == 1700000000123
+    assert msg["verdict"] == NG and msg["part_id"] == "P-1" and msg["delayed"] is False
+    assert msg["latency_ms"] == pytest.approx(100.0, abs=0.01)
+    assert msg["regions"][0]["bbox"][0] == 100
+    assert set(msg["regions"][0]) == {"bbox", "area", "peak"}
+    json.dumps(msg, allow_nan=False)  # strict JSON
+
+
+def test_error_message_and_nan_become_null() -> None:
+    msg = verdict_message(
+        None,
+        camera="c",
+        sequence=1,
+        frame_id="c-1",
+        captured_at=1.0,
+        decided_at=1.5,
+        model_id="m",
+        error="empty frame",
+    )
+    assert msg["verdict"] == ERROR and msg["error"] == "empty frame"
+    assert msg["score"] is None and msg["regions"] == []
+    d = decide(float("nan"), None, (4, 4), Thresholds(image=1.0, pixel=1.0))
+    msg = verdict_message(
+        d, camera="c", sequence=1, frame_id="c-1", captured_at=1.0, decided_at=1.0, model_id="m"
+    )
+    assert msg["score"] is None
+    json.dumps(msg, allow_nan=False)
+    assert not math.isnan(msg["latency_ms"])
