@@ -251,8 +251,11 @@ class CameraCapture:
             source_name=source_name,
         )
         self._sequence = seq + 1
-        self._frames_in += 1
         ok = self.queue.put(frame, block=self.block, cancel=self._stop)
+        if ok:
+            # Count only frames that entered the pipeline: a put cancelled by stop() while
+            # waiting on a full queue must not look like a frame that was never answered.
+            self._frames_in += 1
         return ok and not self._stop.is_set()
 
     # -- folder ------------------------------------------------------------------------------

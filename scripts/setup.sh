@@ -10,6 +10,8 @@ command -v mosquitto_passwd >/dev/null 2>&1 || missing+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# A tiny RTSP relay, so the tests can serve a real RTSP stream with ffmpeg on loopback.
+command -v rtsp-server-perl >/dev/null 2>&1 || missing+=(rtsp-server-perl)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
