@@ -128,7 +128,7 @@ def verdict_message(
     reject_image: str | None = None,
     error: str | None = None,
 ) -> dict[str, Any]:
-    """The MQTT verdict payload (contract edge-agent/verdict/v1, docs/mqtt.md).
+    """The MQTT verdict payload (contract edge-agent/verdict/v1, README.md, "MQTT contract v1").
 
     With `decision` None the frame could not be inspected: verdict ERROR and the `error`
     string; score, normalised_score and threshold are null and regions empty.

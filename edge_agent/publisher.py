@@ -1,4 +1,4 @@
-"""MQTT publishing of verdicts, health and status (contract v1, see docs/mqtt.md).
+"""MQTT publishing of verdicts, health and status (contract v1: README.md, "MQTT contract v1").
 
 Design: one MQTT connection and one network thread per camera (``_Link``). MQTT allows a
 single last will per connection, and every camera's ``status`` topic must turn ``offline`` when
@@ -756,8 +756,8 @@ _STAT_KEYS = (
 class Publisher:
     """Verdicts, health and status of several cameras over MQTT, with store and forward.
 
-    See docs/mqtt.md for the topics and payloads. Thread-safe: ``publish_*`` may be called from
-    any thread and never block on the network.
+    See the README ("MQTT contract v1") for topics and payloads. Thread-safe: ``publish_*``
+    may be called from any thread and never block on the network.
     """
 
     def __init__(self, settings: MqttSettings, cameras: Sequence[str]) -> None:
