@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     p.add_argument("--index", choices=INDEX_KINDS, default="flat", help="kNN index")
+    p.add_argument("--nprobe", type=int, default=8, help="cells an ivf index scans per query")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
@@ -116,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--batch sizes must be at least 1")
     bundle = load_bundle(args.bundle)
     files = _load_files(args.data, args.limit)
-    scorer = Scorer(bundle, device=args.device, threads=args.threads, index=args.index)
+    scorer = Scorer(
+        bundle, device=args.device, threads=args.threads, index=args.index, ivf_nprobe=args.nprobe
+    )
     results = [bench_batch(scorer, files, b, args.warmup) for b in args.batch]
     print(f"{len(files)} images, {scorer.device}, D={bundle.dim}, M={len(bundle.bank)}")
     header = f"{'batch':>5} {'img/s':>7} {'p50 ms':>7} {'p99 ms':>7}  " + " ".join(

@@ -66,6 +66,7 @@ class Config:
     device: str
     threads: int | None
     index: str
+    ivf_nprobe: int
     log_level: str
     thresholds: ThresholdOverrides
     batching: Batching
@@ -121,6 +122,7 @@ TOP: dict[str, Field] = {
     "device": _str(default="auto", choices=DEVICES),
     "threads": _int(default=None, nullable=True, min=1),
     "index": _str(default="flat", choices=INDEX_KINDS),
+    "ivf_nprobe": _int(default=8, min=1),
     "log_level": _str(default="info", choices=LOG_LEVELS),
 }
 SECTIONS = ("thresholds", "batching", "cameras", "mqtt", "archive", "metrics")
@@ -348,6 +350,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         device=top["device"],
         threads=top["threads"],
         index=top["index"],
+        ivf_nprobe=top["ivf_nprobe"],
         log_level=top["log_level"],
         thresholds=thresholds,
         batching=batching,

@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     p.add_argument("--index", choices=INDEX_KINDS, default="flat", help="kNN index")
+    p.add_argument("--nprobe", type=int, default=8, help="cells an ivf index scans per query")
 
 
 @dataclass
@@ -174,12 +175,18 @@ def evaluate(
     device: str = "auto",
     threads: int | None = None,
     index: str = "flat",
+    nprobe: int = 8,
     scoring_overrides: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Scored]:
     bundle = load_bundle(bundle_dir)
     samples = test_samples(data)
     scorer = Scorer(
-        bundle, device=device, threads=threads, index=index, scoring_overrides=scoring_overrides
+        bundle,
+        device=device,
+        threads=threads,
+        index=index,
+        ivf_nprobe=nprobe,
+        scoring_overrides=scoring_overrides,
     )
     scored = score_dataset(scorer, samples, batch_size)
     result = compute_metrics(scored)
@@ -201,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         index=args.index,
+        nprobe=args.nprobe,
     )
     print_table(result)
     if args.report:

@@ -46,6 +46,7 @@ class Scorer:
         threads: int | None = None,
         index: str = "flat",
         hnsw_ef_search: int = 64,
+        ivf_nprobe: int = 8,
         scoring_overrides: dict[str, Any] | None = None,
     ) -> None:
         if device not in DEVICES:
@@ -60,7 +61,11 @@ class Scorer:
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.index = MemoryBankIndex(
-            bundle.bank, kind=index, device=device, hnsw_ef_search=hnsw_ef_search
+            bundle.bank,
+            kind=index,
+            device=device,
+            hnsw_ef_search=hnsw_ef_search,
+            ivf_nprobe=ivf_nprobe,
         )
         cfg = {**bundle.scoring, **(scoring_overrides or {})}
         self.k = int(cfg.get("k", 1))

@@ -219,7 +219,9 @@ class Agent:
 
     def _build_scorer(self, bundle: Bundle) -> Scorer:
         c = self.config
-        return Scorer(bundle, device=c.device, threads=c.threads, index=c.index)
+        return Scorer(
+            bundle, device=c.device, threads=c.threads, index=c.index, ivf_nprobe=c.ivf_nprobe
+        )
 
     def _loop(self) -> int:
         b = self.config.batching

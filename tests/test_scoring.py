@@ -43,7 +43,7 @@ def test_hnsw_finds_nearly_all_exact_neighbours() -> None:
 
 def test_unknown_index_kind() -> None:
     with pytest.raises(ValueError, match="index kind"):
-        MemoryBankIndex(np.zeros((3, 2), np.float32), kind="ivf")
+        MemoryBankIndex(np.zeros((3, 2), np.float32), kind="lsh")
 
 
 @pytest.mark.parametrize("shape", [(28, 28), (14, 40)])
@@ -135,3 +135,25 @@ def test_normalise_maps_threshold_to_half() -> None:
     arr = scoring.normalise(np.array([1.0, 3.0, 7.0]), norm)
     np.testing.assert_allclose(arr, [0.0, 0.5, 1.0])
     assert math.isnan(scoring.normalise(3.0, None))
+
+
+def test_ivf_with_every_cell_probed_is_exact() -> None:
+    rng = np.random.default_rng(4)
+    bank = rng.standard_normal((900, 16)).astype(np.float32)
+    queries = rng.standard_normal((200, 16)).astype(np.float32)
+    d_flat, i_flat = MemoryBankIndex(bank, kind="flat").search(queries, 1)
+    d_ivf, i_ivf = MemoryBankIndex(bank, kind="ivf", ivf_nprobe=30).search(queries, 1)
+    np.testing.assert_array_equal(i_ivf, i_flat)
+    np.testing.assert_allclose(d_ivf, d_flat, rtol=1e-4)
+
+
+def test_ivf_never_underestimates_and_is_deterministic() -> None:
+    rng = np.random.default_rng(5)
+    bank = rng.standard_normal((2500, 16)).astype(np.float32)
+    queries = rng.standard_normal((300, 16)).astype(np.float32)
+    exact, _ = MemoryBankIndex(bank, kind="flat").search(queries, 1)
+    a, ia = MemoryBankIndex(bank, kind="ivf", ivf_nprobe=2).search(queries, 1)
+    b, ib = MemoryBankIndex(bank, kind="ivf", ivf_nprobe=2).search(queries, 1)
+    assert (a >= exact - 1e-4).all()  # a subset of the bank can only be farther
+    assert (a > exact + 1e-4).any()  # ... and with 2 of 50 cells it sometimes is
+    np.testing.assert_array_equal(ia, ib)
