@@ -157,3 +157,4 @@ def test_ivf_never_underestimates_and_is_deterministic() -> None:
     assert (a >= exact - 1e-4).all()  # a subset of the bank can only be farther
     assert (a > exact + 1e-4).any()  # ... and with 2 of 50 cells it sometimes is
     np.testing.assert_array_equal(ia, ib)
+    np.testing.assert_array_equal(a, b)
