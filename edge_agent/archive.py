@@ -17,10 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import queue
 import re
-import tempfile
 import threading
 import time
 from collections import deque
@@ -32,6 +30,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from edge_agent.fileio import atomic_write
 from edge_agent.overlay import heatmap_overlay, side_by_side
 
 log = logging.getLogger(__name__)
@@ -219,9 +218,9 @@ class RejectArchive:
         jpeg = job.stem.with_suffix(".jpg")
         sidecar = job.stem.with_suffix(".json")
         data = json.dumps(job.sidecar, indent=1).encode()
-        _atomic_write(jpeg, encoded.tobytes())
+        atomic_write(jpeg, encoded.tobytes())
         try:
-            _atomic_write(sidecar, data)
+            atomic_write(sidecar, data)
         except OSError:
             jpeg.unlink(missing_ok=True)
             raise
@@ -268,19 +267,6 @@ class RejectArchive:
                 except OSError as exc:
                     log.debug("reject archive: cannot delete %s: %s", stem, exc)
             _remove_if_empty(stem.parent)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _remove_if_empty(folder: Path) -> None:

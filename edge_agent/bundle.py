@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import UserError
+from edge_agent.fileio import atomic_write
 
 FORMAT = "edge-agent-bundle"
 FORMAT_VERSION = 1
@@ -195,19 +195,6 @@ def load_bundle(bundle_dir: str | os.PathLike[str], *, check_model: bool = True)
     return Bundle(path=bundle_dir, manifest=manifest, bank=bank, bank_knn=bank_knn)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Checksum every data file listed in manifest['files'] and write manifest.json atomically.
 
@@ -218,7 +205,7 @@ def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]
     files = {name: sha256_file(bundle_dir / name) for name in sorted(manifest["files"])}
     manifest = {**manifest, "format": FORMAT, "format_version": FORMAT_VERSION, "files": files}
     manifest["model_id"] = sha256_bytes((files[MODEL_FILE] + files[BANK_FILE]).encode())[:16]
-    _atomic_write_text(bundle_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    atomic_write(bundle_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from edge_agent.errors import UserError
 from edge_agent.evaluate import evaluate
+from export.backbones import BACKBONES, DEFAULT_LAYERS
 from export.fit import FitOptions, fit
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,13 @@ def _projection(value: str) -> tuple[str, int | None]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = FitOptions()  # the grid defaults to fit's defaults: a sweep varies what it is told to
     p.add_argument("data", type=Path, help="MVTec-layout dataset")
     p.add_argument("--out", type=Path, required=True, help="folder for bundles and results")
     p.add_argument(
         "--layers",
         nargs="+",
-        default=["blocks.2,blocks.4"],
+        default=[",".join(DEFAULT_LAYERS[d.backbone])],
         help="one or more comma-separated layer sets",
     )
     p.add_argument(
@@ -46,11 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[("none", None)],
         help="none, adaptive:D, random:D, pca:D",
     )
-    p.add_argument("--patch-size", nargs="+", type=int, default=[3])
-    p.add_argument("--coreset", nargs="+", type=float, default=[0.01])
-    p.add_argument("--reweight-k", nargs="+", type=int, default=[0, 9])
-    p.add_argument("--image-size", type=int, nargs="+", default=[224])
-    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--patch-size", nargs="+", type=int, default=[d.patch_size])
+    p.add_argument("--coreset", nargs="+", type=float, default=[d.coreset])
+    p.add_argument("--reweight-k", nargs="+", type=int, default=[0, d.reweight_k])
+    p.add_argument("--image-size", type=int, nargs="+", default=list(d.image_size))
+    p.add_argument("--backbone", choices=BACKBONES, default=d.backbone)
     p.add_argument("--keep-bundles", action="store_true", help="keep every fitted bundle")
 
 

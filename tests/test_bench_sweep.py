@@ -1,0 +1,64 @@
+"""`edge-agent bench` and `edge-agent sweep` produce the figures BENCHMARKS.md is made of."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edge_agent.bench import STAGES
+from edge_agent.cli import main
+
+
+def test_bench_json_has_every_stage_and_batch(
+    small_bundle: Path, mtd_small: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["bench", "--bundle", str(small_bundle), "--data", str(mtd_small / "test"),
+                 "--batch", "1", "4", "--limit", "12", "--warmup", "1", "--json"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert [r["batch"] for r in result["by_batch"]] == [1, 4]
+    for r in result["by_batch"]:
+        assert r["images"] == 12  # warm-up batches are not counted
+        assert set(r["stages"]) == set(STAGES)
+        assert all(v >= 0 for v in r["stages"].values())
+        assert 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
+        # Stages are per image; their sum cannot exceed the wall time per image.
+        assert sum(r["stages"].values()) <= 1000 / r["images_per_second"] * 1.05
+    assert result["images_per_second"] == max(r["images_per_second"] for r in result["by_batch"])
+    assert result["bank_size"] > 0 and result["dim"] == 152
+
+
+def test_bench_bad_batch(small_bundle: Path, mtd_small: Path) -> None:
+    args = ["bench", "--bundle", str(small_bundle), "--data", str(mtd_small), "--batch", "0"]
+    assert main(args) == 2
+
+
+@pytest.mark.slow
+def test_sweep_fits_each_embedding_once_and_scores_each_choice(
+    mtd_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sweep"
+    code = main(["sweep", str(mtd_small), "--out", str(out), "--image-size", "128",
+                 "--projection", "none", "pca:32", "--coreset", "0.02",
+                 "--reweight-k", "0", "4"])  # fmt: skip
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+    assert [(r["projection"], r["reweight_k"]) for r in rows] == [
+        ("none", 0), ("none", 4), ("pca", 0), ("pca", 4)
+    ]  # fmt: skip
+    assert [r["dim"] for r in rows] == [152, 152, 32, 32]
+    for r in rows:
+        assert 0.0 <= r["image_auroc"] <= 1.0 and 0.0 <= r["pro"] <= 1.0
+        assert set(r["per_type"]) == {"blowhole", "break", "crack", "fray", "uneven"}
+    # The same bundle serves both scoring choices: identical fit figures.
+    assert rows[0]["fit_seconds"] == rows[1]["fit_seconds"]
+    table = capsys.readouterr().out
+    assert "pca:32" in table and table.count("\n") >= 5
+    assert not list(out.glob("bundle-*")), "bundles are removed unless --keep-bundles"
+
+
+def test_sweep_needs_an_mvtec_dataset(tmp_path: Path) -> None:
+    assert main(["sweep", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
