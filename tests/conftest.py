@@ -14,7 +14,10 @@ MTD = Path(os.environ.get("EDGE_AGENT_MTD", ROOT.parent / "shared" / "datasets" 
 
 def require_mtd() -> Path:
     if not (MTD / "train" / "good").is_dir():
-        pytest.skip(f"MTD dataset not found at {MTD} (set EDGE_AGENT_MTD)")
+        message = f"MTD dataset not found at {MTD} (set EDGE_AGENT_MTD)"
+        if os.environ.get("EDGE_AGENT_REQUIRE_MTD"):
+            pytest.fail(message)  # CI: the real-data tests must run, never skip quietly
+        pytest.skip(message)
     return MTD
 
 
