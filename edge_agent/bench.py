@@ -1,7 +1,7 @@
 """`edge-agent bench`: where the time goes, per stage, and end-to-end throughput and latency.
 
 Stages are those of the run-time path, timed on the same code the agent runs: decode (file
-bytes -> BGR), prepare (resize to the input size), infer (ONNX Runtime), knn (FAISS), score
+bytes -> BGR), prepare (resize to the input size), onnx (ONNX Runtime), knn (FAISS), score
 (image score, Eq. 7 when enabled), map (upsample + Gaussian), regions (threshold + connected
 components). A frame's latency is measured from the start of its batch (when the first frame
 of the batch is read) to the end of its own regions stage, so larger batches trade latency for
@@ -25,7 +25,7 @@ from edge_agent.images import decode_image, list_images
 from edge_agent.knn import INDEX_KINDS
 from edge_agent.scorer import DEVICES, Scorer
 
-STAGES = ("decode", "prepare", "infer", "knn", "score", "map", "regions")
+STAGES = ("decode", "prepare", "onnx", "knn", "score", "map", "regions")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,43 +60,29 @@ def bench_batch(scorer: Scorer, files: list[bytes], batch: int, warmup: int) -> 
     for chunk, timed in schedule:
         if timed and wall_started is None:
             wall_started = time.perf_counter()
-        t = [time.perf_counter()]
+        batch_s: dict[str, float] = {}
+        started = time.perf_counter()
         frames = [decode_image(data) for data in chunk]
-        t.append(time.perf_counter())
+        t_decoded = time.perf_counter()
         stacked = np.stack([scorer.prepare(f) for f in frames])
-        t.append(time.perf_counter())
-        feats = scorer.features(stacked)
-        t.append(time.perf_counter())
-        b, p, d = feats.shape
-        dist, idx = scorer.index.search(feats.reshape(b * p, d), scorer.k)
-        t.append(time.perf_counter())
-        patch = (dist[:, 0] if scorer.k == 1 else dist.mean(axis=1)).reshape(b, p)
-        if scorer.reweight:
-            scoring.reweighted_scores(
-                feats, patch, idx[:, 0].reshape(b, p), scorer.bundle.bank, scorer.bank_knn
-            )
-        else:
-            patch.max(axis=1)
-        t.append(time.perf_counter())
-        grids = patch.reshape(b, *scorer.grid)
+        batch_s["decode"] = t_decoded - started
+        batch_s["prepare"] = time.perf_counter() - t_decoded
+        scores = scorer.score(stacked, batch_s)
         done = []
-        map_s = regions_s = 0.0
-        for g in grids:
+        for g in scores.patch_scores:
             t0 = time.perf_counter()
             amap = scorer.anomaly_map(g)
             t1 = time.perf_counter()
             scoring.find_regions(amap, threshold if np.isfinite(threshold) else float(amap.max()))
             t2 = time.perf_counter()
-            map_s += t1 - t0
-            regions_s += t2 - t1
+            batch_s["map"] = batch_s.get("map", 0.0) + t1 - t0
+            batch_s["regions"] = batch_s.get("regions", 0.0) + t2 - t1
             done.append(t2)
         if not timed:
             continue
-        for i, stage in enumerate(STAGES[:5]):
-            stage_s[stage] += t[i + 1] - t[i]
-        stage_s["map"] += map_s
-        stage_s["regions"] += regions_s
-        latencies.extend(end - t[0] for end in done)
+        for stage, seconds in batch_s.items():
+            stage_s[stage] += seconds
+        latencies.extend(end - started for end in done)
         n_timed += len(chunk)
     wall = time.perf_counter() - (wall_started or time.perf_counter())
     lat_ms = np.array(latencies) * 1000

@@ -236,7 +236,7 @@ class AgentMetrics:
         self.stage_seconds = r.histogram(
             "edge_agent_stage_seconds",
             "Per-frame time in each stage: wait (capture to dequeue), preprocess, "
-            "infer (ONNX + kNN, per batch), decide, publish",
+            "infer (ONNX + kNN, per batch) and its parts onnx and knn, decide, publish",
             ("stage",),
         )
         self.latency_seconds = r.histogram(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,11 +93,18 @@ class Scorer:
         """uint8 [B, H, W, 3] -> float32 [B, h*w, D]."""
         return self.session.run([self.output_name], {self.input_name: batch})[0]
 
-    def score(self, batch: np.ndarray) -> BatchScores:
-        """Score a stacked batch of prepared frames."""
+    def score(self, batch: np.ndarray, stage_s: dict[str, float] | None = None) -> BatchScores:
+        """Score a stacked batch of prepared frames.
+
+        With `stage_s`, the seconds spent in each stage ("onnx", "knn", "score") are added to
+        it, so `bench` and the agent's metrics time exactly this code.
+        """
+        t0 = time.perf_counter()
         feats = self.features(batch)
+        t1 = time.perf_counter()
         b, p, d = feats.shape
         dist, idx = self.index.search(feats.reshape(b * p, d), self.k)
+        t2 = time.perf_counter()
         patch = (dist[:, 0] if self.k == 1 else dist.mean(axis=1)).reshape(b, p)
         if self.reweight:
             image = scoring.reweighted_scores(
@@ -104,7 +112,12 @@ class Scorer:
             )
         else:
             image = patch.max(axis=1)
-        return BatchScores(image.astype(np.float32), patch.reshape(b, *self.grid))
+        result = BatchScores(image.astype(np.float32), patch.reshape(b, *self.grid))
+        if stage_s is not None:
+            t3 = time.perf_counter()
+            for stage, seconds in (("onnx", t1 - t0), ("knn", t2 - t1), ("score", t3 - t2)):
+                stage_s[stage] = stage_s.get(stage, 0.0) + seconds
+        return result
 
     def score_frames(self, frames: Sequence[np.ndarray]) -> BatchScores:
         return self.score(np.stack([self.prepare(f) for f in frames]))

@@ -396,8 +396,9 @@ class Agent:
         failure: Exception | None = None
         if good:
             t1 = time.perf_counter()
+            stage_s: dict[str, float] = {}
             try:
-                scores = scorer.score(np.stack([item.prepared for item in good]))
+                scores = scorer.score(np.stack([item.prepared for item in good]), stage_s)
             except Exception as exc:  # ORT/FAISS failures: answer the frames, then decide
                 failure = exc
                 self._failed_batches += 1
@@ -407,6 +408,9 @@ class Agent:
             else:
                 self._failed_batches = 0
                 m.stage_seconds.observe("infer", value=time.perf_counter() - t1)
+                # Its two costly parts, per batch: where a slow box spends its time.
+                m.stage_seconds.observe("onnx", value=stage_s["onnx"])
+                m.stage_seconds.observe("knn", value=stage_s["knn"])
 
         answered = iter(range(len(good)))
         for item in items:

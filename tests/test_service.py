@@ -340,7 +340,7 @@ def test_sigterm_drains_notifies_systemd_serves_metrics_and_honours_triggers(
     assert metrics['edge_agent_frames_in_total{camera="line"}'] >= 12
     assert metrics['edge_agent_frames_dropped_total{camera="line"}'] == 0
     assert metrics['edge_agent_trigger_discarded_total{camera="station"}'] > 0
-    for stage in ("wait", "preprocess", "infer", "decide", "publish"):
+    for stage in ("wait", "preprocess", "infer", "onnx", "knn", "decide", "publish"):
         assert metrics[f'edge_agent_stage_seconds_count{{stage="{stage}"}}'] > 0
     assert metrics['edge_agent_stage_seconds_bucket{stage="infer",le="+Inf"}'] > 0
     assert "edge_agent_queue_depth" in metrics and "edge_agent_spool_messages" in metrics
