@@ -12,9 +12,6 @@ import argparse
 import datetime as dt
 import json
 import logging
-import sys
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,7 @@ from calibrate import thresholds as th
 from edge_agent.bundle import Bundle, load_bundle, sha256_file, update_thresholds
 from edge_agent.errors import UserError
 from edge_agent.images import BadImage, list_images, read_image
+from edge_agent.prefetch import Progress, prefetch_batches
 from edge_agent.scorer import DEVICES, Scorer
 
 log = logging.getLogger(__name__)
@@ -110,20 +108,6 @@ class Samples:
         return len(self.paths)
 
 
-class _Progress:
-    """A one-line counter on stderr, only when a person is watching (a terminal)."""
-
-    def __init__(self, label: str, total: int) -> None:
-        self.label, self.total, self.done = label, total, 0
-        self.live = sys.stderr.isatty()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.live:
-            end = "\n" if self.done >= self.total else ""
-            print(f"\r{self.label}: {self.done}/{self.total}", end=end, file=sys.stderr, flush=True)
-
-
 def _read(path: Path, scorer: Scorer) -> np.ndarray | None:
     try:
         return scorer.prepare(read_image(path))
@@ -132,32 +116,14 @@ def _read(path: Path, scorer: Scorer) -> np.ndarray | None:
         return None
 
 
-def _batches(
-    scorer: Scorer, paths: list[Path], batch_size: int
-) -> Iterator[tuple[list[Path], np.ndarray]]:
-    """Decode in a helper thread (OpenCV releases the GIL) while the caller scores."""
-    kept: list[Path] = []
-    frames: list[np.ndarray] = []
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        for path, frame in zip(paths, pool.map(lambda p: _read(p, scorer), paths), strict=True):
-            if frame is None:
-                continue
-            kept.append(path)
-            frames.append(frame)
-            if len(frames) == batch_size:
-                yield kept, np.stack(frames)
-                kept, frames = [], []
-    if frames:
-        yield kept, np.stack(frames)
-
-
 def score_folder(scorer: Scorer, folder: Path, paths: list[Path], batch_size: int) -> Samples:
     kept: list[Path] = []
     scores: list[np.ndarray] = []
     maxima: list[float] = []
-    progress = _Progress(f"scoring {folder}", len(paths))
-    for batch_paths, batch in _batches(scorer, paths, batch_size):
-        result = scorer.score(batch)
+    progress = Progress(f"scoring {folder}", len(paths))
+    for pairs in prefetch_batches(paths, lambda p: _read(p, scorer), batch_size):
+        batch_paths = [path for path, _ in pairs]
+        result = scorer.score(np.stack([frame for _, frame in pairs]))
         kept.extend(batch_paths)
         scores.append(result.image_scores)
         maxima.extend(float(scorer.anomaly_map(p).max()) for p in result.patch_scores)

@@ -7,7 +7,6 @@ import argparse
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from edge_agent.dataset import GOOD, TestSample, test_samples
 from edge_agent.errors import UserError
 from edge_agent.images import BadImage, read_image
 from edge_agent.knn import INDEX_KINDS
+from edge_agent.prefetch import Progress, prefetch_batches
 from edge_agent.scorer import DEVICES, Scorer
 
 log = logging.getLogger(__name__)
@@ -65,35 +65,22 @@ def _load(sample: TestSample, scorer: Scorer) -> tuple[np.ndarray, np.ndarray] |
 
 
 def score_dataset(scorer: Scorer, samples: list[TestSample], batch_size: int) -> Scored:
-    """Decode in a helper thread (OpenCV releases the GIL) while the main thread infers."""
     kept: list[TestSample] = []
     images: list[np.ndarray] = []
     masks: list[np.ndarray] = []
     scores: list[np.ndarray] = []
     maps: list[np.ndarray] = []
+    progress = Progress("evaluating", len(samples))
     started = time.perf_counter()
-
-    def flush(batch: list[np.ndarray]) -> None:
+    for pairs in prefetch_batches(samples, lambda s: _load(s, scorer), batch_size):
+        batch = [image for _, (image, _) in pairs]
         result = scorer.score(np.stack(batch))
         scores.append(result.image_scores)
         maps.extend(scorer.anomaly_map(p) for p in result.patch_scores)
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        batch: list[np.ndarray] = []
-        for sample, loaded in zip(
-            samples, pool.map(lambda s: _load(s, scorer), samples), strict=True
-        ):
-            if loaded is None:
-                continue
-            kept.append(sample)
-            images.append(loaded[0])
-            masks.append(loaded[1])
-            batch.append(loaded[0])
-            if len(batch) == batch_size:
-                flush(batch)
-                batch = []
-        if batch:
-            flush(batch)
+        kept.extend(sample for sample, _ in pairs)
+        images.extend(batch)
+        masks.extend(mask for _, (_, mask) in pairs)
+        progress.update(len(pairs))
     seconds = time.perf_counter() - started
     if not kept:
         raise UserError("no readable test images")
