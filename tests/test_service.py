@@ -363,6 +363,41 @@ def test_sigterm_drains_notifies_systemd_serves_metrics_and_honours_triggers(
 
 
 @pytest.mark.slow
+def test_http_stream_camera_survives_the_stream_restarting(
+    tmp_path: Path, small_bundle: Path, frames: Frames, mqtt: tuple[Broker, Subscriber]
+) -> None:
+    """A live camera served by ffmpeg as HTTP MJPEG: verdicts arrive; the stream is killed and
+    comes back on the same port; the agent reconnects and verdicts resume, no restart."""
+    from tests.streams import MjpegHttpServer, mtd_tiles, write_video
+
+    broker, sub = mqtt
+    video = tmp_path / "line.avi"
+    write_video(video, mtd_tiles(4, 4), fps=10)
+    with MjpegHttpServer(video) as server:
+        cameras = (
+            f"  - {{id: live, source: '{server.url}', reconnect_initial_s: 0.2, "
+            "reconnect_max_s: 1.0}\n"
+        )
+        config = _config(tmp_path, small_bundle, broker, cameras,
+                         thresholds=(frames.image, frames.pixel))  # fmt: skip
+        proc = _start(config)
+        _wait(lambda: len(_verdicts(sub, "live")) >= 5, 30, proc)
+        server.stop()  # the camera goes away...
+        time.sleep(1.5)
+        before = len(_verdicts(sub, "live"))
+        server.start()  # ...and comes back on the same address
+        _wait(lambda: len(_verdicts(sub, "live")) >= before + 5, 30, proc)
+        proc.send_signal(signal.SIGTERM)
+        code, log = _finish(proc)
+    assert code == 0, log[-3000:]
+    verdicts = _verdicts(sub, "live")
+    sequences = [v["sequence"] for v in verdicts]
+    assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
+    assert {v["verdict"] for v in verdicts} <= {"OK", "NG"}
+    assert "reconnected" in log and "Traceback" not in log
+
+
+@pytest.mark.slow
 def test_sighup_swaps_the_bundle_and_rejects_a_broken_one(
     tmp_path: Path, small_bundle: Path, frames: Frames, mqtt
 ) -> None:
