@@ -93,6 +93,7 @@ class Field:
     above: float | None = None  # exclusive lower bound
     is_path: bool = False
     check: Callable[[Any], str | None] | None = None
+    secret: bool = False  # never echo the value in an error message
 
 
 def _str(**kw: Any) -> Field:
@@ -170,7 +171,7 @@ MQTT: dict[str, Field] = {
     "prefix": _str(default=_m("prefix"), check=lambda v: _topic_path(v)),
     "line": _str(default=_m("line"), check=_topic_level),
     "username": _str(default=None, nullable=True),
-    "password": _str(default=None, nullable=True),
+    "password": _str(default=None, nullable=True, secret=True),
     "password_file": _str(default=None, nullable=True, is_path=True),
     "tls": _bool(default=_m("tls")),
     "tls_insecure": _bool(default=_m("tls_insecure")),
@@ -255,7 +256,8 @@ class _Checker:
             raise self.fail(where, "must not be empty")
         if not _type_ok(value, fld.types):
             wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in fld.types)
-            raise self.fail(where, f"must be {wanted}, got {_show(value)}")
+            shown = f"{type(value).__name__} (value not shown)" if fld.secret else _show(value)
+            raise self.fail(where, f"must be {wanted}, got {shown}")
         if isinstance(value, float) and not math.isfinite(value):
             raise self.fail(where, f"must be a finite number, got {value}")
         if isinstance(value, str) and not value.strip() and str in fld.types:

@@ -94,6 +94,8 @@ cameras:
             "cameras[0].fps: unknown key",
         ),
         (MINIMAL + "mqtt:\n  port: abc\n", "mqtt.port: must be an integer, got 'abc' (str)"),
+        # A password typed as a number must not end up in a log or a terminal.
+        (MINIMAL + "mqtt:\n  password: 918273645\n", "mqtt.password: must be a string, got int"),
         (MINIMAL + "mqtt:\n  port: true\n", "mqtt.port: must be an integer, got True (boolean)"),
         (MINIMAL + "mqtt:\n  port: 70000\n", "mqtt.port: must be at most 65535, got 70000"),
         (MINIMAL + "batching:\n  max_batch: 2.5\n", "batching.max_batch: must be an integer"),
@@ -128,6 +130,11 @@ cameras:
 )
 def test_mistakes_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
     assert expected in _error(_write(tmp_path, text))
+
+
+def test_a_mistyped_password_is_not_echoed(tmp_path: Path) -> None:
+    error = _error(_write(tmp_path, MINIMAL + "mqtt:\n  password: 918273645\n"))
+    assert "918273645" not in error and "mqtt.password" in error
 
 
 def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:
