@@ -23,10 +23,6 @@ class TestSample:
         return self.defect_type != GOOD
 
 
-def is_mvtec(data: Path) -> bool:
-    return (data / "train" / GOOD).is_dir() or (data / "test").is_dir()
-
-
 def train_folder(data: str | os.PathLike[str]) -> Path:
     """The folder of good training images: DATA/train/good for an MVTec layout, else DATA."""
     data = Path(data)

@@ -6,17 +6,13 @@ host only resizes and stacks uint8 frames.
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from edge_agent.errors import UserError
-
-log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
@@ -96,12 +92,3 @@ def resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     shrinking = frame.shape[0] * frame.shape[1] > h * w
     interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
     return cv2.resize(frame, (w, h), interpolation=interp)
-
-
-def read_readable(paths: Iterable[Path]) -> Iterable[tuple[Path, np.ndarray]]:
-    """Yield (path, BGR image) for readable files, warning once per unreadable one."""
-    for path in paths:
-        try:
-            yield path, read_image(path)
-        except BadImage as exc:
-            log.warning("skipping unreadable image %s", exc)

@@ -9,26 +9,11 @@ pixels) in seconds: the work is a few sorts of float32 arrays, never a float64 c
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
 
-__all__ = ["EvaluationResult", "evaluate", "pixel_roc_auc", "pro_score", "roc_auc"]
-
-
-@dataclass(frozen=True)
-class EvaluationResult:
-    """Image-level AUROC and, when masks were given, pixel AUROC and normalised PRO."""
-
-    image_auroc: float
-    pixel_auroc: float | None = None
-    pro: float | None = None
-    fpr_limit: float = 0.3
-
-    def as_dict(self) -> dict[str, float | None]:
-        """Plain dict, e.g. for a JSON report."""
-        return asdict(self)
+__all__ = ["pixel_roc_auc", "pro_score", "roc_auc"]
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -93,28 +78,6 @@ def pro_score(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> fl
     pro_a = tail[np.searchsorted(pos_sorted, values, side="right")]
     pro_b = tail[np.searchsorted(pos_sorted, values, side="left")]
     return _clipped_trapezoid(fpr_a, fpr_b, pro_a, pro_b, fpr_limit) / fpr_limit
-
-
-def evaluate(
-    labels: np.ndarray,
-    scores: np.ndarray,
-    masks: np.ndarray | None = None,
-    maps: np.ndarray | None = None,
-    *,
-    fpr_limit: float = 0.3,
-) -> EvaluationResult:
-    """Image AUROC of `scores`; with `masks` and `maps` also pixel AUROC and PRO."""
-    image_auroc = roc_auc(labels, scores)
-    if masks is None and maps is None:
-        return EvaluationResult(image_auroc=image_auroc, fpr_limit=fpr_limit)
-    if masks is None or maps is None:
-        raise ValueError("masks and maps go together: give both or neither")
-    return EvaluationResult(
-        image_auroc=image_auroc,
-        pixel_auroc=pixel_roc_auc(masks, maps),
-        pro=pro_score(masks, maps, fpr_limit),
-        fpr_limit=fpr_limit,
-    )
 
 
 def _auc_split(pos: np.ndarray, neg: np.ndarray) -> float:

@@ -11,7 +11,7 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,6 @@ class FitOptions:
     threads: int | None = None
     seed: int = 0
     progress: bool = True
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -145,14 +144,14 @@ def run(args: argparse.Namespace) -> int:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise UserError("--device cuda: ONNX Runtime has no CUDA provider (onnxruntime-gpu)")
     manifest = fit(args.data, args.out, opts, force=args.force, device=args.device)
-    t = opts.timings
+    t = manifest["training"]
     print(
         f"bundle {args.out}: {manifest['bank']['size']} of {manifest['bank']['patches']} patches "
         f"from {manifest['training']['n_images']} images "
         f"({manifest['training']['n_skipped']} skipped), D={manifest['features']['dim']}, "
-        f"fit {t['total']:.1f} s (features {t['features']:.1f} s, coreset {t['coreset']:.1f} s), "
-        f"peak RAM {manifest['training']['peak_rss_mb']:.0f} MB, "
-        f"ONNX parity {manifest['training']['onnx_parity_rel']:.1e}"
+        f"fit {t['seconds']:.1f} s (features {t['feature_seconds']:.1f} s, "
+        f"coreset {t['coreset_seconds']:.1f} s), peak RAM {t['peak_rss_mb']:.0f} MB, "
+        f"ONNX parity {t['onnx_parity_rel']:.1e}"
     )
     return 0
 
@@ -372,7 +371,7 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
         )
     stream = FeatureStream(model_path, frames, opts.batch_size, device, opts.threads)
     projected = coreset_space(stream, CORESET_PROJ_DIM, opts.seed, opts.progress)
-    opts.timings["features"] = time.perf_counter() - t0
+    feature_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     n_patches = len(stream)
     n_select = max(1, math.ceil(opts.coreset * n_patches))
@@ -380,7 +379,7 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
         projected, n_select, proj_dim=None, seed=opts.seed, progress=opts.progress
     )
     del projected
-    opts.timings["coreset"] = time.perf_counter() - t0
+    coreset_s = time.perf_counter() - t0
     bank = gather_rows(stream, selected, opts.progress)
 
     files = [bundle_format.MODEL_FILE, bundle_format.BANK_FILE, bundle_format.TRAINING_IMAGES_FILE]
@@ -389,7 +388,6 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
         np.save(out / bundle_format.BANK_KNN_FILE, bank_neighbours(bank, opts.reweight_k))
         files.append(bundle_format.BANK_KNN_FILE)
     (out / bundle_format.TRAINING_IMAGES_FILE).write_text(json.dumps({"sha256": hashes}) + "\n")
-    opts.timings["total"] = time.perf_counter() - started
 
     manifest: dict[str, Any] = {
         "backbone": {"name": opts.backbone, "layers": extractor.layers, "weights": trunk.weights},
@@ -425,8 +423,9 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
             "n_skipped": skipped,
             "source": str(folder),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "seconds": round(opts.timings["total"], 1),
-            "coreset_seconds": round(opts.timings["coreset"], 1),
+            "seconds": round(time.perf_counter() - started, 1),
+            "feature_seconds": round(feature_s, 1),
+            "coreset_seconds": round(coreset_s, 1),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "onnx_parity_rel": rel,
         },

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from edge_agent.metrics import EvaluationResult, evaluate, pixel_roc_auc, pro_score, roc_auc
+from edge_agent.metrics import pixel_roc_auc, pro_score, roc_auc
 
 # ---------------------------------------------------------------------------- references
 
@@ -239,24 +239,3 @@ def test_pro_rejects_degenerate_inputs() -> None:
 
 
 # ---------------------------------------------------------------------------- evaluate
-
-
-def test_evaluate_collects_the_three_metrics() -> None:
-    masks, maps = two_regions_case()
-    masks = np.concatenate([masks, np.zeros_like(masks)])
-    maps = np.concatenate([maps, np.zeros_like(maps)])
-    result = evaluate(np.array([1, 0]), np.array([0.9, 0.1]), masks, maps, fpr_limit=0.3)
-    assert result == EvaluationResult(
-        image_auroc=1.0,
-        pixel_auroc=pixel_roc_auc(masks, maps),
-        pro=pro_score(masks, maps, 0.3),
-        fpr_limit=0.3,
-    )
-    assert evaluate(np.array([1, 0]), np.array([0.1, 0.9])).as_dict() == {
-        "image_auroc": 0.0,
-        "pixel_auroc": None,
-        "pro": None,
-        "fpr_limit": 0.3,
-    }
-    with pytest.raises(ValueError, match="both or neither"):
-        evaluate(np.array([1, 0]), np.array([0.9, 0.1]), masks=masks)
