@@ -217,10 +217,14 @@ class MjpegHttpServer:
         cmd += ["-c:v", "mjpeg", "-q:v", "3", "-f", "mpjpeg", "-listen", "1", self.url]
         self._proc = _Process(cmd, (log_dir or video.parent) / f"ffmpeg-http-{self.port}.log")
 
-    def start(self, timeout_s: float = 10.0) -> MjpegHttpServer:
-        """Start serving and wait until the port listens."""
+    def start(self, timeout_s: float = 10.0, *, wait: bool = True) -> MjpegHttpServer:
+        """Start serving and (with `wait`) wait until the port listens.
+
+        Don't wait when a client is already retrying: ffmpeg serves one client and stops
+        listening as soon as it connects, which can be before the LISTEN state is seen."""
         self._proc.start()
-        _wait(lambda: is_listening(self.port), timeout_s, f"ffmpeg on port {self.port}")
+        if wait:
+            _wait(lambda: is_listening(self.port), timeout_s, f"ffmpeg on port {self.port}")
         return self
 
     def stop(self) -> None:
