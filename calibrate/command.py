@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edge_agent.calibrate import thresholds as th
 
-from calibrate import thresholds as th
-from edge_agent.bundle import Bundle, load_bundle, sha256_file, update_thresholds
 from edge_agent.errors import UserError
 from edge_agent.images import BadImage, list_images, read_image
-from edge_agent.prefetch import Progress, prefetch_batches
-from edge_agent.scorer import DEVICES, Scorer
+from edge_agent.model.bundle import Bundle, load_bundle, sha256_file, update_thresholds
+from edge_agent.model.scorer import DEVICES, Scorer
+from edge_agent.tools.prefetch import Progress, prefetch_batches
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.choose != "target" and args.defects is None:
         raise UserError(f"--choose {args.choose} needs defect samples: add --defects DIR")
     if args.plot is not None:
-        from calibrate.plot import check_path
+        from edge_agent.calibrate.plot import check_path
 
         check_path(args.plot)
 
@@ -263,7 +263,7 @@ class Calibration:
         return int(empty.sum()), int(caught.sum())
 
     def thresholds_section(self, good_source: Path, defect_source: Path | None) -> dict[str, Any]:
-        """The manifest's `thresholds` section (edge_agent.bundle.update_thresholds)."""
+        """The manifest's `thresholds` section (edge_agent.model.bundle.update_thresholds)."""
         frr = self.chosen.frr
         return {
             "image": self.chosen.threshold,
@@ -518,7 +518,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print_report(cal, "dry run" if args.dry_run else "written")
     if args.plot:
-        from calibrate.plot import score_histogram
+        from edge_agent.calibrate.plot import score_histogram
 
         score_histogram(cal, args.plot)
         print(f"plot: {args.plot}")

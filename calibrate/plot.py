@@ -14,7 +14,7 @@ import numpy as np
 from edge_agent.errors import UserError
 
 if TYPE_CHECKING:
-    from calibrate.command import Calibration
+    from edge_agent.calibrate.command import Calibration
 
 WIDTH, HEIGHT = 1000, 560
 LEFT, RIGHT, TOP, BOTTOM = 80, 30, 50, 70
@@ -190,7 +190,7 @@ def write_png(img: np.ndarray, path: Path) -> None:
 
 
 def markers_for(cal: Calibration) -> list[Marker]:
-    from calibrate.command import label_for
+    from edge_agent.calibrate.command import label_for
 
     out = []
     for p in cal.points:

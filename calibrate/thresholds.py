@@ -1,7 +1,7 @@
 """Threshold maths for calibration: pure functions on score arrays, no model, no I/O (except
 `split_holdout`, which prepares a held-out folder of good images).
 
-The verdict rule is the agent's (edge_agent.decision): NG when score >= threshold.
+The verdict rule is the agent's (edge_agent.decide.decision): NG when score >= threshold.
 
 Image threshold, distribution-free. Sort the n good scores X(1) <= ... <= X(n). Every threshold
 chosen here sits just above one of them, t = X(n-j)+ (the next float32 up), so exactly the j
@@ -307,7 +307,7 @@ def choose_pixel(good_map_maxima: np.ndarray, confidence: float) -> PixelThresho
 
 
 def normalization(good: np.ndarray, threshold: float, defects: np.ndarray) -> dict[str, float]:
-    """The scale for edge_agent.scoring.normalise: (low, 0), (threshold, 0.5), (high, 1).
+    """The scale for edge_agent.model.scoring.normalise: (low, 0), (threshold, 0.5), (high, 1).
 
     low: the lowest good score (0 if that is not below the threshold; scores are distances);
     high: the highest defect score when defects are given and it lies above the threshold,

@@ -17,13 +17,19 @@ from edge_agent.errors import UserError
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "fit": ("export.fit", "build a bundle (ONNX model + memory bank) from good images"),
-    "evaluate": ("edge_agent.evaluate", "score a labelled MVTec-layout dataset with a bundle"),
-    "calibrate": ("calibrate.command", "set thresholds in a bundle from good (and defect) samples"),
-    "run": ("edge_agent.service", "run the inspection agent: cameras -> verdicts over MQTT"),
-    "bench": ("edge_agent.bench", "measure per-stage time, throughput and latency"),
-    "sweep": ("export.sweep", "fit and evaluate a grid of embedding/scoring choices"),
-    "demo": ("edge_agent.demo", "fit, calibrate and run on the built-in sample data"),
+    "fit": ("edge_agent.export.fit", "build a bundle (ONNX model + memory bank) from good images"),
+    "evaluate": (
+        "edge_agent.tools.evaluate",
+        "score a labelled MVTec-layout dataset with a bundle",
+    ),
+    "calibrate": (
+        "edge_agent.calibrate.command",
+        "set thresholds in a bundle from good (and defect) samples",
+    ),
+    "run": ("edge_agent.agent.service", "run the inspection agent: cameras -> verdicts over MQTT"),
+    "bench": ("edge_agent.tools.bench", "measure per-stage time, throughput and latency"),
+    "sweep": ("edge_agent.export.sweep", "fit and evaluate a grid of embedding/scoring choices"),
+    "demo": ("edge_agent.tools.demo", "fit, calibrate and run on the built-in sample data"),
 }
 
 

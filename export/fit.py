@@ -17,16 +17,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from edge_agent.export.backbones import BACKBONES, DEFAULT_LAYERS, load_trunk
+from edge_agent.export.coreset import approximate_greedy_coreset
+from edge_agent.export.extractor import PROJECTIONS, PatchFeatureExtractor
+from edge_agent.export.onnx_export import INPUT_NAME, export_onnx, parity
 from tqdm import tqdm
 
-from edge_agent import bundle as bundle_format
-from edge_agent.dataset import train_folder
 from edge_agent.errors import CheckFailed, UserError
 from edge_agent.images import BadImage, decode_image, list_images, resize
-from export.backbones import BACKBONES, DEFAULT_LAYERS, load_trunk
-from export.coreset import approximate_greedy_coreset
-from export.extractor import PROJECTIONS, PatchFeatureExtractor
-from export.onnx_export import INPUT_NAME, export_onnx, parity
+from edge_agent.model import bundle as bundle_format
+from edge_agent.tools.dataset import train_folder
 
 log = logging.getLogger(__name__)
 

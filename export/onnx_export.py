@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from export.extractor import PatchFeatureExtractor
+from edge_agent.export.extractor import PatchFeatureExtractor
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from edge_agent.calibrate.command import calibrate, score_folder
 
-from calibrate.command import calibrate, score_folder
-from edge_agent.bundle import load_bundle
 from edge_agent.images import list_images
-from edge_agent.scorer import Scorer
+from edge_agent.model.bundle import load_bundle
+from edge_agent.model.scorer import Scorer
 
 
 def main() -> None:

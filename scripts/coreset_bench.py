@@ -20,14 +20,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+from edge_agent.export.backbones import load_trunk
+from edge_agent.export.coreset import (
+    approximate_greedy_coreset,
+    covering_radius,
+    reference_greedy_coreset,
+)
+from edge_agent.export.extractor import PatchFeatureExtractor
+from edge_agent.export.fit import CORESET_PROJ_DIM, FeatureStream, coreset_space
+from edge_agent.export.onnx_export import export_onnx
 
-from edge_agent.dataset import train_folder
 from edge_agent.images import list_images, read_image, resize
-from export.backbones import load_trunk
-from export.coreset import approximate_greedy_coreset, covering_radius, reference_greedy_coreset
-from export.extractor import PatchFeatureExtractor
-from export.fit import CORESET_PROJ_DIM, FeatureStream, coreset_space
-from export.onnx_export import export_onnx
+from edge_agent.tools.dataset import train_folder
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ def mtd_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def small_bundle(mtd_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real bundle (ONNX + coreset bank), fitted once per test session at 224x224 (smaller
     than the default input, to keep the suite fast)."""
-    from export.fit import FitOptions, fit
+    from edge_agent.export.fit import FitOptions, fit
 
     out = tmp_path_factory.mktemp("bundles") / "small"
     fit(mtd_small, out, FitOptions(image_size=(224, 224), coreset=0.05, progress=False))

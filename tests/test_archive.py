@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge_agent.archive import ArchiveSettings, RejectArchive
+from edge_agent.decide.archive import ArchiveSettings, RejectArchive
 
 DAY_MS = 86_400_000
 T0 = 1_700_000_000_000  # 2023-11-14T22:13:20Z
@@ -103,12 +103,12 @@ def test_full_disk_is_counted_and_logged_once(tmp_path: Path, caplog) -> None:
     (root / "2023-11-14").write_text("in the way")
     archive = RejectArchive(ArchiveSettings(dir=root, quota_mb=10))
     archive.start()
-    with caplog.at_level("ERROR", logger="edge_agent.archive"):
+    with caplog.at_level("ERROR", logger="edge_agent.decide.archive"):
         for i in range(3):
             _submit(archive, i, T0 + i)
         archive.close()
     assert archive.stats["errors"] == 3 and archive.stats["saved"] == 0
-    assert len([r for r in caplog.records if r.name == "edge_agent.archive"]) == 1
+    assert len([r for r in caplog.records if r.name == "edge_agent.decide.archive"]) == 1
     # and it recovers once the disk does
     (root / "2023-11-14").unlink()
     again = RejectArchive(ArchiveSettings(dir=root, quota_mb=10))

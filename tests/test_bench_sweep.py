@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.bench import STAGES
 from edge_agent.cli import main
+from edge_agent.tools.bench import STAGES
 
 
 def test_bench_json_has_every_stage_and_batch(

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent import bundle as bf
 from edge_agent.errors import UserError
+from edge_agent.model import bundle as bf
 
 
 @pytest.fixture

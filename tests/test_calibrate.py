@@ -10,17 +10,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from edge_agent.calibrate import thresholds as th
+from edge_agent.calibrate.command import calibrate
+from edge_agent.calibrate.plot import GOOD_BGR, Marker, histogram_image
 from scipy import stats
 
-from calibrate import thresholds as th
-from calibrate.command import calibrate
-from calibrate.plot import GOOD_BGR, Marker, histogram_image
-from edge_agent.bundle import load_bundle
 from edge_agent.cli import main
 from edge_agent.errors import UserError
 from edge_agent.images import list_images, read_image
-from edge_agent.scorer import Scorer
-from edge_agent.scoring import normalise
+from edge_agent.model.bundle import load_bundle
+from edge_agent.model.scorer import Scorer
+from edge_agent.model.scoring import normalise
 
 CONF = 0.95
 

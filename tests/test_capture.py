@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.capture import CameraCapture, CameraSettings, redact
+from edge_agent.capture.cameras import CameraCapture, CameraSettings, redact
+from edge_agent.capture.frame_queue import Frame, FrameQueue
 from edge_agent.errors import UserError
-from edge_agent.frame_queue import Frame, FrameQueue
 from edge_agent.images import read_image
 
 from .conftest import require_mtd
@@ -48,7 +48,7 @@ def mjpeg_video(tiles, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def capture_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.INFO, logger="edge_agent.capture")
+    caplog.set_level(logging.INFO, logger="edge_agent.capture.cameras")
     return caplog
 
 

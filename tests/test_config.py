@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edge_agent import config as cfg
-from edge_agent.bundle import update_thresholds
-from edge_agent.capture import CameraSettings
-from edge_agent.config import load_checked_bundle, load_config
+from edge_agent.agent import config as cfg
+from edge_agent.agent.config import load_checked_bundle, load_config
+from edge_agent.capture.cameras import CameraSettings
 from edge_agent.errors import UserError
-from edge_agent.publisher import MqttSettings
+from edge_agent.model.bundle import update_thresholds
+from edge_agent.publish.publisher import MqttSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config.example.yaml"

@@ -8,13 +8,12 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import edge_agent.export.coreset as coreset
 import faiss
 import numpy as np
 import pytest
 import torch
-
-import export.coreset as coreset
-from export.coreset import (
+from edge_agent.export.coreset import (
     approximate_greedy_coreset,
     covering_radius,
     reference_greedy_coreset,

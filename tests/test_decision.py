@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from edge_agent.decision import (
+from edge_agent.decide.decision import (
     ERROR,
     NG,
     OK,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent import demo
 from edge_agent.cli import main
+from edge_agent.tools import demo
 
 
 @pytest.mark.slow

@@ -13,7 +13,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.embedded_broker import (
+from edge_agent.errors import UserError
+from edge_agent.tools.embedded_broker import (
     EmbeddedBroker,
     ProtocolError,
     encode_length,
@@ -21,7 +22,6 @@ from edge_agent.embedded_broker import (
     split_packet,
     valid_filter,
 )
-from edge_agent.errors import UserError
 
 WAIT_S = 5.0
 

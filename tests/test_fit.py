@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.bundle import load_bundle
 from edge_agent.cli import main
-from edge_agent.evaluate import evaluate
+from edge_agent.model.bundle import load_bundle
+from edge_agent.tools.evaluate import evaluate
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

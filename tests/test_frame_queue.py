@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from edge_agent.frame_queue import Frame, FrameQueue
+from edge_agent.capture.frame_queue import Frame, FrameQueue
 
 
 def frame(camera: str, seq: int) -> Frame:

@@ -8,10 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.bundle import load_bundle
-from edge_agent.decision import Thresholds, decide
+from edge_agent.decide.decision import Thresholds, decide
 from edge_agent.images import read_image
-from edge_agent.scorer import Scorer
+from edge_agent.model.bundle import load_bundle
+from edge_agent.model.scorer import Scorer
 
 from .conftest import require_mtd
 
@@ -24,7 +24,7 @@ def _strip(files: list[Path], tile: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def wide_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from export.fit import FitOptions, fit
+    from edge_agent.export.fit import FitOptions, fit
 
     goods = sorted((require_mtd() / "train" / "good").iterdir())[:60]
     data = tmp_path_factory.mktemp("wide") / "good"

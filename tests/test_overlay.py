@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.overlay import SEPARATOR_BGR, colorize, heatmap_overlay, side_by_side
+from edge_agent.decide.overlay import SEPARATOR_BGR, colorize, heatmap_overlay, side_by_side
 
 WHITE = (255, 255, 255)
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from edge_agent.errors import UserError
-from edge_agent.publisher import MqttSettings, Publisher, parse_part_id
+from edge_agent.publish.publisher import MqttSettings, Publisher, parse_part_id
 from tests.brokers import (  # noqa: F401  (fixtures broker, secure_broker, tls_certs)
     USERS,
     Broker,
@@ -136,7 +136,7 @@ WILL_CHILD = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
-from edge_agent.publisher import MqttSettings, Publisher
+from edge_agent.publish.publisher import MqttSettings, Publisher
 pub = Publisher(MqttSettings(port=int(sys.argv[1]), client_id="will-child",
                              spool_dir=Path(sys.argv[2])), ["camA", "camB"])
 pub.start()
@@ -175,7 +175,7 @@ def test_broker_killed_three_times_while_publishing(
     broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Every sequence number arrives, in order; what waited in the spool is marked delayed."""
-    caplog.set_level(logging.INFO, logger="edge_agent.publisher")
+    caplog.set_level(logging.INFO, logger="edge_agent.publish.publisher")
     outages: list[tuple[float, float]] = []
     sent_at: list[float] = []
     stop_feeding = threading.Event()
@@ -244,7 +244,7 @@ def test_broker_down_at_start_then_spool_comes_out_in_order(
     with Gate(broker.port, is_open=False) as gate:
         pub = Publisher(make_settings(gate.port, tmp_path), ["camA"])
         t0 = time.monotonic()
-        with caplog.at_level(logging.WARNING, logger="edge_agent.publisher"):
+        with caplog.at_level(logging.WARNING, logger="edge_agent.publish.publisher"):
             pub.start(connect_timeout_s=2.0)  # must not raise
         assert time.monotonic() - t0 < 2.0
         assert "not reachable" in caplog.text and "spooled" in caplog.text
@@ -300,7 +300,7 @@ def test_spool_full_is_counted_not_fatal(
     with Gate(broker.port, is_open=False) as gate:
         pub = Publisher(replace(settings, port=gate.port), ["camA"])
         pub.start(connect_timeout_s=1.0)
-        with caplog.at_level(logging.ERROR, logger="edge_agent.publisher"):
+        with caplog.at_level(logging.ERROR, logger="edge_agent.publish.publisher"):
             for i in range(25):
                 pub.publish_verdict("camA", verdict(i))
             assert wait_until(lambda: pub.stats["spooled"] + pub.stats["dropped"] == 25)

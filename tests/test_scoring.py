@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from edge_agent import scoring
-from edge_agent.knn import MemoryBankIndex
+from edge_agent.model import scoring
+from edge_agent.model.knn import MemoryBankIndex
 
 
 def test_flat_knn_equals_brute_force_numpy() -> None:

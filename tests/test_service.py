@@ -22,11 +22,11 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.bundle import load_bundle, update_thresholds
 from edge_agent.images import list_images, read_image
-from edge_agent.metrics_http import AgentMetrics, MetricsServer, Registry, parse_text
-from edge_agent.scorer import Scorer
-from edge_agent.sdnotify import Notifier
+from edge_agent.model.bundle import load_bundle, update_thresholds
+from edge_agent.model.scorer import Scorer
+from edge_agent.ops.metrics import AgentMetrics, MetricsServer, Registry, parse_text
+from edge_agent.ops.sdnotify import Notifier
 from tests.brokers import Broker, Subscriber, free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.errors import UserError
-from edge_agent.spool import Spool, SpoolRecord, encode_record
+from edge_agent.publish.spool import Spool, SpoolRecord, encode_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_killed_process_loses_nothing(tmp_path: Path) -> None:
     code = f"""
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
-from edge_agent.spool import Spool, SpoolRecord
+from edge_agent.publish.spool import Spool, SpoolRecord
 spool = Spool({str(tmp_path)!r}, fsync_interval_s=3600)
 for i in range(500):
     spool.append(SpoolRecord("t", str(i).encode(), 1, False, 0.0))
@@ -118,7 +118,7 @@ def test_torn_tail_is_cut_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptu
     with segment.open("ab") as f:
         f.write(torn)
 
-    with caplog.at_level(logging.WARNING, logger="edge_agent.spool"):
+    with caplog.at_level(logging.WARNING, logger="edge_agent.publish.spool"):
         recovered = Spool(tmp_path)
     assert sequences(recovered) == list(range(10))
     assert recovered.corrupt_bytes == len(torn)
@@ -127,7 +127,7 @@ def test_torn_tail_is_cut_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptu
     recovered.close()
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="edge_agent.spool"):
+    with caplog.at_level(logging.WARNING, logger="edge_agent.publish.spool"):
         third = Spool(tmp_path)
     assert sequences(third) == [*range(10), 11]
     assert third.corrupt_bytes == 0 and "damaged" not in caplog.text, "warned once only"

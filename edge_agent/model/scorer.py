@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from edge_agent import scoring
-from edge_agent.bundle import Bundle
 from edge_agent.images import resize, to_bgr
-from edge_agent.knn import MemoryBankIndex
+from edge_agent.model import scoring
+from edge_agent.model.bundle import Bundle
+from edge_agent.model.knn import MemoryBankIndex
 
 log = logging.getLogger(__name__)
 

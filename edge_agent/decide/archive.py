@@ -30,8 +30,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from edge_agent.decide.overlay import heatmap_overlay, side_by_side
 from edge_agent.fileio import atomic_write
-from edge_agent.overlay import heatmap_overlay, side_by_side
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import scoring
-from edge_agent.bundle import load_bundle
 from edge_agent.errors import UserError
 from edge_agent.images import decode_image, list_images
-from edge_agent.knn import INDEX_KINDS
-from edge_agent.scorer import DEVICES, Scorer
+from edge_agent.model import scoring
+from edge_agent.model.bundle import load_bundle
+from edge_agent.model.knn import INDEX_KINDS
+from edge_agent.model.scorer import DEVICES, Scorer
 
 STAGES = ("decode", "prepare", "onnx", "knn", "score", "map", "regions")
 

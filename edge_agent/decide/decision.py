@@ -20,7 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge_agent import scoring
+from edge_agent.model import scoring
 
 OK = "OK"
 NG = "NG"

@@ -31,7 +31,7 @@ import cv2
 from edge_agent.errors import UserError
 from edge_agent.images import list_images, read_image
 
-SAMPLE = Path(__file__).resolve().parents[1] / "demo" / "sample"
+SAMPLE = Path(__file__).resolve().parents[2] / "demo" / "sample"
 PREFIX = "edge-agent"
 LINE = "demo"
 CAMERA = "cam1"
@@ -93,7 +93,7 @@ def mqtt_broker(workdir: Path):
     """A broker on a free loopback port: Mosquitto if installed, else the embedded one."""
     binary = _mosquitto()
     if binary is None:
-        from edge_agent.embedded_broker import EmbeddedBroker
+        from edge_agent.tools.embedded_broker import EmbeddedBroker
 
         with EmbeddedBroker() as broker:
             print(f"MQTT: embedded broker on 127.0.0.1:{broker.port} (Mosquitto not installed)")

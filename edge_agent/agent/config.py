@@ -22,14 +22,14 @@ from typing import Any
 
 import yaml
 
-from edge_agent.archive import ArchiveSettings
-from edge_agent.bundle import Bundle, load_bundle
-from edge_agent.capture import KINDS as CAMERA_KINDS
-from edge_agent.capture import MODES, CameraSettings
-from edge_agent.capture import OVERFLOWS as OVERFLOW
-from edge_agent.decision import Thresholds, resolve_thresholds
+from edge_agent.capture.cameras import KINDS as CAMERA_KINDS
+from edge_agent.capture.cameras import MODES, CameraSettings
+from edge_agent.capture.cameras import OVERFLOWS as OVERFLOW
+from edge_agent.decide.archive import ArchiveSettings
+from edge_agent.decide.decision import Thresholds, resolve_thresholds
 from edge_agent.errors import UserError
-from edge_agent.publisher import MqttSettings
+from edge_agent.model.bundle import Bundle, load_bundle
+from edge_agent.publish.publisher import MqttSettings
 
 DEVICES = ("auto", "cpu", "cuda")
 INDEX_KINDS = ("flat", "hnsw")

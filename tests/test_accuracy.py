@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from edge_agent.metrics import pixel_roc_auc, pro_score, roc_auc
+from edge_agent.tools.accuracy import pixel_roc_auc, pro_score, roc_auc
 
 # ---------------------------------------------------------------------------- references
 

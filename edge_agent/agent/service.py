@@ -1,6 +1,6 @@
 """`edge-agent run`: the long-running agent, cameras -> batched inference -> verdicts over MQTT.
 
-Threads: one capture thread per camera (edge_agent.capture) feeding one bounded FrameQueue;
+Threads: one capture thread per camera (edge_agent.capture.cameras) feeding one bounded FrameQueue;
 the MAIN thread is the inference thread: it owns the Scorer (ONNX Runtime session + FAISS
 index), forms micro-batches across cameras (up to `max_batch`, waiting at most `max_wait_ms`
 for stragglers), decides, archives rejects and hands verdicts to the publisher, which never
@@ -34,18 +34,18 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.archive import RejectArchive
-from edge_agent.bundle import Bundle, load_bundle
-from edge_agent.capture import LIVE_KINDS, CameraCapture
-from edge_agent.config import Config, load_checked_bundle, load_config, thresholds_for
-from edge_agent.decision import Thresholds, decide, verdict_message
+from edge_agent.agent.config import Config, load_checked_bundle, load_config, thresholds_for
+from edge_agent.capture.cameras import LIVE_KINDS, CameraCapture
+from edge_agent.capture.frame_queue import Frame, FrameQueue
+from edge_agent.decide.archive import RejectArchive
+from edge_agent.decide.decision import Thresholds, decide, verdict_message
 from edge_agent.errors import UserError
-from edge_agent.frame_queue import Frame, FrameQueue
 from edge_agent.images import BadImage, to_bgr
-from edge_agent.metrics_http import AgentMetrics, MetricsServer
-from edge_agent.publisher import Publisher
-from edge_agent.scorer import Scorer
-from edge_agent.sdnotify import Notifier
+from edge_agent.model.bundle import Bundle, load_bundle
+from edge_agent.model.scorer import Scorer
+from edge_agent.ops.metrics import AgentMetrics, MetricsServer
+from edge_agent.ops.sdnotify import Notifier
+from edge_agent.publish.publisher import Publisher
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.errors import UserError
-from edge_agent.spool import Spool, SpoolRecord
+from edge_agent.publish.spool import Spool, SpoolRecord
 
 log = logging.getLogger(__name__)
 

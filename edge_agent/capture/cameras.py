@@ -30,8 +30,8 @@ from urllib.parse import urlsplit, urlunsplit
 import cv2
 import numpy as np
 
+from edge_agent.capture.frame_queue import Frame, FrameQueue
 from edge_agent.errors import UserError
-from edge_agent.frame_queue import Frame, FrameQueue
 from edge_agent.images import BadImage, list_images, read_image
 
 log = logging.getLogger(__name__)

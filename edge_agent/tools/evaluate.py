@@ -14,14 +14,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge_agent import metrics
-from edge_agent.bundle import load_bundle
-from edge_agent.dataset import GOOD, TestSample, test_samples
 from edge_agent.errors import UserError
 from edge_agent.images import BadImage, read_image
-from edge_agent.knn import INDEX_KINDS
-from edge_agent.prefetch import Progress, prefetch_batches
-from edge_agent.scorer import DEVICES, Scorer
+from edge_agent.model.bundle import load_bundle
+from edge_agent.model.knn import INDEX_KINDS
+from edge_agent.model.scorer import DEVICES, Scorer
+from edge_agent.tools import accuracy
+from edge_agent.tools.dataset import GOOD, TestSample, test_samples
+from edge_agent.tools.prefetch import Progress, prefetch_batches
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,12 @@ def score_dataset(scorer: Scorer, samples: list[TestSample], batch_size: int) ->
 
 def _metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray):
     out: dict[str, float | None] = {"n_images": len(labels)}
-    out["image_auroc"] = metrics.roc_auc(labels, scores) if 0 < labels.sum() < len(labels) else None
+    out["image_auroc"] = (
+        accuracy.roc_auc(labels, scores) if 0 < labels.sum() < len(labels) else None
+    )
     has_defect_pixels = bool(masks.any())
-    out["pixel_auroc"] = metrics.pixel_roc_auc(masks, maps) if has_defect_pixels else None
-    out["pro"] = metrics.pro_score(masks, maps) if has_defect_pixels else None
+    out["pixel_auroc"] = accuracy.pixel_roc_auc(masks, maps) if has_defect_pixels else None
+    out["pro"] = accuracy.pro_score(masks, maps) if has_defect_pixels else None
     return out
 
 
@@ -128,7 +130,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 def write_report(scored: Scored, out: Path, worst: int) -> list[Path]:
     """Overlays of the highest-scoring good images and the lowest-scoring defects."""
-    from edge_agent.overlay import heatmap_overlay, side_by_side
+    from edge_agent.decide.overlay import heatmap_overlay, side_by_side
 
     out.mkdir(parents=True, exist_ok=True)
     is_good = np.array([s.defect_type == GOOD for s in scored.samples])

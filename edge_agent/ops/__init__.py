@@ -1,0 +1,1 @@
+"""Operations: the Prometheus metrics endpoint and systemd's sd_notify protocol."""
