@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import math
-
 import numpy as np
 import pytest
 
 from edge_agent.decide.decision import (
-    ERROR,
     NG,
     OK,
     Thresholds,
     decide,
     frame_map,
     resolve_thresholds,
-    verdict_message,
 )
 
 
@@ -88,47 +83,3 @@ def test_frame_map_keeps_same_size_and_resizes_others() -> None:
     assert frame_map(amap, (224, 224)) is not None
     assert frame_map(amap, (224, 224)).shape == (224, 224)
     assert frame_map(amap, (100, 300)).shape == (100, 300)
-
-
-def test_verdict_message_fields_and_json() -> None:
-    d = decide(6.0, _map_with_blob(), (224, 224), Thresholds(image=2.0, pixel=2.0))
-    msg = verdict_message(
-        d,
-        camera="cam1",
-        sequence=7,
-        frame_id="cam1-7",
-        captured_at=1700000000.1234,
-        decided_at=1700000000.2234,
-        model_id="abc",
-        part_id="P-1",
-        reject_image="/a/b.jpg",
-    )
-    assert msg["schema"] == "edge-agent/verdict/v1"
-    assert msg["timestamp"] == 1700000000123
-    assert msg["verdict"] == NG and msg["part_id"] == "P-1" and msg["delayed"] is False
-    assert msg["latency_ms"] == pytest.approx(100.0, abs=0.01)
-    assert msg["regions"][0]["bbox"][0] == 100
-    assert set(msg["regions"][0]) == {"bbox", "area", "peak"}
-    json.dumps(msg, allow_nan=False)  # strict JSON
-
-
-def test_error_message_and_nan_become_null() -> None:
-    msg = verdict_message(
-        None,
-        camera="c",
-        sequence=1,
-        frame_id="c-1",
-        captured_at=1.0,
-        decided_at=1.5,
-        model_id="m",
-        error="empty frame",
-    )
-    assert msg["verdict"] == ERROR and msg["error"] == "empty frame"
-    assert msg["score"] is None and msg["regions"] == []
-    d = decide(float("nan"), None, (4, 4), Thresholds(image=1.0, pixel=1.0))
-    msg = verdict_message(
-        d, camera="c", sequence=1, frame_id="c-1", captured_at=1.0, decided_at=1.0, model_id="m"
-    )
-    assert msg["score"] is None
-    json.dumps(msg, allow_nan=False)
-    assert not math.isnan(msg["latency_ms"])

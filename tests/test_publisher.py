@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from edge_agent.errors import UserError
-from edge_agent.publish.publisher import MqttSettings, Publisher, parse_part_id
+from edge_agent.publish.publisher import MqttSettings, Publisher
 from tests.brokers import (  # noqa: F401  (fixtures broker, secure_broker, tls_certs)
     USERS,
     Broker,
@@ -492,11 +492,3 @@ def test_trigger_calls_the_handler(broker: Broker, tmp_path: Path) -> None:
     time.sleep(0.2)
     pub.stop()
     assert calls == [("camA", "P-123"), ("camB", "P-9")]
-
-
-def test_parse_part_id() -> None:
-    assert parse_part_id(b" P-1\n") == "P-1"
-    assert parse_part_id(b'{"part_id": 42}') == "42"
-    assert parse_part_id(b'{"part": 1}') is None
-    assert parse_part_id(b"") is None
-    assert parse_part_id(b"\xff") is None

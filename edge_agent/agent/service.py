@@ -38,13 +38,14 @@ from edge_agent.agent.config import Config, load_checked_bundle, load_config, th
 from edge_agent.capture.cameras import LIVE_KINDS, CameraCapture
 from edge_agent.capture.frame_queue import Frame, FrameQueue
 from edge_agent.decide.archive import RejectArchive
-from edge_agent.decide.decision import Thresholds, decide, verdict_message
+from edge_agent.decide.decision import NG, Thresholds, decide, verdict_for
 from edge_agent.errors import UserError
 from edge_agent.images import BadImage, to_bgr
 from edge_agent.model.bundle import Bundle, load_bundle
 from edge_agent.model.scorer import Scorer
 from edge_agent.ops.metrics import AgentMetrics, MetricsServer
 from edge_agent.ops.sdnotify import Notifier
+from edge_agent.publish.contract import health_message, verdict_message
 from edge_agent.publish.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -429,7 +430,8 @@ class Agent:
         frame, m, t = item.frame, self.metrics, self.thresholds
         t0 = time.perf_counter()
         score = float(image_scores[i])
-        ng = score >= t.image
+        # The map costs a blur and a resize: only NG frames report regions (decide()).
+        ng = verdict_for(score, t) == NG
         amap = self.scorer.anomaly_map(patch_scores[i]) if ng else None
         decision = decide(score, amap, item.image.shape[:2], t)
         decided_at = time.time()
@@ -442,9 +444,8 @@ class Agent:
             decided_at=decided_at,
             model_id=self.bundle.model_id,
             part_id=item.part_id,
+            source=frame.source_name,
         )
-        if frame.source_name is not None:
-            msg["source"] = frame.source_name
         if self.archive is not None and self.archive.wants(decision.verdict):
             scale = t.scale
             msg["reject_image"] = self.archive.submit(
@@ -477,9 +478,8 @@ class Agent:
             model_id=self.bundle.model_id,
             part_id=item.part_id,
             error=item.error,
+            source=frame.source_name,
         )
-        if frame.source_name is not None:
-            msg["source"] = frame.source_name
         counts = self.counts[frame.camera]
         counts.errors += 1
         self.metrics.bad_frames.inc(frame.camera)
@@ -582,26 +582,25 @@ class Agent:
             link = per_link.get(cam, {})
             self.publisher.publish_health(
                 cam,
-                {
-                    "schema": "edge-agent/health/v1",
-                    "timestamp": round(time.time() * 1000),
-                    "camera": cam,
-                    "fps": round(counts.fps(now), 2),
-                    "frames_in": stats["frames_in"],
-                    "dropped": stats["dropped"],
-                    "inspected": counts.inspected,
-                    "ng": counts.ng,
-                    "errors": counts.errors,
-                    "discarded": counts.discarded,
-                    "queue_depth": self.queue.depth(),
-                    "spool": link.get("spooled", 0) + link.get("pending", 0),
-                    "connected": stats["connected"],
-                    "finished": stats["finished"],
-                    "last_error": stats["last_error"],
-                    "model_id": self.bundle.model_id,
-                    "device": device,
-                    "uptime_s": round(now - self._started_at, 1),
-                },
+                health_message(
+                    camera=cam,
+                    timestamp=time.time(),
+                    fps=counts.fps(now),
+                    frames_in=stats["frames_in"],
+                    dropped=stats["dropped"],
+                    inspected=counts.inspected,
+                    ng=counts.ng,
+                    errors=counts.errors,
+                    discarded=counts.discarded,
+                    queue_depth=self.queue.depth(),
+                    spool=link.get("spooled", 0) + link.get("pending", 0),
+                    connected=stats["connected"],
+                    finished=stats["finished"],
+                    last_error=stats["last_error"],
+                    model_id=self.bundle.model_id,
+                    device=device,
+                    uptime_s=now - self._started_at,
+                ),
             )
 
     def _collect(self) -> None:

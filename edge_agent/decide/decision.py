@@ -24,7 +24,6 @@ from edge_agent.model import scoring
 
 OK = "OK"
 NG = "NG"
-ERROR = "ERROR"
 
 MAX_REGIONS = 16  # keeps a verdict message small even for a frame full of speckles
 
@@ -113,57 +112,3 @@ def decide(
     amap = frame_map(amap_input, frame_hw)
     regions = scoring.find_regions(amap, thresholds.pixel)[:max_regions]
     return Decision(verdict, score, normalised, thresholds.image, tuple(regions), amap)
-
-
-def verdict_message(
-    decision: Decision | None,
-    *,
-    camera: str,
-    sequence: int,
-    frame_id: str,
-    captured_at: float,
-    decided_at: float,
-    model_id: str,
-    part_id: str | None = None,
-    reject_image: str | None = None,
-    error: str | None = None,
-) -> dict[str, Any]:
-    """The MQTT verdict payload (contract edge-agent/verdict/v1, README.md, "MQTT contract v1").
-
-    With `decision` None the frame could not be inspected: verdict ERROR and the `error`
-    string; score, normalised_score and threshold are null and regions empty.
-    """
-    msg: dict[str, Any] = {
-        "schema": "edge-agent/verdict/v1",
-        "timestamp": round(captured_at * 1000),
-        "camera": camera,
-        "sequence": int(sequence),
-        "frame_id": frame_id,
-        "part_id": part_id,
-        "verdict": ERROR,
-        "score": None,
-        "normalised_score": None,
-        "threshold": None,
-        "regions": [],
-        "latency_ms": round(max(0.0, decided_at - captured_at) * 1000.0, 2),
-        "model_id": model_id,
-        "reject_image": reject_image,
-        "delayed": False,
-    }
-    if decision is None:
-        msg["error"] = error or "frame could not be inspected"
-        return msg
-    msg.update(
-        verdict=decision.verdict,
-        score=_finite(decision.score),
-        normalised_score=_finite(decision.normalised_score),
-        threshold=_finite(decision.threshold),
-        regions=[r.as_dict() for r in decision.regions],
-    )
-    return msg
-
-
-def _finite(value: float) -> float | None:
-    """JSON has no NaN/Inf: those become null."""
-    value = float(value)
-    return round(value, 6) if math.isfinite(value) else None

@@ -85,9 +85,10 @@ class Scorer:
         onnx = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         return f"onnx:{onnx} faiss:{self.index.device}/{self.index.kind}"
 
-    def prepare(self, frame: np.ndarray) -> np.ndarray:
-        """Any decoded frame -> uint8 BGR at the model's input size (raises images.BadImage)."""
-        return resize(to_bgr(frame), self.input_size)
+    def prepare(self, bgr: np.ndarray) -> np.ndarray:
+        """A uint8 BGR frame (what images.read_image/decode_image/to_bgr return) -> at the
+        model's input size. Callers convert once, so the agent does not pay it twice."""
+        return resize(bgr, self.input_size)
 
     def features(self, batch: np.ndarray) -> np.ndarray:
         """uint8 [B, H, W, 3] -> float32 [B, h*w, D]."""
@@ -120,7 +121,8 @@ class Scorer:
         return result
 
     def score_frames(self, frames: Sequence[np.ndarray]) -> BatchScores:
-        return self.score(np.stack([self.prepare(f) for f in frames]))
+        """Any decoded frames (gray, BGRA, 16-bit, ...) -> scores; raises images.BadImage."""
+        return self.score(np.stack([self.prepare(to_bgr(f)) for f in frames]))
 
     def anomaly_map(self, patch_scores: np.ndarray) -> np.ndarray:
         """[h, w] patch scores -> smoothed map at the model's input size."""

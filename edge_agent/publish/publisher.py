@@ -22,7 +22,6 @@ so the order per camera is kept, at the cost of possible duplicates (QoS 1 seman
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import random
 import select
@@ -40,13 +39,12 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.errors import UserError
+from edge_agent.publish import contract
+from edge_agent.publish.contract import OFFLINE, ONLINE, encode_json, mark_delayed, parse_part_id
 from edge_agent.publish.spool import Spool, SpoolRecord
 
 log = logging.getLogger(__name__)
 
-CONTRACT_VERSION = "v1"
-ONLINE = b"online"
-OFFLINE = b"offline"
 MEMORY_BACKLOG = 1000
 """Unsent verdicts kept in memory while connected; beyond that they go to the spool."""
 INBOX_LIMIT = 20_000
@@ -117,8 +115,7 @@ class MqttSettings:
             raise UserError(f"mqtt.inflight_window must be 1..{MAX_INFLIGHT_WINDOW}")
 
     def topic(self, camera: str, leaf: str) -> str:
-        """``<prefix>/<line>/<camera>/<leaf>``."""
-        return f"{self.prefix}/{self.line}/{camera}/{leaf}"
+        return contract.topic(self.prefix, self.line, camera, leaf)
 
     @property
     def address(self) -> str:
@@ -128,51 +125,6 @@ class MqttSettings:
 def _check_name(key: str, value: str) -> None:
     if not value or _FORBIDDEN_IN_NAMES & set(value) or value in (".", ".."):
         raise UserError(f"{key} {value!r} must be non-empty, not '.'/'..', without / + # or NUL")
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):  # numpy scalars and arrays, without importing numpy
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def encode_json(obj: Mapping[str, Any]) -> bytes:
-    """Compact UTF-8 JSON, numpy values converted."""
-    return json.dumps(obj, separators=(",", ":"), default=_json_default).encode()
-
-
-def mark_delayed(payload: bytes) -> bytes:
-    """The verdict JSON with ``"delayed": true`` (payloads that are not JSON objects as-is)."""
-    try:
-        obj = json.loads(payload)
-    except ValueError:
-        return payload
-    if not isinstance(obj, dict):
-        return payload
-    obj["delayed"] = True
-    return encode_json(obj)
-
-
-def parse_part_id(payload: bytes) -> str | None:
-    """A trigger payload: a plain-text part id or JSON ``{"part_id": ...}``; None if unusable."""
-    try:
-        text = payload.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return None
-    if text.startswith("{"):
-        try:
-            obj = json.loads(text)
-        except ValueError:
-            return None
-        value = obj.get("part_id") if isinstance(obj, dict) else None
-        if value is None or isinstance(value, (dict, list)):
-            return None
-        text = str(value).strip()
-    if not text or len(text) > 256:
-        return None
-    return text
 
 
 def build_ssl_context(settings: MqttSettings) -> ssl.SSLContext:
@@ -234,10 +186,10 @@ class _Link:
         self._tls_context = tls_context
         self.camera = camera
         self.spool = spool
-        self.verdict_topic = settings.topic(camera, "verdict")
-        self.status_topic = settings.topic(camera, "status")
-        self.health_topic = settings.topic(camera, "health")
-        self.trigger_topic = settings.topic(camera, "trigger")
+        self.verdict_topic = settings.topic(camera, contract.VERDICT)
+        self.status_topic = settings.topic(camera, contract.STATUS)
+        self.health_topic = settings.topic(camera, contract.HEALTH)
+        self.trigger_topic = settings.topic(camera, contract.TRIGGER)
         self._label = f"MQTT {camera}"
         # Shared with other threads (guarded by _lock or single atomic assignments).
         self._lock = threading.Lock()
@@ -357,7 +309,7 @@ class _Link:
             client.tls_set_context(self._tls_context)
             if s.tls_insecure:
                 client.tls_insecure_set(True)
-        client.will_set(self.status_topic, OFFLINE, qos=1, retain=True)
+        client.will_set(self.status_topic, OFFLINE, qos=contract.STATUS_QOS, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -377,7 +329,7 @@ class _Link:
         self._by_mid.clear()
         self._health_sent = None
         self._subscribed = False
-        client.publish(self.status_topic, ONLINE, qos=1, retain=True)
+        client.publish(self.status_topic, ONLINE, qos=contract.STATUS_QOS, retain=True)
         backlog = len(self.spool) + len(self._mem)
         if self._ever_connected:
             self.reconnects += 1
@@ -596,12 +548,12 @@ class _Link:
     def _send_health(self) -> None:
         health = self._health
         if health is not None and health is not self._health_sent:
-            self.client.publish(self.health_topic, health, qos=0, retain=True)
+            self.client.publish(self.health_topic, health, qos=contract.HEALTH_QOS, retain=True)
             self._health_sent = health
 
     def _subscribe_if_wanted(self) -> None:
         if self._handler is not None and not self._subscribed:
-            self.client.subscribe(self.trigger_topic, qos=1)
+            self.client.subscribe(self.trigger_topic, qos=contract.TRIGGER_QOS)
             self._subscribed = True
 
     def _connect(self) -> None:
@@ -730,7 +682,7 @@ class _Link:
 
     def _say_offline(self) -> None:
         """Publish retained ``offline``, wait for its PUBACK briefly, then DISCONNECT."""
-        info = self.client.publish(self.status_topic, OFFLINE, qos=1, retain=True)
+        info = self.client.publish(self.status_topic, OFFLINE, qos=contract.STATUS_QOS, retain=True)
         deadline = time.monotonic() + _STOP_GRACE_S
         while not info.is_published() and self._state == "up" and time.monotonic() < deadline:
             self._io(0.05)
@@ -838,7 +790,13 @@ class Publisher:
         link = self._link(camera)
         payload = encode_json({**verdict, "delayed": False})
         link.submit(
-            SpoolRecord(link.verdict_topic, payload, qos=1, retain=False, created=time.time())
+            SpoolRecord(
+                link.verdict_topic,
+                payload,
+                qos=contract.VERDICT_QOS,
+                retain=False,
+                created=time.time(),
+            )
         )
 
     def publish_health(self, camera: str, health: Mapping[str, Any]) -> None:

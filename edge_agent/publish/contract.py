@@ -1,0 +1,190 @@
+"""MQTT contract v1, in one place: topics, QoS and retain flags, and every payload the agent
+publishes or accepts (README.md, "MQTT contract v1", documents it for PLC/SCADA integrators).
+
+Pure functions and constants: no network, no threads. The publisher moves these bytes; the
+agent decides what goes into them. Fields may be added within v1; an incompatible change gets
+new schema names (``edge-agent/verdict/v2``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from edge_agent.decide.decision import Decision
+
+VERSION = "v1"
+VERDICT_SCHEMA = "edge-agent/verdict/v1"
+HEALTH_SCHEMA = "edge-agent/health/v1"
+
+# Topic leaves under <prefix>/<line>/<camera>/
+VERDICT = "verdict"  # agent -> subscribers, QoS 1, not retained, every frame, in order
+STATUS = "status"  # agent -> subscribers, QoS 1, retained; the connection's last will
+HEALTH = "health"  # agent -> subscribers, QoS 0, retained, latest only
+TRIGGER = "trigger"  # PLC -> agent, QoS 1; retained triggers are ignored
+
+VERDICT_QOS = 1
+STATUS_QOS = 1
+HEALTH_QOS = 0
+TRIGGER_QOS = 1
+
+ONLINE = b"online"
+OFFLINE = b"offline"
+
+ERROR = "ERROR"  # the verdict of a frame that could not be inspected (OK and NG: decision)
+MAX_PART_ID = 256
+
+
+def topic(prefix: str, line: str, camera: str, leaf: str) -> str:
+    """``<prefix>/<line>/<camera>/<leaf>``."""
+    return f"{prefix}/{line}/{camera}/{leaf}"
+
+
+def verdict_message(
+    decision: Decision | None,
+    *,
+    camera: str,
+    sequence: int,
+    frame_id: str,
+    captured_at: float,
+    decided_at: float,
+    model_id: str,
+    part_id: str | None = None,
+    source: str | None = None,
+    reject_image: str | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """The verdict payload (``edge-agent/verdict/v1``).
+
+    With `decision` None the frame could not be inspected: verdict ERROR and the `error`
+    string; score, normalised_score and threshold are null and regions empty. `source` (the
+    file name of a file/folder camera's frame) is present only when known.
+    """
+    msg: dict[str, Any] = {
+        "schema": VERDICT_SCHEMA,
+        "timestamp": round(captured_at * 1000),
+        "camera": camera,
+        "sequence": int(sequence),
+        "frame_id": frame_id,
+        "part_id": part_id,
+        "verdict": ERROR,
+        "score": None,
+        "normalised_score": None,
+        "threshold": None,
+        "regions": [],
+        "latency_ms": round(max(0.0, decided_at - captured_at) * 1000.0, 2),
+        "model_id": model_id,
+        "reject_image": reject_image,
+        "delayed": False,
+    }
+    if source is not None:
+        msg["source"] = source
+    if decision is None:
+        msg["error"] = error or "frame could not be inspected"
+        return msg
+    msg.update(
+        verdict=decision.verdict,
+        score=_finite(decision.score),
+        normalised_score=_finite(decision.normalised_score),
+        threshold=_finite(decision.threshold),
+        regions=[r.as_dict() for r in decision.regions],
+    )
+    return msg
+
+
+def health_message(
+    *,
+    camera: str,
+    timestamp: float,
+    fps: float,
+    frames_in: int,
+    dropped: int,
+    inspected: int,
+    ng: int,
+    errors: int,
+    discarded: int,
+    queue_depth: int,
+    spool: int,
+    connected: bool,
+    finished: bool,
+    last_error: str | None,
+    model_id: str,
+    device: str | None,
+    uptime_s: float,
+) -> dict[str, Any]:
+    """The retained health payload (``edge-agent/health/v1``) of one camera."""
+    return {
+        "schema": HEALTH_SCHEMA,
+        "timestamp": round(timestamp * 1000),
+        "camera": camera,
+        "fps": round(fps, 2),
+        "frames_in": frames_in,
+        "dropped": dropped,
+        "inspected": inspected,
+        "ng": ng,
+        "errors": errors,
+        "discarded": discarded,
+        "queue_depth": queue_depth,
+        "spool": spool,
+        "connected": connected,
+        "finished": finished,
+        "last_error": last_error,
+        "model_id": model_id,
+        "device": device,
+        "uptime_s": round(uptime_s, 1),
+    }
+
+
+def encode_json(obj: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON, numpy values converted."""
+    return json.dumps(obj, separators=(",", ":"), default=_json_default).encode()
+
+
+def mark_delayed(payload: bytes) -> bytes:
+    """The verdict JSON with ``"delayed": true`` (payloads that are not JSON objects as-is):
+    a verdict that waited in the spool says so when it is finally sent."""
+    try:
+        obj = json.loads(payload)
+    except ValueError:
+        return payload
+    if not isinstance(obj, dict):
+        return payload
+    obj["delayed"] = True
+    return encode_json(obj)
+
+
+def parse_part_id(payload: bytes) -> str | None:
+    """A trigger payload: a plain-text part id or JSON ``{"part_id": ...}``; None if unusable."""
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return None
+        value = obj.get("part_id") if isinstance(obj, dict) else None
+        if value is None or isinstance(value, (dict, list)):
+            return None
+        text = str(value).strip()
+    if not text or len(text) > MAX_PART_ID:
+        return None
+    return text
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN/Inf: those become null."""
+    value = float(value)
+    return round(value, 6) if math.isfinite(value) else None
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays, without importing numpy
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
