@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edge_agent.calibrate import thresholds as th
 
+from edge_agent.calibrate import plot
+from edge_agent.calibrate import thresholds as th
+from edge_agent.cli import add_scorer_options
 from edge_agent.errors import UserError
 from edge_agent.images import BadImage, list_images, read_image
 from edge_agent.model.bundle import Bundle, load_bundle, sha256_file, update_thresholds
-from edge_agent.model.scorer import DEVICES, Scorer
-from edge_agent.tools.prefetch import Progress, prefetch_batches
+from edge_agent.model.scorer import Scorer
+from edge_agent.tools.prefetch import score_items
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.01,
         metavar="RATE",
-        help="target rate of good parts rejected (default 0.01)",
+        help="target rate of good parts rejected",
     )
     p.add_argument(
         "--confidence",
         type=float,
         default=0.95,
-        help="confidence of the reported false-reject bound (default 0.95)",
+        help="confidence of the reported false-reject bound",
     )
     p.add_argument(
         "--promise",
@@ -66,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--choose",
         choices=CHOICES,
         default="target",
-        help="which image threshold to write: the false-reject target (default), the best F1 "
+        help="which image threshold to write: the false-reject target, the best F1 "
         "on the defects, or the highest that catches every given defect",
     )
     p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG score histogram")
@@ -85,9 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed of the split")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--dry-run", action="store_true", help="report only; leave the bundle as is")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    add_scorer_options(p, index=False)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -108,9 +108,9 @@ class Samples:
         return len(self.paths)
 
 
-def _read(path: Path, scorer: Scorer) -> np.ndarray | None:
+def _read(path: Path, scorer: Scorer) -> tuple[np.ndarray, None] | None:
     try:
-        return scorer.prepare(read_image(path))
+        return scorer.prepare(read_image(path)), None
     except BadImage as exc:
         log.warning("skipping %s", exc)
         return None
@@ -118,16 +118,14 @@ def _read(path: Path, scorer: Scorer) -> np.ndarray | None:
 
 def score_folder(scorer: Scorer, folder: Path, paths: list[Path], batch_size: int) -> Samples:
     kept: list[Path] = []
-    scores: list[np.ndarray] = []
+    scores: list[float] = []
     maxima: list[float] = []
-    progress = Progress(f"scoring {folder}", len(paths))
-    for pairs in prefetch_batches(paths, lambda p: _read(p, scorer), batch_size):
-        batch_paths = [path for path, _ in pairs]
-        result = scorer.score(np.stack([frame for _, frame in pairs]))
-        kept.extend(batch_paths)
-        scores.append(result.image_scores)
-        maxima.extend(float(scorer.anomaly_map(p).max()) for p in result.patch_scores)
-        progress.update(len(batch_paths))
+    for path, _image, _, score, amap in score_items(
+        scorer, paths, lambda p: _read(p, scorer), batch_size, f"scoring {folder}"
+    ):
+        kept.append(path)
+        scores.append(score)
+        maxima.append(float(amap.max()))
     if not kept:
         raise UserError(f"{folder}: none of the {len(paths)} images could be read")
     skipped = len(paths) - len(kept)
@@ -136,7 +134,7 @@ def score_folder(scorer: Scorer, folder: Path, paths: list[Path], batch_size: in
     return Samples(
         folder,
         kept,
-        np.concatenate(scores).astype(np.float64),
+        np.asarray(scores, dtype=np.float64),
         np.asarray(maxima),
         skipped,
         [_kind(folder, p) for p in kept],
@@ -212,9 +210,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.choose != "target" and args.defects is None:
         raise UserError(f"--choose {args.choose} needs defect samples: add --defects DIR")
     if args.plot is not None:
-        from edge_agent.calibrate.plot import check_path
-
-        check_path(args.plot)
+        plot.check_path(args.plot)
 
 
 # --------------------------------------------------------------------------- calibration
@@ -346,6 +342,16 @@ def label_for(point: th.OperatingPoint, cal: Calibration) -> str:
     if point.name == "target":
         return f"target {100 * cal.false_reject:g}%" + (" (promise)" if cal.promise else "")
     return {"f1": "best F1", "keep-all": "keep all"}[point.name]
+
+
+def markers_for(cal: Calibration) -> list[plot.Marker]:
+    out = []
+    for p in cal.points:
+        text = f"{label_for(p, cal)}: {p.threshold:.4g}"
+        if p is cal.chosen:
+            text += " (chosen)"
+        out.append(plot.Marker(text, p.threshold, plot.LINE_BGR[p.name], bold=p is cal.chosen))
+    return out
 
 
 def notes(cal: Calibration) -> list[str]:
@@ -518,9 +524,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print_report(cal, "dry run" if args.dry_run else "written")
     if args.plot:
-        from edge_agent.calibrate.plot import score_histogram
-
-        score_histogram(cal, args.plot)
+        title = f"image scores, bundle {cal.bundle.path.name} (model {cal.bundle.model_id})"
+        plot.score_histogram(cal.good.scores, cal.defect_scores, markers_for(cal), title, args.plot)
         print(f"plot: {args.plot}")
     if args.dry_run:
         print(f"dry run: {args.bundle} not changed")

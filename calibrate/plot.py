@@ -6,15 +6,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from edge_agent.errors import UserError
-
-if TYPE_CHECKING:
-    from edge_agent.calibrate.command import Calibration
 
 WIDTH, HEIGHT = 1000, 560
 LEFT, RIGHT, TOP, BOTTOM = 80, 30, 50, 70
@@ -189,20 +185,8 @@ def write_png(img: np.ndarray, path: Path) -> None:
         raise UserError(f"--plot {path}: could not write the file")
 
 
-def markers_for(cal: Calibration) -> list[Marker]:
-    from edge_agent.calibrate.command import label_for
-
-    out = []
-    for p in cal.points:
-        text = f"{label_for(p, cal)}: {p.threshold:.4g}"
-        if p is cal.chosen:
-            text += " (chosen)"
-        out.append(Marker(text, p.threshold, LINE_BGR[p.name], bold=p is cal.chosen))
-    return out
-
-
-def score_histogram(cal: Calibration, path: Path) -> None:
-    """Write the calibration's score histogram with its thresholds to `path` (PNG)."""
-    title = f"image scores, bundle {cal.bundle.path.name} (model {cal.bundle.model_id})"
-    img = histogram_image(cal.good.scores, cal.defect_scores, markers_for(cal), title=title)
-    write_png(img, path)
+def score_histogram(
+    good: np.ndarray, defects: np.ndarray, markers: list[Marker], title: str, path: Path
+) -> None:
+    """Write the score histogram with its threshold markers to `path` (PNG)."""
+    write_png(histogram_image(good, defects, markers, title=title), path)

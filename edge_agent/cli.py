@@ -66,6 +66,34 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def add_scorer_options(
+    p: argparse.ArgumentParser, *, batch_size: bool = True, index: bool = True
+) -> None:
+    """The run-time scoring options that evaluate, bench and calibrate share, with their
+    defaults and choices taken from the modules that implement them."""
+    from edge_agent.model.knn import DEFAULT_INDEX, DEFAULT_NPROBE, INDEX_KINDS
+    from edge_agent.model.scorer import DEVICES, MAX_DEFAULT_THREADS
+
+    if batch_size:
+        p.add_argument("--batch-size", type=int, default=8, help="images per inference batch")
+    p.add_argument(
+        "--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else CPU"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help=f"ONNX Runtime threads (default: the machine's cores, at most {MAX_DEFAULT_THREADS})",
+    )
+    if index:
+        p.add_argument("--index", choices=INDEX_KINDS, default=DEFAULT_INDEX, help="kNN index")
+        p.add_argument(
+            "--nprobe",
+            type=int,
+            default=DEFAULT_NPROBE,
+            help="cells an ivf index scans per query",
+        )
+
+
 def _chosen(argv: list[str]) -> str | None:
     """The subcommand named on the command line (top-level options are flags only)."""
     return next((a for a in argv if not a.startswith("-")), None)

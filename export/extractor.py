@@ -21,8 +21,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from edge_agent.export.backbones import IMAGENET_MEAN, IMAGENET_STD, Trunk
 from torch import nn
+
+from edge_agent.export.backbones import IMAGENET_MEAN, IMAGENET_STD, Trunk
 
 PROJECTIONS = ("none", "adaptive", "random", "pca")
 

@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from edge_agent.errors import CheckFailed, UserError
 from edge_agent.export.backbones import BACKBONES, DEFAULT_LAYERS, load_trunk
 from edge_agent.export.coreset import approximate_greedy_coreset
 from edge_agent.export.extractor import PROJECTIONS, PatchFeatureExtractor
 from edge_agent.export.onnx_export import INPUT_NAME, export_onnx, parity
-from tqdm import tqdm
-
-from edge_agent.errors import CheckFailed, UserError
+from edge_agent.fileio import fsync_directory, fsync_tree
 from edge_agent.images import BadImage, decode_image, list_images, resize
 from edge_agent.model import bundle as bundle_format
 from edge_agent.tools.dataset import train_folder
@@ -66,8 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--layers",
         type=lambda s: [x for x in s.split(",") if x],
-        help="comma-separated layers (default: blocks.2,blocks.4 for efficientnet_lite0, "
-        "layer2,layer3 for ResNets)",
+        help="comma-separated layers (default: "
+        + "; ".join(f"{','.join(v)} for {k}" for k, v in DEFAULT_LAYERS.items())
+        + ")",
     )
     p.add_argument(
         "--image-size",
@@ -101,7 +103,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="cpu",
         help="where training features are extracted (ONNX Runtime's CUDA provider for cuda)",
     )
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument(
+        "--threads", type=int, help="CPU threads (default: all cores)"
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -175,9 +179,11 @@ def fit(
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         manifest = _fit_into(data, work, opts, device)
+        fsync_tree(work)
         if out.exists():
             shutil.rmtree(out)
         work.rename(out)
+        fsync_directory(out.parent)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return manifest

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from edge_agent.export.extractor import PatchFeatureExtractor
 
 log = logging.getLogger(__name__)

@@ -14,10 +14,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from edge_agent.errors import UserError
 from edge_agent.export.backbones import BACKBONES, DEFAULT_LAYERS
 from edge_agent.export.fit import FitOptions, fit
-
-from edge_agent.errors import UserError
 from edge_agent.tools.evaluate import evaluate
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from edge_agent.calibrate.command import calibrate, score_folder
 
+from edge_agent.calibrate.command import calibrate, score_folder
 from edge_agent.images import list_images
 from edge_agent.model.bundle import load_bundle
 from edge_agent.model.scorer import Scorer

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from edge_agent.export.backbones import load_trunk
 from edge_agent.export.coreset import (
     approximate_greedy_coreset,
@@ -29,7 +30,6 @@ from edge_agent.export.coreset import (
 from edge_agent.export.extractor import PatchFeatureExtractor
 from edge_agent.export.fit import CORESET_PROJ_DIM, FeatureStream, coreset_space
 from edge_agent.export.onnx_export import export_onnx
-
 from edge_agent.images import list_images, read_image, resize
 from edge_agent.tools.dataset import train_folder
 

@@ -18,6 +18,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
+DEFAULT_INDEX = "flat"
+DEFAULT_NPROBE = 8
 
 
 def gpu_count() -> int:
@@ -32,11 +34,11 @@ class MemoryBankIndex:
         self,
         bank: np.ndarray,
         *,
-        kind: str = "flat",
+        kind: str = DEFAULT_INDEX,
         device: str = "auto",
         hnsw_m: int = 32,
         hnsw_ef_search: int = 64,
-        ivf_nprobe: int = 8,
+        ivf_nprobe: int = DEFAULT_NPROBE,
     ) -> None:
         if kind not in INDEX_KINDS:
             raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")

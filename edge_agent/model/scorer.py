@@ -16,17 +16,24 @@ import onnxruntime as ort
 from edge_agent.images import resize, to_bgr
 from edge_agent.model import scoring
 from edge_agent.model.bundle import Bundle
-from edge_agent.model.knn import MemoryBankIndex
+from edge_agent.model.knn import DEFAULT_INDEX, DEFAULT_NPROBE, MemoryBankIndex
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
+MAX_DEFAULT_THREADS = 8
 
 
 @dataclass(frozen=True)
 class BatchScores:
     image_scores: np.ndarray  # [B] float32
     patch_scores: np.ndarray  # [B, h, w] float32
+
+
+def default_threads() -> int:
+    """ONNX Runtime's intra-op threads when none are asked for: every core, at most
+    MAX_DEFAULT_THREADS (a big server need not give one agent all of its cores)."""
+    return min(os.cpu_count() or 1, MAX_DEFAULT_THREADS)
 
 
 def _providers(device: str) -> list[str]:
@@ -45,9 +52,9 @@ class Scorer:
         *,
         device: str = "auto",
         threads: int | None = None,
-        index: str = "flat",
+        index: str = DEFAULT_INDEX,
         hnsw_ef_search: int = 64,
-        ivf_nprobe: int = 8,
+        ivf_nprobe: int = DEFAULT_NPROBE,
         scoring_overrides: dict[str, Any] | None = None,
     ) -> None:
         if device not in DEVICES:
@@ -55,7 +62,7 @@ class Scorer:
         self.bundle = bundle
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
+        opts.intra_op_num_threads = threads or default_threads()
         self.session = ort.InferenceSession(
             str(bundle.model_path), opts, providers=_providers(device)
         )

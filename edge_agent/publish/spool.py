@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.errors import UserError
+from edge_agent.fileio import atomic_write, fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -389,19 +390,7 @@ class Spool:
             text = f"{head.segment} {head.offset}\n"
         else:
             text = f"{self._write_segment} {self._write_offset}\n"
-        tmp = self.directory / "head.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, text.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.directory / "head")
-        self._fsync_directory()
+        atomic_write(self.directory / "head", text.encode(), mode=0o600)
 
     def _fsync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(self.directory)

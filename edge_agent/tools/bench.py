@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.cli import add_scorer_options
 from edge_agent.errors import UserError
 from edge_agent.images import decode_image, list_images
 from edge_agent.model import scoring
 from edge_agent.model.bundle import load_bundle
-from edge_agent.model.knn import INDEX_KINDS
-from edge_agent.model.scorer import DEVICES, Scorer
+from edge_agent.model.scorer import Scorer
 
 STAGES = ("decode", "prepare", "onnx", "knn", "score", "map", "regions")
 
@@ -34,10 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32], help="batch sizes")
     p.add_argument("--limit", type=int, help="use at most this many images")
     p.add_argument("--warmup", type=int, default=2, help="batches run before timing")
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
-    p.add_argument("--index", choices=INDEX_KINDS, default="flat", help="kNN index")
-    p.add_argument("--nprobe", type=int, default=8, help="cells an ivf index scans per query")
+    add_scorer_options(p, batch_size=False)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 

@@ -14,14 +14,14 @@ from typing import Any
 import cv2
 import numpy as np
 
+from edge_agent.cli import add_scorer_options
 from edge_agent.errors import UserError
 from edge_agent.images import BadImage, read_image
 from edge_agent.model.bundle import load_bundle
-from edge_agent.model.knn import INDEX_KINDS
-from edge_agent.model.scorer import DEVICES, Scorer
+from edge_agent.model.scorer import Scorer
 from edge_agent.tools import accuracy
 from edge_agent.tools.dataset import GOOD, TestSample, test_samples
-from edge_agent.tools.prefetch import Progress, prefetch_batches
+from edge_agent.tools.prefetch import score_items
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--report", type=Path, metavar="DIR", help="write overlays of the worst cases")
     p.add_argument("--worst", type=int, default=8, help="cases per kind in --report")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
-    p.add_argument("--index", choices=INDEX_KINDS, default="flat", help="kNN index")
-    p.add_argument("--nprobe", type=int, default=8, help="cells an ivf index scans per query")
+    add_scorer_options(p)
 
 
 @dataclass
@@ -68,23 +64,23 @@ def score_dataset(scorer: Scorer, samples: list[TestSample], batch_size: int) ->
     kept: list[TestSample] = []
     images: list[np.ndarray] = []
     masks: list[np.ndarray] = []
-    scores: list[np.ndarray] = []
+    scores: list[float] = []
     maps: list[np.ndarray] = []
-    progress = Progress("evaluating", len(samples))
     started = time.perf_counter()
-    for pairs in prefetch_batches(samples, lambda s: _load(s, scorer), batch_size):
-        batch = [image for _, (image, _) in pairs]
-        result = scorer.score(np.stack(batch))
-        scores.append(result.image_scores)
-        maps.extend(scorer.anomaly_map(p) for p in result.patch_scores)
-        kept.extend(sample for sample, _ in pairs)
-        images.extend(batch)
-        masks.extend(mask for _, (_, mask) in pairs)
-        progress.update(len(pairs))
+    for sample, image, mask, score, amap in score_items(
+        scorer, samples, lambda s: _load(s, scorer), batch_size, "evaluating"
+    ):
+        kept.append(sample)
+        images.append(image)
+        masks.append(mask)
+        scores.append(score)
+        maps.append(amap)
     seconds = time.perf_counter() - started
     if not kept:
         raise UserError("no readable test images")
-    return Scored(kept, images, np.concatenate(scores), np.stack(maps), np.stack(masks), seconds)
+    return Scored(
+        kept, images, np.asarray(scores, np.float32), np.stack(maps), np.stack(masks), seconds
+    )
 
 
 def _metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray):

@@ -1,15 +1,21 @@
-"""Offline scoring loops (evaluate, calibrate): decode ahead in a helper thread and show
-progress, so a CPU core is not idle while images are read."""
+"""The offline scoring loop shared by evaluate and calibrate: decode ahead in a helper thread
+(so a CPU core is not idle while images are read), score in batches, show progress."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from edge_agent.model.scorer import Scorer
 
 T = TypeVar("T")
 R = TypeVar("R")
+X = TypeVar("X")
 
 
 def prefetch_batches(
@@ -29,6 +35,28 @@ def prefetch_batches(
                 batch = []
     if batch:
         yield batch
+
+
+def score_items(
+    scorer: Scorer,
+    items: Sequence[T],
+    load: Callable[[T], tuple[np.ndarray, X] | None],
+    batch_size: int,
+    label: str,
+) -> Iterator[tuple[T, np.ndarray, X, float, np.ndarray]]:
+    """(item, prepared image, extra, image score, anomaly map) for every item that loads.
+
+    `load(item)` returns the image prepared for the scorer (Scorer.prepare) and anything else
+    the caller wants read ahead with it (a ground-truth mask), or None to skip the item.
+    """
+    progress = Progress(label, len(items))
+    for pairs in prefetch_batches(items, load, batch_size):
+        result = scorer.score(np.stack([image for _, (image, _) in pairs]))
+        for (item, (image, extra)), score, patches in zip(
+            pairs, result.image_scores, result.patch_scores, strict=True
+        ):
+            yield item, image, extra, float(score), scorer.anomaly_map(patches)
+        progress.update(len(pairs))
 
 
 class Progress:
