@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,11 +22,19 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from edge_agent.errors import UserError
 from edge_agent.images import list_images, read_image
 from edge_agent.model.bundle import load_bundle, update_thresholds
 from edge_agent.model.scorer import Scorer
-from edge_agent.ops.metrics import AgentMetrics, MetricsServer, Registry, parse_text
+from edge_agent.ops.metrics import (
+    STAGE_PER,
+    AgentMetrics,
+    CameraSnapshot,
+    MetricsServer,
+    Snapshot,
+)
 from edge_agent.ops.sdnotify import Notifier
 from tests.brokers import Broker, Subscriber, free_port
 
@@ -111,6 +120,44 @@ def _start(config: Path, *args: str, env: dict[str, str] | None = None) -> subpr
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """One GET /metrics: the raw text and its samples, parsed by prometheus_client."""
+
+    text: str
+    content_type: str
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+    def __call__(self, name: str, **labels: str) -> float:
+        return self.samples[(name, frozenset(labels.items()))]
+
+    def has(self, name: str, **labels: str) -> bool:
+        return (name, frozenset(labels.items())) in self.samples
+
+    def labels_of(self, name: str) -> list[dict[str, str]]:
+        return [dict(labels) for n, labels in self.samples if n == name]
+
+    def type_of(self, name: str) -> str | None:
+        """The type on the `# TYPE name ...` line, the name as exposed (with `_total`)."""
+        for line in self.text.splitlines():
+            if line.startswith(f"# TYPE {name} "):
+                return line.split()[-1]
+        return None
+
+
+def _scrape(host: str, port: int) -> Scrape:
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
+        content_type = resp.headers["Content-Type"]
+        text = resp.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, frozenset(sample.labels.items()))
+            assert key not in samples, f"duplicate sample {key}"
+            samples[key] = sample.value
+    return Scrape(text, content_type, samples)
 
 
 def _finish(proc: subprocess.Popen, timeout_s: float = 60.0) -> tuple[int, str]:
@@ -319,8 +366,7 @@ def test_sigterm_drains_notifies_systemd_serves_metrics_and_honours_triggers(
         sub.client.publish(trigger, json.dumps({"part_id": "P-3"}), qos=1).wait_for_publish(5)
         _wait(lambda: len(_verdicts(sub, "station")) >= 3, 20, proc)
 
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
-        metrics = parse_text(text.read().decode())
+        metrics = _scrape("127.0.0.1", metrics_port)
         _wait(lambda: any(f.startswith("WATCHDOG=1") for f in notify.fields()), 10, proc)
         # A STATUS message of its own (READY=1 carries one too).
         _wait(lambda: any(m.startswith("STATUS=inspected") for m in notify.messages), 10, proc)
@@ -336,15 +382,25 @@ def test_sigterm_drains_notifies_systemd_serves_metrics_and_honours_triggers(
     assert fields.count("WATCHDOG=1") >= 2  # every 0.2 s while the loop runs
 
     # Metrics, scraped mid-run: per-camera counters and per-stage latency histograms.
-    assert metrics['edge_agent_frames_inspected_total{camera="line"}'] >= 12
-    assert metrics['edge_agent_frames_in_total{camera="line"}'] >= 12
-    assert metrics['edge_agent_frames_dropped_total{camera="line"}'] == 0
-    assert metrics['edge_agent_trigger_discarded_total{camera="station"}'] > 0
-    for stage in ("wait", "preprocess", "infer", "onnx", "knn", "decide", "publish"):
-        assert metrics[f'edge_agent_stage_seconds_count{{stage="{stage}"}}'] > 0
-    assert metrics['edge_agent_stage_seconds_bucket{stage="infer",le="+Inf"}'] > 0
-    assert "edge_agent_queue_depth" in metrics and "edge_agent_spool_messages" in metrics
-    assert 'edge_agent_ng_total{camera="line"}' in metrics
+    assert metrics("edge_agent_frames_inspected_total", camera="line") >= 12
+    assert metrics("edge_agent_frames_in_total", camera="line") >= 12
+    assert metrics("edge_agent_frames_dropped_total", camera="line") == 0
+    assert metrics("edge_agent_trigger_discarded_total", camera="station") > 0
+    for stage, per in STAGE_PER.items():
+        assert metrics("edge_agent_stage_seconds_count", per=per, stage=stage) > 0
+    assert metrics("edge_agent_stage_seconds_bucket", per="batch", stage="infer", le="+Inf") > 0
+    assert metrics.has("edge_agent_queue_depth") and metrics.has("edge_agent_spool_messages")
+    assert metrics.has("edge_agent_ng_total", camera="line")
+    # The agent's own collector: mirrored capture counts are counters, levels are gauges.
+    for name in ("frames_in", "frames_dropped", "camera_reconnects", "spool_dropped"):
+        assert metrics.type_of(f"edge_agent_{name}_total") == "counter", name
+    for name in ("queue_depth", "spool_messages", "camera_connected", "uptime_seconds"):
+        assert metrics.type_of(f"edge_agent_{name}") == "gauge", name
+    assert metrics.has("edge_agent_camera_reconnects_total", camera="station")
+    assert metrics.has("edge_agent_spool_dropped_total")
+    assert metrics("edge_agent_uptime_seconds") > 0
+    (info,) = metrics.labels_of("edge_agent_model_info")
+    assert info["device"].startswith("onnx:cpu") and info["model_id"]
 
     # Every queued frame was answered before exit; sequences have no gap.
     sub.wait_for(lambda m: any(x.payload == b"offline" for x in m), 5)
@@ -530,57 +586,176 @@ def test_notifier_path_socket_and_no_op_cases(tmp_path: Path) -> None:
     assert not Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")}).ready()
 
 
-def test_metrics_registry_text_format_and_http() -> None:
+def _snapshot(frames_in: int = 5, *, archive: bool = True) -> Snapshot:
+    return Snapshot(
+        cameras={
+            "cam1": CameraSnapshot(frames_in=frames_in, dropped=1, reconnects=2, connected=True),
+            "cam2": CameraSnapshot(frames_in=0, dropped=0, reconnects=0, connected=False),
+        },
+        queue_depth=3,
+        spool_messages=4,
+        spool_dropped=7,
+        uptime_s=12.5,
+        archive_saved=6 if archive else None,
+        archive_errors=2 if archive else None,
+        model=("abc123", "onnx:cpu faiss:cpu/flat"),
+    )
+
+
+def test_metrics_endpoint_text_format_types_and_http() -> None:
     m = AgentMetrics()
-    m.frames_inspected.inc("cam1")
-    m.frames_inspected.inc("cam1")
-    m.frames_inspected.inc('we"ird')
+    m.frames_inspected.labels("cam1").inc()
+    m.frames_inspected.labels("cam1").inc()
+    m.frames_inspected.labels('we"ird').inc()
     for value in (0.0004, 0.003, 0.003, 20.0):
-        m.stage_seconds.observe("infer", value=value)
-    m.queue_depth.set(value=3)
-    calls = []
-    m.registry.add_collector(lambda: calls.append(1))
+        m.observe_stage("infer", value)
+    m.observe_stage("wait", 0.002)
+    with pytest.raises(ValueError, match="unknown stage"):
+        m.observe_stage("warp", 0.1)
+    m.reloads.labels("ok").inc()
+    snapshots = [_snapshot(5), _snapshot(9)]
+    calls: list[int] = []
+
+    def source() -> Snapshot:
+        calls.append(1)
+        return snapshots[len(calls) - 1]
+
+    m.watch(source)
+    with pytest.raises(ValueError):
+        m.watch(source)  # the same names twice would expose duplicate series
     server = MetricsServer(m.registry, "127.0.0.1", 0)
     server.start()
     try:
         host, port = server.address
-        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
-            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-            text = resp.read().decode()
-        with pytest.raises(urllib.error.HTTPError):
-            urllib.request.urlopen(f"http://{host}:{port}/other", timeout=5)
+        assert port != 0
+        first = _scrape(host, port)
+        second = _scrape(host, port)
+        # The port is taken: a clear one-line error, not a traceback.
+        with pytest.raises(UserError, match=rf"^metrics.port: cannot listen on {host}:{port} \("):
+            MetricsServer(m.registry, host, port).start()
     finally:
         server.stop()
-    assert calls == [1]
-    values = parse_text(text)
-    assert values['edge_agent_frames_inspected_total{camera="cam1"}'] == 2
-    assert values['edge_agent_frames_inspected_total{camera="we\\"ird"}'] == 1
-    assert values['edge_agent_stage_seconds_bucket{stage="infer",le="0.0005"}'] == 1
-    assert values['edge_agent_stage_seconds_bucket{stage="infer",le="0.005"}'] == 3
-    assert values['edge_agent_stage_seconds_bucket{stage="infer",le="10"}'] == 3
-    assert values['edge_agent_stage_seconds_bucket{stage="infer",le="+Inf"}'] == 4
-    assert values['edge_agent_stage_seconds_count{stage="infer"}'] == 4
-    assert values['edge_agent_stage_seconds_sum{stage="infer"}'] == pytest.approx(20.0064)
-    assert values["edge_agent_queue_depth"] == 3
-    assert "# TYPE edge_agent_stage_seconds histogram" in text
-    assert "# TYPE edge_agent_frames_in_total counter" in text
+    with pytest.raises(urllib.error.URLError):
+        _scrape(host, port)  # stop() closed the socket
+    assert calls == [1, 1]  # read once per scrape, never at registration
+    assert first.content_type.startswith("text/plain; version=0.0.4")
+
+    v = first
+    assert v("edge_agent_frames_inspected_total", camera="cam1") == 2
+    assert v("edge_agent_frames_inspected_total", camera='we"ird') == 1
+    infer = {"per": "batch", "stage": "infer"}
+    assert v("edge_agent_stage_seconds_bucket", **infer, le="0.0005") == 1
+    assert v("edge_agent_stage_seconds_bucket", **infer, le="0.005") == 3
+    assert v("edge_agent_stage_seconds_bucket", **infer, le="10.0") == 3
+    assert v("edge_agent_stage_seconds_bucket", **infer, le="+Inf") == 4
+    assert v("edge_agent_stage_seconds_count", **infer) == 4
+    assert v("edge_agent_stage_seconds_sum", **infer) == pytest.approx(20.0064)
+    assert v("edge_agent_stage_seconds_count", per="frame", stage="wait") == 1
+    # Every stage is there from the start, and only with its own `per`.
+    counted = {(s["per"], s["stage"]) for s in v.labels_of("edge_agent_stage_seconds_count")}
+    assert counted == {(per, stage) for stage, per in STAGE_PER.items()}
+    assert v("edge_agent_stage_seconds_count", per="batch", stage="knn") == 0
+    assert {s["le"] for s in v.labels_of("edge_agent_batch_size_bucket")} == {
+        "1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "+Inf",
+    }  # fmt: skip
+    assert v("edge_agent_reloads_total", result="ok") == 1
+
+    # Mirrored from the snapshot, at scrape time.
+    assert v("edge_agent_frames_in_total", camera="cam1") == 5
+    assert second("edge_agent_frames_in_total", camera="cam1") == 9
+    assert v("edge_agent_frames_dropped_total", camera="cam1") == 1
+    assert v("edge_agent_camera_reconnects_total", camera="cam1") == 2
+    assert v("edge_agent_camera_connected", camera="cam1") == 1
+    assert v("edge_agent_camera_connected", camera="cam2") == 0
+    assert v("edge_agent_queue_depth") == 3
+    assert v("edge_agent_spool_messages") == 4
+    assert v("edge_agent_spool_dropped_total") == 7
+    assert not v.has("edge_agent_spool_dropped")  # it only grows: a counter, named so
+    assert v("edge_agent_archive_saved_total") == 6
+    assert v("edge_agent_archive_errors_total") == 2
+    assert v("edge_agent_uptime_seconds") == 12.5
+    assert v.labels_of("edge_agent_model_info") == [
+        {"model_id": "abc123", "device": "onnx:cpu faiss:cpu/flat"}
+    ]
+    assert v("edge_agent_model_info", model_id="abc123", device="onnx:cpu faiss:cpu/flat") == 1
+
+    types = {
+        "edge_agent_frames_in_total": "counter",
+        "edge_agent_frames_dropped_total": "counter",
+        "edge_agent_frames_inspected_total": "counter",
+        "edge_agent_ng_total": "counter",
+        "edge_agent_bad_frames_total": "counter",
+        "edge_agent_trigger_discarded_total": "counter",
+        "edge_agent_camera_reconnects_total": "counter",
+        "edge_agent_camera_connected": "gauge",
+        "edge_agent_stage_seconds": "histogram",
+        "edge_agent_latency_seconds": "histogram",
+        "edge_agent_batch_size": "histogram",
+        "edge_agent_queue_depth": "gauge",
+        "edge_agent_spool_messages": "gauge",
+        "edge_agent_spool_dropped_total": "counter",
+        "edge_agent_archive_saved_total": "counter",
+        "edge_agent_archive_errors_total": "counter",
+        "edge_agent_reloads_total": "counter",
+        "edge_agent_model_info": "gauge",
+        "edge_agent_uptime_seconds": "gauge",
+    }
+    for name, kind in types.items():
+        assert v.type_of(name) == kind, name
+
+
+def test_metrics_endpoint_survives_a_failing_collector() -> None:
+    m = AgentMetrics()
+    m.ng.labels("cam1").inc()
+
+    def broken() -> Snapshot:
+        raise RuntimeError("stats went away")
+
+    m.watch(broken)
+    server = MetricsServer(m.registry, "127.0.0.1", 0)
+    server.start()
+    try:
+        v = _scrape(*server.address)
+    finally:
+        server.stop()
+    assert v("edge_agent_ng_total", camera="cam1") == 1
+    assert not v.has("edge_agent_queue_depth")
+
+
+def test_metrics_without_archive_expose_no_archive_samples() -> None:
+    m = AgentMetrics()
+    m.watch(lambda: _snapshot(archive=False))
+    server = MetricsServer(m.registry, "127.0.0.1", 0)
+    server.start()
+    try:
+        v = _scrape(*server.address)
+    finally:
+        server.stop()
+    assert not v.has("edge_agent_archive_saved_total")
+    assert not v.has("edge_agent_archive_errors_total")
+    assert v("edge_agent_queue_depth") == 3
 
 
 def test_metrics_are_thread_safe() -> None:
-    r = Registry()
-    c = r.counter("c_total", "test", ("k",))
-    h = r.histogram("h_seconds", "test")
+    m = AgentMetrics()
+    server = MetricsServer(m.registry, "127.0.0.1", 0)
+    server.start()
 
     def work() -> None:
         for _ in range(2000):
-            c.inc("x")
-            h.observe(value=0.01)
+            m.frames_inspected.labels("x").inc()
+            m.observe_stage("decide", 0.01)
 
     threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for _ in range(20):
-        r.render()  # scrapes while counting
-    for t in threads:
-        t.join()
-    assert c.value("x") == 8000 and h.count() == 8000
+    try:
+        for t in threads:
+            t.start()
+        for _ in range(20):
+            _scrape(*server.address)  # scrapes while counting
+        for t in threads:
+            t.join()
+        v = _scrape(*server.address)
+    finally:
+        server.stop()
+    assert v("edge_agent_frames_inspected_total", camera="x") == 8000
+    assert v("edge_agent_stage_seconds_count", per="frame", stage="decide") == 8000

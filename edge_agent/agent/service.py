@@ -43,7 +43,7 @@ from edge_agent.errors import UserError
 from edge_agent.images import BadImage, to_bgr
 from edge_agent.model.bundle import Bundle, load_bundle
 from edge_agent.model.scorer import Scorer
-from edge_agent.ops.metrics import AgentMetrics, MetricsServer
+from edge_agent.ops.metrics import AgentMetrics, CameraSnapshot, MetricsServer, Snapshot
 from edge_agent.ops.sdnotify import Notifier
 from edge_agent.publish.contract import health_message, verdict_message
 from edge_agent.publish.publisher import Publisher
@@ -195,7 +195,7 @@ class Agent:
             server.start()
             self.metrics_server = server
             cleanup.append(server.stop)
-        self.metrics.registry.add_collector(self._collect)
+        self.metrics.watch(self._collect)
         if self.archive is not None:
             self.archive.start()
             cleanup.append(self.archive.close)
@@ -309,7 +309,7 @@ class Agent:
     def _install_signal_handlers(self) -> dict[int, Any]:
         previous: dict[int, Any] = {}
         if threading.current_thread() is not threading.main_thread():
-            return previous  # embedded use (tests, demo thread): the caller stops us
+            return previous  # run in a thread (tests): the caller stops us with request_stop()
         for sig, handler in (
             (signal.SIGTERM, self._on_stop_signal),
             (signal.SIGINT, self._on_stop_signal),
@@ -367,18 +367,18 @@ class Agent:
         now = time.time()
         items: list[_Item] = []
         for frame in frames:
-            m.stage_seconds.observe("wait", value=max(0.0, now - frame.captured_at))
+            m.observe_stage("wait", max(0.0, now - frame.captured_at))
             part_id = None
             if frame.camera in self.trigger_mode:
                 inspect, part_id = self._take_trigger(frame)
                 if not inspect:
                     self.counts[frame.camera].discarded += 1
-                    m.trigger_discarded.inc(frame.camera)
+                    m.trigger_discarded.labels(frame.camera).inc()
                     continue
             items.append(_Item(frame, part_id))
         if not items:
             return
-        m.batch_size.observe(value=len(items))
+        m.batch_size.observe(len(items))
 
         t0 = time.perf_counter()
         for item in items:
@@ -391,7 +391,7 @@ class Agent:
         good = [item for item in items if item.error is None]
         prep_s = time.perf_counter() - t0
         for _ in items:
-            m.stage_seconds.observe("preprocess", value=prep_s / len(items))
+            m.observe_stage("preprocess", prep_s / len(items))
 
         scores = None
         failure: Exception | None = None
@@ -408,10 +408,10 @@ class Agent:
                     item.error = f"inference failed: {type(exc).__name__}"
             else:
                 self._failed_batches = 0
-                m.stage_seconds.observe("infer", value=time.perf_counter() - t1)
+                m.observe_stage("infer", time.perf_counter() - t1)
                 # Its two costly parts, per batch: where a slow box spends its time.
-                m.stage_seconds.observe("onnx", value=stage_s["onnx"])
-                m.stage_seconds.observe("knn", value=stage_s["knn"])
+                m.observe_stage("onnx", stage_s["onnx"])
+                m.observe_stage("knn", stage_s["knn"])
 
         answered = iter(range(len(good)))
         for item in items:
@@ -456,14 +456,14 @@ class Agent:
                 vmax=scale["high"],
                 pixel_threshold=t.pixel,
             )
-        m.stage_seconds.observe("decide", value=time.perf_counter() - t0)
-        m.latency_seconds.observe(value=max(0.0, decided_at - frame.captured_at))
+        m.observe_stage("decide", time.perf_counter() - t0)
+        m.latency_seconds.observe(max(0.0, decided_at - frame.captured_at))
         counts = self.counts[frame.camera]
         counts.inspected += 1
-        m.frames_inspected.inc(frame.camera)
+        m.frames_inspected.labels(frame.camera).inc()
         if decision.is_ng:
             counts.ng += 1
-            m.ng.inc(frame.camera)
+            m.ng.labels(frame.camera).inc()
         self._publish(frame.camera, msg, counts)
 
     def _answer_error(self, item: _Item) -> None:
@@ -482,13 +482,13 @@ class Agent:
         )
         counts = self.counts[frame.camera]
         counts.errors += 1
-        self.metrics.bad_frames.inc(frame.camera)
+        self.metrics.bad_frames.labels(frame.camera).inc()
         self._publish(frame.camera, msg, counts)
 
     def _publish(self, camera: str, msg: dict[str, Any], counts: CameraCounts) -> None:
         t0 = time.perf_counter()
         self.publisher.publish_verdict(camera, msg)
-        self.metrics.stage_seconds.observe("publish", value=time.perf_counter() - t0)
+        self.metrics.observe_stage("publish", time.perf_counter() - t0)
         counts.window.append(time.monotonic())
 
     # -- reload -----------------------------------------------------------------------------
@@ -532,7 +532,7 @@ class Agent:
             return
         old = self.bundle.model_id
         if isinstance(result, Exception):
-            self.metrics.reloads.inc("rejected")
+            self.metrics.reloads.labels("rejected").inc()
             log.error("reload rejected, model %s keeps running: %s", old, result)
         else:
             self.bundle, self.thresholds, self.scorer = (
@@ -540,7 +540,7 @@ class Agent:
                 result.thresholds,
                 result.scorer,
             )
-            self.metrics.reloads.inc("ok")
+            self.metrics.reloads.labels("ok").inc()
             log.info(
                 "reloaded in %.1f s: model %s (was %s) on %s, thresholds image %g pixel %g",
                 result.seconds,
@@ -603,28 +603,30 @@ class Agent:
                 ),
             )
 
-    def _collect(self) -> None:
-        """Scrape time: mirror values owned by other threads into the metrics."""
-        m = self.metrics
+    def _collect(self) -> Snapshot:
+        """Scrape time: read the values other threads own, for the metrics collector."""
+        cameras: dict[str, CameraSnapshot] = {}
         for capture in self.captures:
-            cam, stats = capture.settings.id, capture.stats
-            m.frames_in.set(cam, value=stats["frames_in"])
-            m.frames_dropped.set(cam, value=stats["dropped"])
-            m.reconnects.set(cam, value=stats["reconnect_attempts"])
-            m.camera_connected.set(cam, value=1 if stats["connected"] else 0)
-        m.queue_depth.set(value=self.queue.depth())
+            stats = capture.stats
+            cameras[capture.settings.id] = CameraSnapshot(
+                frames_in=stats["frames_in"],
+                dropped=stats["dropped"],
+                reconnects=stats["reconnect_attempts"],
+                connected=stats["connected"],
+            )
         ps = self.publisher.stats
-        m.spool_messages.set(value=ps["spooled"])
-        m.spool_dropped.set(value=ps["dropped"])
-        if self.archive is not None:
-            a = self.archive.stats
-            m.archive_saved.set(value=a["saved"])
-            m.archive_errors.set(value=a["errors"] + a["skipped"])
-        m.uptime.set(value=round(time.monotonic() - self._started_at, 1))
+        a = self.archive.stats if self.archive is not None else None
         scorer = self.scorer
-        if scorer is not None:
-            m.model_info.clear()  # a reload changes the labels
-            m.model_info.set(self.bundle.model_id, scorer.device, value=1)
+        return Snapshot(
+            cameras=cameras,
+            queue_depth=self.queue.depth(),
+            spool_messages=ps["spooled"],
+            spool_dropped=ps["dropped"],
+            uptime_s=round(time.monotonic() - self._started_at, 1),
+            archive_saved=a["saved"] if a is not None else None,
+            archive_errors=a["errors"] + a["skipped"] if a is not None else None,
+            model=(self.bundle.model_id, scorer.device) if scorer is not None else None,
+        )
 
 
 def _is_endless(capture: CameraCapture) -> bool:
