@@ -3,21 +3,38 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
+from edge_agent import cli
 from edge_agent.agent import config as cfg
 from edge_agent.agent.config import load_checked_bundle, load_config
 from edge_agent.capture.cameras import CameraSettings
+from edge_agent.decide.archive import ArchiveSettings
 from edge_agent.errors import UserError
 from edge_agent.model.bundle import update_thresholds
-from edge_agent.publish.publisher import MqttSettings
+from edge_agent.model.knn import INDEX_KINDS
+from edge_agent.model.scorer import DEVICES
+from edge_agent.publish.publisher import MAX_INFLIGHT_WINDOW, MqttSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config.example.yaml"
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "thresholds": cfg.ThresholdOverrides,
+    "batching": cfg.Batching,
+    "mqtt": cfg.MqttModel,
+    "archive": cfg.ArchiveModel,
+    "metrics": cfg.MetricsSettings,
+}
 
 MINIMAL = """\
 bundle: bundle
@@ -50,7 +67,7 @@ def test_minimal_config_gets_defaults_and_resolves_relative_paths(tmp_path: Path
     assert c.cameras[0].overflow == "auto" and c.cameras[0].mode == "continuous"
     assert c.device == "auto" and c.index == "flat" and c.threads is None
     assert c.batching == cfg.Batching()
-    assert c.thresholds == cfg.ThresholdOverrides(None, None)
+    assert c.thresholds == cfg.ThresholdOverrides(image=None, pixel=None)
     assert c.archive is None
     assert c.metrics.port == 9108 and c.metrics.host == "127.0.0.1"
     assert c.mqtt.port == 1883 and c.mqtt.spool_dir == Path("/var/lib/edge-agent/spool")
@@ -132,9 +149,22 @@ def test_mistakes_name_the_key(tmp_path: Path, text: str, expected: str) -> None
     assert expected in _error(_write(tmp_path, text))
 
 
-def test_a_mistyped_password_is_not_echoed(tmp_path: Path) -> None:
-    error = _error(_write(tmp_path, MINIMAL + "mqtt:\n  password: 918273645\n"))
-    assert "918273645" not in error and "mqtt.password" in error
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("mqtt:\n  password: 918273645\n", "mqtt.password"),
+        ("mqtt:\n  password: [918273645]\n", "mqtt.password"),
+        ("mqtt:\n  - password: 918273645\n", "mqtt"),  # a section written as a list
+    ],
+)
+def test_a_mistyped_password_is_not_echoed(tmp_path: Path, text: str, key: str) -> None:
+    path = _write(tmp_path, MINIMAL + text)
+    error = _error(path)
+    assert "918273645" not in error and error.startswith(f"{key}: ")
+    with pytest.raises(UserError) as info:
+        load_config(path)
+    # Nor anywhere in what a traceback of it would print: pydantic's error holds the input.
+    assert info.value.__context__ is None and info.value.__cause__ is None
 
 
 def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:
@@ -172,36 +202,56 @@ def test_password_file_tls_files_and_publisher_rules(tmp_path: Path) -> None:
 
 def test_schema_covers_the_settings_dataclasses() -> None:
     """A field added to CameraSettings or MqttSettings must be configurable (and vice versa)."""
-    assert set(cfg.CAMERA) == {f.name for f in dataclasses.fields(CameraSettings)}
+    assert set(cfg.CameraModel.model_fields) == {f.name for f in dataclasses.fields(CameraSettings)}
     config_only = {"password_file", "health_interval_s"}
-    assert set(cfg.MQTT) - config_only == {f.name for f in dataclasses.fields(MqttSettings)}
+    mqtt_keys = set(cfg.MqttModel.model_fields) - config_only
+    assert mqtt_keys == {f.name for f in dataclasses.fields(MqttSettings)}
+    archive_keys = set(cfg.ArchiveModel.model_fields)
+    assert archive_keys == {f.name for f in dataclasses.fields(ArchiveSettings)}
+    # ... and its defaults are the dataclasses' own (client_id None: derived from the line).
+    for model, settings in (
+        (cfg.CameraModel, CameraSettings),
+        (cfg.MqttModel, MqttSettings),
+        (cfg.ArchiveModel, ArchiveSettings),
+    ):
+        for f in dataclasses.fields(settings):
+            if f.default is dataclasses.MISSING or (settings, f.name) == (
+                MqttSettings,
+                "client_id",
+            ):
+                continue
+            assert model.model_fields[f.name].default == f.default, f"{settings.__name__}.{f.name}"
+
+
+def test_choices_and_limits_are_the_implementing_modules_own(tmp_path: Path) -> None:
+    accepted = _accepted_choices()
+    assert accepted["index"] == set(INDEX_KINDS) and accepted["device"] == set(DEVICES)
+    window = f"{MINIMAL}mqtt:\n  inflight_window: {MAX_INFLIGHT_WINDOW}\n"
+    assert load_config(_write(tmp_path, window)).mqtt.inflight_window == MAX_INFLIGHT_WINDOW
+    too_many = window.replace(f": {MAX_INFLIGHT_WINDOW}", f": {MAX_INFLIGHT_WINDOW + 1}")
+    message = _error(_write(tmp_path, too_many))
+    assert message.startswith(f"mqtt.inflight_window: must be at most {MAX_INFLIGHT_WINDOW},")
 
 
 def test_example_documents_every_key_and_loads(tmp_path: Path, small_bundle: Path) -> None:
     raw = yaml.safe_load(EXAMPLE.read_text())
-    assert set(raw) == set(cfg.TOP) | set(cfg.SECTIONS)
-    for name, schema in (
-        ("thresholds", cfg.THRESHOLDS),
-        ("batching", cfg.BATCHING),
-        ("mqtt", cfg.MQTT),
-        ("archive", cfg.ARCHIVE),
-        ("metrics", cfg.METRICS),
-    ):
-        assert set(raw[name]) == set(schema), name
-    assert set(raw["cameras"][0]) == set(cfg.CAMERA)
+    assert set(raw) == set(cfg.ConfigModel.model_fields)
+    for name, model in SECTIONS.items():
+        assert set(raw[name]) == set(model.model_fields), name
+    assert set(raw["cameras"][0]) == set(cfg.CameraModel.model_fields)
     # Every documented value is the real default (apart from the required keys and the
     # paths the example points at /var/lib/edge-agent).
-    defaults = {k: f.default for k, f in cfg.MQTT.items()}
-    for key, value in raw["mqtt"].items():
-        if key != "spool_dir":
-            assert value == defaults[key], f"mqtt.{key}"
+    top = cfg.ConfigModel.model_fields
+    for key, value in raw.items():
+        if key not in ("bundle", "cameras", *SECTIONS):
+            assert value == top[key].default, key
     for key, value in raw["cameras"][0].items():
         if key not in ("id", "source"):
-            assert value == cfg.CAMERA[key].default, f"cameras[0].{key}"
-    for section, schema in (("batching", cfg.BATCHING), ("archive", cfg.ARCHIVE)):
+            assert value == cfg.CameraModel.model_fields[key].default, f"cameras[0].{key}"
+    for section, model in SECTIONS.items():
         for key, value in raw[section].items():
-            if key != "dir":
-                assert value == schema[key].default, f"{section}.{key}"
+            if (section, key) not in (("mqtt", "spool_dir"), ("archive", "dir")):
+                assert value == model.model_fields[key].default, f"{section}.{key}"
 
     text = EXAMPLE.read_text().replace(
         "bundle: /var/lib/edge-agent/bundle", f"bundle: {small_bundle}"
@@ -243,3 +293,100 @@ def test_unusable_bundle_is_reported_under_the_bundle_key(tmp_path: Path) -> Non
     with pytest.raises(UserError) as info:
         load_checked_bundle(load_config(path))
     assert str(info.value) == f"{path}: bundle: bundle {tmp_path / 'bundle'}: no such folder"
+
+
+# -- documented choices == accepted choices, through `run --check` -------------------------
+
+
+def _documented_choices() -> dict[str, set[str]]:
+    """The "# one of: a, b" line right above a key in the example, by key path."""
+    found: dict[str, set[str]] = {}
+    pending: set[str] | None = None
+    section = ""
+    for n, line in enumerate(EXAMPLE.read_text().splitlines(), 1):
+        if choices := re.fullmatch(r"\s*#\s*one of:\s*(.+)", line):
+            pending = {c.strip() for c in choices[1].split(",")}
+            continue
+        key = re.match(r"(\s*)(?:-\s+)?(\w+):", line)
+        if key and not key[1]:
+            section = key[2]
+        if pending is not None:
+            assert key, f"config.example.yaml:{n}: a 'one of' line must be right above its key"
+            found[key[2] if not key[1] else f"{section}.{key[2]}"] = pending
+        pending = None
+    return found
+
+
+def _accepted_choices(
+    model: type[BaseModel] = cfg.ConfigModel, prefix: str = ""
+) -> dict[str, set[Any]]:
+    """Every Literal field of the schema, by key path (a list's items without an index)."""
+    found: dict[str, set[Any]] = {}
+    for name, field in model.model_fields.items():
+        if get_origin(field.annotation) is Literal:
+            found[prefix + name] = set(get_args(field.annotation))
+        inner = [field.annotation, *get_args(field.annotation)]
+        for sub in inner:
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                found |= _accepted_choices(sub, f"{prefix}{name}.")
+    return found
+
+
+DOCUMENTED = _documented_choices()
+
+
+def test_the_example_documents_exactly_the_accepted_choices() -> None:
+    assert {"index", "device", "log_level", "cameras.kind"} <= set(DOCUMENTED)
+    assert _accepted_choices() == DOCUMENTED
+
+
+@pytest.fixture(scope="module")
+def calibrated_bundle(small_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    bundle = tmp_path_factory.mktemp("calibrated") / "bundle"
+    shutil.copytree(small_bundle, bundle)
+    update_thresholds(bundle, {"image": 30.0, "pixel": 28.0})
+    return bundle
+
+
+@pytest.fixture
+def keep_log_level() -> Iterator[None]:
+    """`run` sets the root logger to the config's log_level; later tests must not inherit it."""
+    level = logging.getLogger().level
+    yield
+    logging.getLogger().setLevel(level)
+
+
+def _run_check(folder: Path, bundle: Path, top: str = "", camera: str = "") -> tuple[int, str]:
+    path = _write(folder, f"bundle: {bundle}\n{top}cameras:\n  - {{id: a, source: 0{camera}}}\n")
+    return cli.main(["run", "--config", str(path), "--check"]), str(path)
+
+
+@pytest.mark.usefixtures("keep_log_level")
+def test_run_check_accepts_the_ivf_index(
+    tmp_path: Path, calibrated_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Documented and accepted by evaluate/bench, once refused by `run` alone.
+    code, path = _run_check(tmp_path, calibrated_bundle, top="index: ivf\nivf_nprobe: 4\n")
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"{path}: OK: 1 camera(s)" in out and "image 30 pixel 28" in out
+    assert load_config(path).index == "ivf"
+
+
+@pytest.mark.usefixtures("keep_log_level")
+@pytest.mark.parametrize(
+    ("key", "value"), [(k, v) for k, values in sorted(DOCUMENTED.items()) for v in sorted(values)]
+)
+def test_run_check_accepts_every_documented_choice(
+    tmp_path: Path,
+    calibrated_bundle: Path,
+    capsys: pytest.CaptureFixture[str],
+    key: str,
+    value: str,
+) -> None:
+    if key.startswith("cameras."):
+        code, _ = _run_check(tmp_path, calibrated_bundle, camera=f", {key[8:]}: {value}")
+    else:
+        code, _ = _run_check(tmp_path, calibrated_bundle, top=f"{key}: {value}\n")
+    out, err = capsys.readouterr()
+    assert code == 0 and "OK: 1 camera(s)" in out, err

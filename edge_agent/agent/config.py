@@ -1,62 +1,295 @@
 """The agent's YAML configuration, validated once at start into frozen values.
 
-Every problem is one UserError line naming the file and the key path, e.g.
-``config.yaml: cameras[1].source: missing``: a missing key, an unknown key (typo protection),
-a wrong type, a bad value, malformed YAML (with its line), an unreadable file. Relative paths
-(bundle, camera files and folders, spool, archive, TLS files) resolve against the folder of
-the config file, so a config and its data can move together. config.example.yaml at the
-repository root documents every key; a test keeps it loadable.
+The schema is a set of pydantic models: unknown keys are errors (typo protection) and types
+are strict, because YAML misleads (``port: true`` is a boolean, not 1; ``'8'`` is a string, not
+a number; an integer is still a fine number). Every problem becomes one UserError line naming
+the file and the key path, e.g. ``config.yaml: cameras[1].source: missing``: a missing key,
+an unknown key (with a did-you-mean), a wrong type, a bad value, malformed YAML (with its
+line), an unreadable file. A password is never echoed, not even a mistyped one.
+
+Defaults and choices are not restated here: they come from the settings dataclasses
+(CameraSettings, MqttSettings, ArchiveSettings) and the constants of the modules that
+implement them (camera kinds, the publisher's in-flight limit, the kNN index kinds, the
+scorer's devices). Relative paths (bundle, camera files and folders, spool, archive, TLS and
+password files) resolve against the folder of the config file, so a config and its data can
+move together. config.example.yaml at the repository root documents every key and every
+choice; a test keeps it loadable and its documented choices equal to the accepted ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import re
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from edge_agent.capture.cameras import KINDS as CAMERA_KINDS
-from edge_agent.capture.cameras import MODES, CameraSettings
-from edge_agent.capture.cameras import OVERFLOWS as OVERFLOW
+from edge_agent.capture.cameras import MODES, OVERFLOWS, CameraSettings
 from edge_agent.decide.archive import ArchiveSettings
 from edge_agent.decide.decision import Thresholds, resolve_thresholds
 from edge_agent.errors import UserError
 from edge_agent.model.bundle import Bundle, load_bundle
-from edge_agent.publish.publisher import MqttSettings
+from edge_agent.model.knn import DEFAULT_INDEX, DEFAULT_NPROBE, INDEX_KINDS
+from edge_agent.model.scorer import DEVICES
+from edge_agent.publish.publisher import MAX_INFLIGHT_WINDOW, MqttSettings
 
-DEVICES = ("auto", "cpu", "cuda")
-INDEX_KINDS = ("flat", "hnsw")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Camera ids and the line name become MQTT topic levels: no '/', '+', '#', no spaces.
 TOPIC_LEVEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
-_REQUIRED = object()
+
+def _one_of(choices: tuple[str, ...]) -> Any:
+    """The Literal type of `choices`, so that the tuple stays the only list of them."""
+    return Literal.__getitem__(choices)
 
 
-@dataclass(frozen=True)
-class Batching:
-    max_batch: int = 8
-    max_wait_ms: float = 20.0
-    queue_size: int = 64
+Device = _one_of(DEVICES)
+IndexKind = _one_of(INDEX_KINDS)
+LogLevel = _one_of(LOG_LEVELS)
+CameraKind = _one_of(CAMERA_KINDS)
+Overflow = _one_of(OVERFLOWS)
+Mode = _one_of(MODES)
 
 
-@dataclass(frozen=True)
-class ThresholdOverrides:
-    image: float | None = None
-    pixel: float | None = None
+def _default(cls: type, name: str) -> Any:
+    """The dataclass default of `cls.name`: the dataclass is the one source of the default."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
-@dataclass(frozen=True)
-class MetricsSettings:
-    host: str = "127.0.0.1"
-    port: int | None = 9108  # None: no endpoint
+# -- value rules -----------------------------------------------------------------------------
+
+
+def _problem(problem: str, *at: str | int) -> PydanticCustomError:
+    """A rule's own message; `at` names the key below the validated value it is about (a
+    model-wide rule is reported on the key to change, not on the whole section)."""
+    return PydanticCustomError("config", "{problem}", {"problem": problem, "at": at})
+
+
+def _text(value: str) -> str:
+    if not value.strip():
+        raise _problem("must not be empty")
+    return value
+
+
+def _secret_text(value: SecretStr) -> SecretStr:
+    _text(value.get_secret_value())
+    return value
+
+
+def _topic_level(value: str) -> str:
+    if not TOPIC_LEVEL.match(value):
+        raise _problem(
+            f"{value!r} must be letters, digits, '_', '-' or '.' (it is an MQTT topic level)"
+        )
+    return value
+
+
+def _topic_path(value: str) -> str:
+    """A prefix may have several levels ('plant/hall2') but no wildcards or empty levels."""
+    if not all(TOPIC_LEVEL.match(level) for level in value.split("/")):
+        raise _problem(
+            f"{value!r} must be topic levels of letters, digits, '_', '-', '.' joined by '/'"
+        )
+    return value
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(os.path.expanduser(value))
+    return path if path.is_absolute() else base / path
+
+
+def _config_path(value: object, info: ValidationInfo) -> object:
+    # The config's folder comes in as validation context: load_config knows the file.
+    if value is None:
+        raise _problem("must not be empty")
+    if not isinstance(value, str):
+        raise _problem(f"must be a string, got {_show(value)}")
+    return _resolve(info.context["base"], _text(value))
+
+
+def _source(value: object) -> str | int:
+    # Resolved against the config's folder later: whether it is a path depends on `kind`.
+    if value is None:
+        raise _problem("must not be empty")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _problem(f"must be a string or an integer, got {_show(value)}")
+    if isinstance(value, int) and value < 0:
+        raise _problem(f"a USB camera index must be 0 or more, got {value}")
+    return _text(value) if isinstance(value, str) else value
+
+
+def _camera_list(value: object) -> object:
+    if not isinstance(value, list) or not value:
+        raise _problem(f"must be a non-empty list of cameras, got {_show(value)}")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_text)]
+TopicLevel = Annotated[str, AfterValidator(_text), AfterValidator(_topic_level)]
+TopicPath = Annotated[str, AfterValidator(_text), AfterValidator(_topic_path)]
+Secret = Annotated[SecretStr, AfterValidator(_secret_text)]
+ConfigPath = Annotated[Path, BeforeValidator(_config_path)]
+Source = Annotated[str | int, PlainValidator(_source)]
+
+
+# -- the schema ------------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    # strict: no bool as int, no string as number (ints still pass as floats); no inf/nan.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+class ThresholdOverrides(_Section):
+    image: float | None = Field(None, gt=0)
+    pixel: float | None = Field(None, gt=0)
+
+
+class Batching(_Section):
+    max_batch: int = Field(8, ge=1, le=256)
+    max_wait_ms: float = Field(20.0, ge=0, le=10_000)
+    queue_size: int = Field(64, ge=1, le=100_000)
+
+
+class MetricsSettings(_Section):
+    host: Text = "127.0.0.1"
+    port: int | None = Field(9108, ge=0, le=65535)  # None: no endpoint; 0: any free port
+
+
+def _cam(name: str) -> Any:
+    return _default(CameraSettings, name)
+
+
+class CameraModel(_Section):
+    """One `cameras` entry: CameraSettings' fields, its defaults."""
+
+    id: TopicLevel
+    source: Source
+    kind: CameraKind = _cam("kind")
+    overflow: Overflow = _cam("overflow")
+    fps_limit: float | None = Field(_cam("fps_limit"), gt=0)
+    reconnect_initial_s: float = Field(_cam("reconnect_initial_s"), gt=0)
+    reconnect_max_s: float = Field(_cam("reconnect_max_s"), gt=0)
+    loop: bool = _cam("loop")
+    mode: Mode = _cam("mode")
+    open_timeout_s: float = Field(_cam("open_timeout_s"), gt=0)
+    read_timeout_s: float = Field(_cam("read_timeout_s"), gt=0)
+
+    @model_validator(mode="after")
+    def _backoff(self) -> CameraModel:
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise _problem("must not be less than reconnect_initial_s", "reconnect_max_s")
+        return self
+
+
+def _mq(name: str) -> Any:
+    return _default(MqttSettings, name)
+
+
+class MqttModel(_Section):
+    """The `mqtt` section: MqttSettings' fields and defaults, plus two keys of the agent's."""
+
+    host: Text = _mq("host")
+    port: int = Field(_mq("port"), ge=1, le=65535)
+    client_id: TopicLevel | None = None  # None: edge-agent-<line>-<hostname>
+    prefix: TopicPath = _mq("prefix")
+    line: TopicLevel = _mq("line")
+    username: Text | None = _mq("username")
+    password: Secret | None = None
+    password_file: ConfigPath | None = None
+    tls: bool = _mq("tls")
+    tls_insecure: bool = _mq("tls_insecure")
+    ca_file: ConfigPath | None = _mq("ca_file")
+    cert_file: ConfigPath | None = _mq("cert_file")
+    key_file: ConfigPath | None = _mq("key_file")
+    keepalive_s: int = Field(_mq("keepalive_s"), ge=5, le=3600)
+    spool_dir: ConfigPath = _mq("spool_dir")
+    spool_max_messages: int = Field(_mq("spool_max_messages"), ge=1)
+    spool_max_bytes: int = Field(_mq("spool_max_bytes"), ge=4096)
+    reconnect_min_s: float = Field(_mq("reconnect_min_s"), gt=0)
+    reconnect_max_s: float = Field(_mq("reconnect_max_s"), gt=0)
+    inflight_window: int = Field(_mq("inflight_window"), ge=1, le=MAX_INFLIGHT_WINDOW)
+    health_interval_s: float = Field(10.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _rules(self) -> MqttModel:
+        if self.password is not None and self.password_file is not None:
+            raise _problem("set either password or password_file, not both", "password_file")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise _problem("must not be less than reconnect_min_s", "reconnect_max_s")
+        return self
+
+
+def _arc(name: str) -> Any:
+    return _default(ArchiveSettings, name)
+
+
+class ArchiveModel(_Section):
+    dir: ConfigPath | None = None  # None: no archive
+    quota_mb: float = Field(_arc("quota_mb"), gt=0)
+    save_ok: bool = _arc("save_ok")
+    jpeg_quality: int = Field(_arc("jpeg_quality"), ge=1, le=100)
+
+
+class ConfigModel(_Section):
+    """The whole file."""
+
+    bundle: ConfigPath
+    device: Device = "auto"
+    threads: int | None = Field(None, ge=1)
+    index: IndexKind = DEFAULT_INDEX
+    ivf_nprobe: int = Field(DEFAULT_NPROBE, ge=1)
+    log_level: LogLevel = "info"
+    thresholds: ThresholdOverrides = Field(default_factory=ThresholdOverrides)
+    batching: Batching = Field(default_factory=Batching)
+    cameras: Annotated[list[CameraModel], BeforeValidator(_camera_list)]
+    mqtt: MqttModel = Field(default_factory=MqttModel)
+    archive: ArchiveModel = Field(default_factory=ArchiveModel)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        # `mqtt:` with nothing under it (all commented out) is YAML null: all defaults.
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if not (v is None and _is_section(cls, k))}
+
+    @field_validator("cameras")
+    @classmethod
+    def _unique_ids(cls, cameras: list[CameraModel]) -> list[CameraModel]:
+        seen: set[str] = set()
+        for i, camera in enumerate(cameras):
+            if camera.id in seen:
+                raise _problem(f"{camera.id!r} is used by another camera", i, "id")
+            seen.add(camera.id)
+        return cameras
+
+
+def _is_section(model: type[BaseModel], key: object) -> bool:
+    field = model.model_fields.get(key) if isinstance(key, str) else None
+    annotation = field.annotation if field else None
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 @dataclass(frozen=True)
@@ -77,218 +310,106 @@ class Config:
     metrics: MetricsSettings
 
 
-# -- the schema ------------------------------------------------------------------------------
+# -- pydantic's errors as one line -----------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class Field:
-    """One key: accepted types, default (_REQUIRED if none), and checks on the value."""
-
-    types: tuple[type, ...]
-    default: Any = _REQUIRED
-    nullable: bool = False
-    choices: tuple[Any, ...] | None = None
-    min: float | None = None
-    max: float | None = None
-    above: float | None = None  # exclusive lower bound
-    is_path: bool = False
-    check: Callable[[Any], str | None] | None = None
-    secret: bool = False  # never echo the value in an error message
-
-
-def _str(**kw: Any) -> Field:
-    return Field((str,), **kw)
-
-
-def _int(**kw: Any) -> Field:
-    return Field((int,), **kw)
-
-
-def _num(**kw: Any) -> Field:
-    return Field((int, float), **kw)
-
-
-def _bool(**kw: Any) -> Field:
-    return Field((bool,), **kw)
-
-
-def _topic_level(value: Any) -> str | None:
-    if not TOPIC_LEVEL.match(value):
-        return f"{value!r} must be letters, digits, '_', '-' or '.' (it is an MQTT topic level)"
-    return None
-
-
-TOP: dict[str, Field] = {
-    "bundle": _str(is_path=True),
-    "device": _str(default="auto", choices=DEVICES),
-    "threads": _int(default=None, nullable=True, min=1),
-    "index": _str(default="flat", choices=INDEX_KINDS),
-    "ivf_nprobe": _int(default=8, min=1),
-    "log_level": _str(default="info", choices=LOG_LEVELS),
+_UNKNOWN = ("extra_forbidden", "invalid_key")
+_TYPE_NAMES = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
 }
-SECTIONS = ("thresholds", "batching", "cameras", "mqtt", "archive", "metrics")
-
-THRESHOLDS: dict[str, Field] = {
-    "image": _num(default=None, nullable=True, above=0),
-    "pixel": _num(default=None, nullable=True, above=0),
-}
-
-BATCHING: dict[str, Field] = {
-    "max_batch": _int(default=8, min=1, max=256),
-    "max_wait_ms": _num(default=20.0, min=0, max=10_000),
-    "queue_size": _int(default=64, min=1, max=100_000),
+_BOUNDS = {
+    "greater_than_equal": ("at least", "ge"),
+    "less_than_equal": ("at most", "le"),
+    "greater_than": ("more than", "gt"),
+    "less_than": ("less than", "lt"),
 }
 
 
-def _default(cls: type, name: str) -> Any:
-    """The dataclass default of `cls.name`: one source of truth for defaults."""
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+def _user_error(path: Path, exc: ValidationError) -> UserError:
+    errors = exc.errors(include_url=False)
+    # pydantic reports every problem; one is enough, and a typo first: it often also makes
+    # a required key look missing.
+    error = next((e for e in errors if e["type"] in _UNKNOWN), errors[0])
+    loc = (*error["loc"], *(error.get("ctx") or {}).get("at", ()))
+    if error["type"] in _UNKNOWN:
+        model, _ = _walk(loc[:-1])
+        known = list(model.model_fields) if model else []
+        where = ".".join(p for p in (_where(loc[:-1]), str(loc[-1])) if p)
+        return _fail(path, where, f"unknown key{_suggest(loc[-1], known)}")
+    return _fail(path, _where(loc), _describe(error, _walk(loc)[1]))
 
 
-CAMERA: dict[str, Field] = {
-    "id": _str(check=_topic_level),
-    "source": Field((str, int)),
-    "kind": _str(default=_default(CameraSettings, "kind"), choices=CAMERA_KINDS),
-    "overflow": _str(default=_default(CameraSettings, "overflow"), choices=OVERFLOW),
-    "fps_limit": _num(default=None, nullable=True, above=0),
-    "reconnect_initial_s": _num(default=_default(CameraSettings, "reconnect_initial_s"), above=0),
-    "reconnect_max_s": _num(default=_default(CameraSettings, "reconnect_max_s"), above=0),
-    "loop": _bool(default=_default(CameraSettings, "loop")),
-    "mode": _str(default=_default(CameraSettings, "mode"), choices=MODES),
-    "open_timeout_s": _num(default=_default(CameraSettings, "open_timeout_s"), above=0),
-    "read_timeout_s": _num(default=_default(CameraSettings, "read_timeout_s"), above=0),
-}
+def _describe(error: ErrorDetails, field: FieldInfo | None) -> str:
+    kind, ctx = error["type"], error.get("ctx") or {}
+    value = error.get("input")
+    secret = field is not None and _holds_secret(field.annotation)
+    # pydantic keeps the input in every error: for a secret it must go no further.
+    shown = f"{type(value).__name__} (value not shown)" if secret else _show(value)
+    if kind == "missing":
+        return "missing"
+    if kind == "config":
+        return str(error["msg"])
+    if kind in _TYPE_NAMES:
+        return "must not be empty" if value is None else f"must be {_TYPE_NAMES[kind]}, got {shown}"
+    if kind in ("model_type", "dict_type"):
+        return f"must be a mapping of keys, got {shown}"
+    if kind == "literal_error" and field is not None and not secret:
+        return f"must be one of {', '.join(map(str, _choices(field.annotation)))}, got {value!r}"
+    if kind in _BOUNDS and not secret:
+        words, key = _BOUNDS[kind]
+        return f"must be {words} {_number(ctx[key])}, got {value}"
+    if kind == "finite_number" and not secret:
+        return f"must be a finite number, got {value}"
+    message = str(error["msg"])  # pydantic's own wording; it does not contain the input
+    return message[:1].lower() + message[1:]
 
 
-def _m(name: str) -> Any:
-    return _default(MqttSettings, name)
+def _where(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
 
 
-MQTT: dict[str, Field] = {
-    "host": _str(default=_m("host")),
-    "port": _int(default=_m("port"), min=1, max=65535),
-    "client_id": _str(default=None, nullable=True, check=_topic_level),
-    "prefix": _str(default=_m("prefix"), check=lambda v: _topic_path(v)),
-    "line": _str(default=_m("line"), check=_topic_level),
-    "username": _str(default=None, nullable=True),
-    "password": _str(default=None, nullable=True, secret=True),
-    "password_file": _str(default=None, nullable=True, is_path=True),
-    "tls": _bool(default=_m("tls")),
-    "tls_insecure": _bool(default=_m("tls_insecure")),
-    "ca_file": _str(default=None, nullable=True, is_path=True),
-    "cert_file": _str(default=None, nullable=True, is_path=True),
-    "key_file": _str(default=None, nullable=True, is_path=True),
-    "keepalive_s": _int(default=_m("keepalive_s"), min=5, max=3600),
-    "spool_dir": _str(default=str(_m("spool_dir")), is_path=True),
-    "spool_max_messages": _int(default=_m("spool_max_messages"), min=1),
-    "spool_max_bytes": _int(default=_m("spool_max_bytes"), min=4096),
-    "reconnect_min_s": _num(default=_m("reconnect_min_s"), above=0),
-    "reconnect_max_s": _num(default=_m("reconnect_max_s"), above=0),
-    "inflight_window": _int(default=_m("inflight_window"), min=1, max=65535),
-    "health_interval_s": _num(default=10.0, above=0, max=3600),
-}
-
-ARCHIVE: dict[str, Field] = {
-    "dir": _str(default=None, nullable=True, is_path=True),
-    "quota_mb": _num(default=1024.0, above=0),
-    "save_ok": _bool(default=False),
-    "jpeg_quality": _int(default=90, min=1, max=100),
-}
-
-METRICS: dict[str, Field] = {
-    "host": _str(default="127.0.0.1"),
-    "port": _int(default=9108, nullable=True, min=0, max=65535),
-}
+def _walk(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, FieldInfo | None]:
+    """The model a key path leads into and the field it names (None past the schema)."""
+    model: type[BaseModel] | None = ConfigModel
+    field: FieldInfo | None = None
+    for part in loc:
+        if isinstance(part, int):  # a list index: the items' model is already in hand
+            continue
+        if model is None or part not in model.model_fields:
+            return None, None
+        field = model.model_fields[part]
+        model = _model_in(field.annotation)
+    return model, field
 
 
-def _topic_path(value: str) -> str | None:
-    """A prefix may have several levels ('plant/hall2') but no wildcards or empty levels."""
-    levels = value.split("/")
-    if not value or any(not TOPIC_LEVEL.match(level) for level in levels):
-        return f"{value!r} must be topic levels of letters, digits, '_', '-', '.' joined by '/'"
-    return None
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, map(_model_in, get_args(annotation))), None)
 
 
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+def _holds_secret(annotation: Any) -> bool:
+    """A secret, or a section with one: `mqtt: [{password: ...}]` must not be echoed either."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return any(_holds_secret(f.annotation) for f in annotation.model_fields.values())
+    return annotation is SecretStr or any(map(_holds_secret, get_args(annotation)))
 
 
-# -- validation ------------------------------------------------------------------------------
+def _choices(annotation: Any) -> tuple[Any, ...]:
+    """The Literal values an annotation allows (empty when it is no choice)."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    return next(filter(None, map(_choices, get_args(annotation))), ())
 
 
-class _Checker:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.base = path.resolve().parent
-
-    def fail(self, where: str, problem: str) -> UserError:
-        return UserError(f"{self.path}: {where}: {problem}" if where else f"{self.path}: {problem}")
-
-    def mapping(self, raw: Any, where: str) -> Mapping[str, Any]:
-        if raw is None:
-            return {}
-        if not isinstance(raw, dict):
-            raise self.fail(where, f"must be a mapping of keys, got {_show(raw)}")
-        return raw
-
-    def section(
-        self, raw: Any, spec: Mapping[str, Field], where: str, sections: tuple[str, ...] = ()
-    ) -> dict[str, Any]:
-        """Validated values of every key in `spec`; `sections` are known keys handled apart."""
-        raw = self.mapping(raw, where)
-        prefix = f"{where}." if where else ""
-        for key in raw:
-            if key not in spec and key not in sections:
-                known = [*spec, *sections]
-                raise self.fail(f"{prefix}{key}", f"unknown key{_suggest(key, known)}")
-        return {key: self.value(raw, key, fld, f"{prefix}{key}") for key, fld in spec.items()}
-
-    def value(self, raw: Mapping[str, Any], key: str, fld: Field, where: str) -> Any:
-        if key not in raw:
-            if fld.default is _REQUIRED:
-                raise self.fail(where, "missing")
-            if fld.is_path and fld.default is not None:
-                return self.resolve(fld.default)
-            return fld.default
-        value = raw[key]
-        if value is None:
-            if fld.nullable or (fld.default is None):
-                return None
-            raise self.fail(where, "must not be empty")
-        if not _type_ok(value, fld.types):
-            wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in fld.types)
-            shown = f"{type(value).__name__} (value not shown)" if fld.secret else _show(value)
-            raise self.fail(where, f"must be {wanted}, got {shown}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise self.fail(where, f"must be a finite number, got {value}")
-        if isinstance(value, str) and not value.strip() and str in fld.types:
-            raise self.fail(where, "must not be empty")
-        if fld.choices is not None and value not in fld.choices:
-            choices = ", ".join(map(str, fld.choices))
-            raise self.fail(where, f"must be one of {choices}, got {value!r}")
-        if fld.min is not None and value < fld.min:
-            raise self.fail(where, f"must be at least {fld.min}, got {value}")
-        if fld.max is not None and value > fld.max:
-            raise self.fail(where, f"must be at most {fld.max}, got {value}")
-        if fld.above is not None and value <= fld.above:
-            raise self.fail(where, f"must be more than {fld.above}, got {value}")
-        if fld.check is not None and (problem := fld.check(value)):
-            raise self.fail(where, problem)
-        if fld.is_path:
-            return self.resolve(value)
-        if float in fld.types and isinstance(value, int):
-            return float(value)
-        return value
-
-    def resolve(self, value: str) -> Path:
-        path = Path(os.path.expanduser(value))
-        return path if path.is_absolute() else self.base / path
-
-
-def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
-    # YAML's true/false are bools, and bool is an int subclass: a port of `true` is a mistake.
-    if isinstance(value, bool):
-        return bool in types
-    return isinstance(value, types)
+def _number(bound: Any) -> Any:
+    # pydantic stores float bounds as floats: "more than 0", not "more than 0.0".
+    return int(bound) if isinstance(bound, float) and bound.is_integer() else bound
 
 
 def _show(value: Any) -> str:
@@ -304,6 +425,13 @@ def _show(value: Any) -> str:
 def _suggest(key: Any, known: list[str]) -> str:
     close = difflib.get_close_matches(str(key), known, n=1)
     return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(known)})"
+
+
+def _fail(path: Path, where: str, problem: str) -> UserError:
+    return UserError(f"{path}: {where}: {problem}" if where else f"{path}: {problem}")
+
+
+# -- loading ---------------------------------------------------------------------------------
 
 
 def read_yaml(path: Path) -> Any:
@@ -329,99 +457,76 @@ def _reason(exc: Exception) -> str:
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a config file (the bundle itself is checked by check_bundle)."""
+    """Read and validate a config file (the bundle itself: load_checked_bundle)."""
     path = Path(path)
     raw = read_yaml(path)
     if raw is None:
         raise UserError(f"{path}: the config is empty (see config.example.yaml)")
-    c = _Checker(path)
-    raw = c.mapping(raw, "")
-    top = c.section(raw, TOP, "", SECTIONS)
-    thresholds = ThresholdOverrides(**c.section(raw.get("thresholds"), THRESHOLDS, "thresholds"))
-    batching = Batching(**c.section(raw.get("batching"), BATCHING, "batching"))
-    cameras = _cameras(c, raw)
-    mqtt_raw = c.section(raw.get("mqtt"), MQTT, "mqtt")
-    health_interval_s = mqtt_raw.pop("health_interval_s")
-    mqtt = _mqtt(c, mqtt_raw)
-    archive_raw = c.section(raw.get("archive"), ARCHIVE, "archive")
-    archive = ArchiveSettings(**archive_raw) if archive_raw["dir"] is not None else None
-    metrics = MetricsSettings(**c.section(raw.get("metrics"), METRICS, "metrics"))
+    base = path.resolve().parent
+    try:
+        model = ConfigModel.model_validate(raw, context={"base": base})
+    except ValidationError as exc:
+        error = _user_error(path, exc)
+    else:
+        return _config(path, base, model)
+    # Raised outside the handler so that the ValidationError, which holds every input (a
+    # password too), is not even attached as the context of the UserError.
+    raise error
+
+
+def _config(path: Path, base: Path, model: ConfigModel) -> Config:
     return Config(
         path=path,
-        bundle=top["bundle"],
-        device=top["device"],
-        threads=top["threads"],
-        index=top["index"],
-        ivf_nprobe=top["ivf_nprobe"],
-        log_level=top["log_level"],
-        thresholds=thresholds,
-        batching=batching,
-        cameras=cameras,
-        mqtt=mqtt,
-        health_interval_s=health_interval_s,
-        archive=archive,
-        metrics=metrics,
+        bundle=model.bundle,
+        device=model.device,
+        threads=model.threads,
+        index=model.index,
+        ivf_nprobe=model.ivf_nprobe,
+        log_level=model.log_level,
+        thresholds=model.thresholds,
+        batching=model.batching,
+        cameras=tuple(_camera(path, base, i, c) for i, c in enumerate(model.cameras)),
+        mqtt=_mqtt(path, model.mqtt),
+        health_interval_s=model.mqtt.health_interval_s,
+        archive=(
+            ArchiveSettings(**model.archive.model_dump()) if model.archive.dir is not None else None
+        ),
+        metrics=model.metrics,
     )
 
 
-def _cameras(c: _Checker, raw: Mapping[str, Any]) -> tuple[CameraSettings, ...]:
-    if "cameras" not in raw:
-        raise c.fail("cameras", "missing")
-    items = raw["cameras"]
-    if not isinstance(items, list) or not items:
-        raise c.fail("cameras", f"must be a non-empty list of cameras, got {_show(items)}")
-    cameras: list[CameraSettings] = []
-    seen: set[str] = set()
-    for i, item in enumerate(items):
-        where = f"cameras[{i}]"
-        values = c.section(item, CAMERA, where)
-        if values["id"] in seen:
-            raise c.fail(f"{where}.id", f"{values['id']!r} is used by another camera")
-        seen.add(values["id"])
-        if values["reconnect_max_s"] < values["reconnect_initial_s"]:
-            raise c.fail(f"{where}.reconnect_max_s", "must not be less than reconnect_initial_s")
-        values["source"] = _source(c, values["source"], values["kind"], f"{where}.source")
+def _camera(path: Path, base: Path, i: int, camera: CameraModel) -> CameraSettings:
+    values = camera.model_dump()
+    source = camera.source
+    # Files and folders resolve against the config's folder; indices, URLs, /dev stay.
+    if isinstance(source, str) and not (
+        "://" in source or (source.isdigit() and camera.kind in ("auto", "usb"))
+    ):
+        values["source"] = str(_resolve(base, source))
+    try:
+        return CameraSettings(**values)
+    except UserError as exc:  # capture's own rules, should any go beyond the schema
+        raise _fail(path, f"cameras[{i}]", str(exc)) from None
+
+
+def _mqtt(path: Path, mqtt: MqttModel) -> MqttSettings:
+    values = mqtt.model_dump(exclude={"password_file", "health_interval_s"})
+    values["password"] = mqtt.password.get_secret_value() if mqtt.password else None
+    if mqtt.password_file is not None:
         try:
-            cameras.append(CameraSettings(**values))
-        except UserError as exc:  # capture's own rules, should any go beyond the schema
-            raise c.fail(where, str(exc)) from None
-    return tuple(cameras)
-
-
-def _source(c: _Checker, source: str | int, kind: str, where: str) -> str | int:
-    """Files and folders resolve against the config's folder; indices, URLs, /dev stay."""
-    if isinstance(source, int):
-        if source < 0:
-            raise c.fail(where, f"a USB camera index must be 0 or more, got {source}")
-        return source
-    if not source.strip():
-        raise c.fail(where, "must not be empty")
-    if "://" in source or (source.isdigit() and kind in ("auto", "usb")):
-        return source
-    return str(c.resolve(source))
-
-
-def _mqtt(c: _Checker, values: dict[str, Any]) -> MqttSettings:
-    password_file = values.pop("password_file")
-    if password_file is not None:
-        if values["password"] is not None:
-            raise c.fail("mqtt.password_file", "set either password or password_file, not both")
-        try:
-            values["password"] = password_file.read_text(encoding="utf-8").strip()
+            values["password"] = mqtt.password_file.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
-            problem = f"cannot read {password_file} ({_reason(exc)})"
-            raise c.fail("mqtt.password_file", problem) from None
-    if values["reconnect_max_s"] < values["reconnect_min_s"]:
-        raise c.fail("mqtt.reconnect_max_s", "must not be less than reconnect_min_s")
-    if values["client_id"] is None:
+            problem = f"cannot read {mqtt.password_file} ({_reason(exc)})"
+            raise _fail(path, "mqtt.password_file", problem) from None
+    if mqtt.client_id is None:
         # Unique per line and host: two agents with one client id would keep kicking each
         # other off the broker.
-        values["client_id"] = f"edge-agent-{values['line']}-{_hostname()}"
+        values["client_id"] = f"edge-agent-{mqtt.line}-{_hostname()}"
     settings = MqttSettings(**values)
     try:
         settings.validate()  # the publisher's own rules (TLS files need tls: true, ...)
     except UserError as exc:
-        raise c.fail("", str(exc)) from None
+        raise _fail(path, "", str(exc)) from None
     return settings
 
 
