@@ -122,6 +122,9 @@ def test_verdicts_arrive_once_in_order_with_status_and_health(
         assert json.loads(health.payload)["fps"] == 12.5
 
         pub.stop()
+        # stop() returns once the broker acknowledged "offline"; forwarding it to this
+        # subscriber may still be under way.
+        sub.wait_for(lambda m: sum(x.topic.endswith("/status") for x in m) >= 4)
         for camera in ("camA", "camB"):
             status = [m.payload for m in sub.on(f"{PREFIX}/{camera}/status")]
             assert status == [b"online", b"offline"]
@@ -175,7 +178,7 @@ def test_broker_killed_three_times_while_publishing(
     broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Every sequence number arrives, in order; what waited in the spool is marked delayed."""
-    caplog.set_level(logging.INFO, logger="edge_agent.publish.publisher")
+    caplog.set_level(logging.INFO, logger="edge_agent.publish")
     outages: list[tuple[float, float]] = []
     sent_at: list[float] = []
     stop_feeding = threading.Event()
@@ -244,7 +247,7 @@ def test_broker_down_at_start_then_spool_comes_out_in_order(
     with Gate(broker.port, is_open=False) as gate:
         pub = Publisher(make_settings(gate.port, tmp_path), ["camA"])
         t0 = time.monotonic()
-        with caplog.at_level(logging.WARNING, logger="edge_agent.publish.publisher"):
+        with caplog.at_level(logging.WARNING, logger="edge_agent.publish"):
             pub.start(connect_timeout_s=2.0)  # must not raise
         assert time.monotonic() - t0 < 2.0
         assert "not reachable" in caplog.text and "spooled" in caplog.text
@@ -300,7 +303,7 @@ def test_spool_full_is_counted_not_fatal(
     with Gate(broker.port, is_open=False) as gate:
         pub = Publisher(replace(settings, port=gate.port), ["camA"])
         pub.start(connect_timeout_s=1.0)
-        with caplog.at_level(logging.ERROR, logger="edge_agent.publish.publisher"):
+        with caplog.at_level(logging.ERROR, logger="edge_agent.publish"):
             for i in range(25):
                 pub.publish_verdict("camA", verdict(i))
             assert wait_until(lambda: pub.stats["spooled"] + pub.stats["dropped"] == 25)
