@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for edge-agent: system tools (Mosquitto, ffmpeg, openssl), a virtual
-# environment in .venv and the package with its CPU, training and dev extras. Idempotent.
+# environment in .venv and the package with its CPU, training, demo and dev extras. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,5 +24,5 @@ fi
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[cpu,train,dev]'
+.venv/bin/python -m pip install -q -e '.[cpu,train,demo,dev]'
 echo "setup: ready (.venv)"

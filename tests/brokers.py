@@ -38,6 +38,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.conftest import unavailable
+
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
@@ -53,7 +55,7 @@ def free_port() -> int:
 
 def require_mosquitto() -> None:
     if not MOSQUITTO.exists():
-        pytest.skip(f"{MOSQUITTO} not installed")
+        unavailable(f"{MOSQUITTO} not installed (scripts/setup.sh installs it)")
 
 
 # ------------------------------------------------------------------------------ certificates
@@ -512,7 +514,7 @@ class Subscriber:
 def tls_certs_fixture(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     """Throwaway CA, server and client certificates (generated once per session)."""
     if not shutil.which("openssl"):
-        pytest.skip("openssl CLI not installed")
+        unavailable("openssl CLI not installed (scripts/setup.sh installs it)")
     return make_certs(tmp_path_factory.mktemp("certs"))
 
 

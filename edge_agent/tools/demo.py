@@ -3,7 +3,7 @@
 1. fit a bundle on 107 good tiles (demo/sample/train);
 2. calibrate it on 34 held-out good tiles (demo/sample/holdout);
 3. make a video of 20 line frames, good and defective (demo/sample/line);
-4. start an MQTT broker (a local Mosquitto when installed, else the embedded one);
+4. start an MQTT broker: Mosquitto when installed, else amqtt (`pip install 'edge-agent[demo]'`);
 5. run the agent on the video and show each verdict as it arrives over MQTT.
 
 Every step runs the real `edge-agent` command, printed before it runs, so the demo doubles as
@@ -13,6 +13,8 @@ a walk-through of the commands a line engineer would type.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import os
 import queue
@@ -20,9 +22,10 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,13 @@ import cv2
 from edge_agent.errors import UserError
 from edge_agent.images import list_images, read_image
 
+# The sample tiles live in the repository, not in the wheel: beside the package in a source
+# checkout (the editable install setup.sh makes), else maybe under the working directory.
 SAMPLE = Path(__file__).resolve().parents[2] / "demo" / "sample"
+NO_BROKER = (
+    "the demo needs an MQTT broker and found none: install Mosquitto "
+    "(sudo apt install mosquitto) or the Python one (pip install 'edge-agent[demo]')"
+)
 PREFIX = "edge-agent"
 LINE = "demo"
 CAMERA = "cam1"
@@ -40,7 +49,10 @@ FRAME_SIZE = (320, 320)  # (width, height) of the demo video
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="where results go")
-    p.add_argument("--sample", type=Path, default=SAMPLE, help="sample data folder")
+    p.add_argument(
+        "--sample", type=Path, default=None,
+        help="sample data folder (default: demo/sample of the edge-agent source checkout)",
+    )  # fmt: skip
     p.add_argument("--fps", type=float, default=4.0, help="frame rate of the demo video")
 
 
@@ -88,38 +100,96 @@ def _mosquitto() -> str | None:
     )
 
 
-@contextmanager
-def mqtt_broker(workdir: Path):
-    """A broker on a free loopback port: Mosquitto if installed, else the embedded one."""
-    binary = _mosquitto()
-    if binary is None:
-        from edge_agent.tools.embedded_broker import EmbeddedBroker
-
-        with EmbeddedBroker() as broker:
-            print(f"MQTT: embedded broker on 127.0.0.1:{broker.port} (Mosquitto not installed)")
-            yield broker.port
-        return
-    port = _free_port()
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen(
-        [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+def _amqtt() -> str | None:
+    """The installed amqtt version, or None; found without importing it."""
+    if importlib.util.find_spec("amqtt") is None:
+        return None
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise UserError(f"Mosquitto ({binary}) did not start on port {port}") from None
-                time.sleep(0.05)
-        print(f"MQTT: Mosquitto on 127.0.0.1:{port}")
+        return importlib.metadata.version("amqtt")
+    except importlib.metadata.PackageNotFoundError:  # importable, e.g. from a source tree
+        return "(version unknown)"
+
+
+MOSQUITTO_CONF = "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+# Only anonymous auth: amqtt's default plugins also log every packet and publish $SYS topics.
+AMQTT_CONF = """\
+listeners:
+  default:
+    type: tcp
+    bind: 127.0.0.1:{port}
+plugins:
+  amqtt.plugins.authentication.AnonymousAuthPlugin:
+    allow_anonymous: true
+"""
+
+
+@dataclass(frozen=True)
+class Broker:
+    """How to start one kind of MQTT broker as a child process on a given loopback port."""
+
+    name: str  # what the demo tells the user it runs
+    argv: tuple[str, ...]  # the config file's path is appended
+    config_name: str
+    config_template: str  # formatted with `port`
+
+
+def choose_broker() -> Broker:
+    """Mosquitto if installed, else amqtt (pure Python, the `demo` extra); else a UserError."""
+    binary = _mosquitto()
+    if binary is not None:
+        return Broker(f"Mosquitto ({binary})", (binary, "-c"), "mosquitto.conf", MOSQUITTO_CONF)
+    version = _amqtt()
+    if version is not None:
+        # `-m` with this interpreter, as for edge-agent itself: the venv's bin/ may not be on PATH.
+        argv = (sys.executable, "-m", "amqtt.scripts.broker_script", "-c")
+        name = f"amqtt {version} (Mosquitto not installed)"
+        return Broker(name, argv, "amqtt.yaml", AMQTT_CONF)
+    raise UserError(NO_BROKER)
+
+
+# MQTT 3.1.1 CONNECT (clean session, keep-alive 10 s, empty client id), then DISCONNECT: ready
+# means the broker answers CONNACK, and unlike a bare TCP connect-and-close it logs no error.
+_PROBE_CONNECT = b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x0a\x00\x00"
+_CONNACK_ACCEPTED = b"\x20\x02\x00\x00"
+_DISCONNECT = b"\xe0\x00"
+
+
+def _answers_mqtt(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(_PROBE_CONNECT)
+            ack = sock.recv(4)
+            sock.sendall(_DISCONNECT)
+    except OSError:
+        return False
+    return ack == _CONNACK_ACCEPTED
+
+
+@contextmanager
+def mqtt_broker(broker: Broker, workdir: Path) -> Iterator[int]:
+    """Run `broker` on a free loopback port (yielded); its output goes to workdir/broker.log."""
+    port = _free_port()
+    conf = workdir / broker.config_name
+    conf.write_text(broker.config_template.format(port=port))
+    log_path = workdir / "broker.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([*broker.argv, str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # amqtt imports for a few tenths of a second on an idle machine; leave room for a busy one.
+        deadline = time.monotonic() + 20
+        while not _answers_mqtt(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise UserError(f"{broker.name} did not start on port {port} (log: {log_path})")
+            time.sleep(0.05)
+        print(f"MQTT: {broker.name} on 127.0.0.1:{port}")
         yield port
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def write_config(out: Path, bundle: Path, video: Path, port: int) -> Path:
@@ -208,10 +278,28 @@ def summarise(rows: list[dict[str, Any]], labels: list[str], out: Path) -> None:
     print(f"Agent log: {out / 'agent.log'};  config: {out / 'agent.yaml'}")
 
 
+def find_sample(given: Path | None) -> Path:
+    """The sample data folder: `given`, else SAMPLE, else ./demo/sample."""
+    if given is not None:
+        if not given.is_dir():
+            raise UserError(f"--sample {given}: no such folder")
+        return given
+    candidates = list(dict.fromkeys([SAMPLE, Path.cwd().resolve() / "demo" / "sample"]))
+    for folder in candidates:
+        if folder.is_dir():
+            return folder
+    looked = " or ".join(map(str, candidates))
+    raise UserError(
+        f"demo sample data not found (looked in {looked}); it ships in the edge-agent source "
+        "repository, not the package: run the demo from a checkout or pass --sample DIR"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
-    sample: Path = args.sample
+    sample = find_sample(args.sample)
     for part in ("train/good", "holdout/good", "line"):
-        list_images(sample / part)  # a clear error if the sample data is missing
+        list_images(sample / part)  # a clear error if the sample data is incomplete
+    broker = choose_broker()  # before the minute of fitting, so a missing broker fails at once
     out: Path = args.out.resolve()
     if out.exists():
         shutil.rmtree(out)
@@ -240,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{video}: {len(labels)} frames ({labels.count('good')} good)")
 
     _step("4/4 run the agent; verdicts arrive over MQTT")
-    with tempfile.TemporaryDirectory() as tmp, mqtt_broker(Path(tmp)) as port:
+    with mqtt_broker(broker, out) as port:
         config = write_config(out, bundle, video, port)
         table = VerdictTable(port, labels)
         cmd = ["run", "--config", str(config), "--exit-when-done"]
