@@ -103,9 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="cpu",
         help="where training features are extracted (ONNX Runtime's CUDA provider for cuda)",
     )
-    p.add_argument(
-        "--threads", type=int, help="CPU threads (default: all cores)"
-    )
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from scipy import stats
+
 from edge_agent.calibrate import thresholds as th
 from edge_agent.calibrate.command import calibrate
 from edge_agent.calibrate.plot import GOOD_BGR, Marker, histogram_image
-from scipy import stats
-
 from edge_agent.cli import main
 from edge_agent.errors import UserError
 from edge_agent.images import list_images, read_image

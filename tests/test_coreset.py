@@ -8,11 +8,12 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import edge_agent.export.coreset as coreset
 import faiss
 import numpy as np
 import pytest
 import torch
+
+import edge_agent.export.coreset as coreset
 from edge_agent.export.coreset import (
     approximate_greedy_coreset,
     covering_radius,

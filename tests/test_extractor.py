@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from edge_agent.export.backbones import load_trunk
 from edge_agent.export.extractor import PatchFeatureExtractor, adaptive_pool_matrix
 from edge_agent.export.onnx_export import export_onnx, parity
-
 from edge_agent.images import read_image, resize
 
 from .conftest import require_mtd

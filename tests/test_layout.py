@@ -1,0 +1,86 @@
+"""The layout is part of the product: packaging installs what the folders hold, under names
+that cannot collide, and the README's map of the tree stays true."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+MAPPED = {"export": "edge_agent.export", "calibrate": "edge_agent.calibrate"}
+
+
+def _package_dirs() -> dict[str, Path]:
+    """Every folder that is a Python package, by the import name it must install as."""
+    found = {}
+    for init in sorted((ROOT / "edge_agent").rglob("__init__.py")):
+        rel = init.parent.relative_to(ROOT)
+        found[".".join(rel.parts)] = init.parent
+    for folder, name in MAPPED.items():
+        assert (ROOT / folder / "__init__.py").is_file()
+        found[name] = ROOT / folder
+    return found
+
+
+def test_pyproject_installs_every_package_under_edge_agent() -> None:
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert sorted(tool["packages"]) == sorted(_package_dirs())
+    for folder, name in MAPPED.items():
+        assert tool["package-dir"][name] == folder
+
+
+def test_no_generic_top_level_packages_once_installed(tmp_path: Path) -> None:
+    # From another folder, so the checkout itself is not on sys.path.
+    code = (
+        "import importlib.util as u;"
+        "print(u.find_spec('export') is None, u.find_spec('calibrate') is None,"
+        " u.find_spec('edge_agent.export') is not None,"
+        " u.find_spec('edge_agent.calibrate') is not None)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["True"] * 4
+
+
+def _where_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"^## Where things are\n(.*?)^#", text, re.S | re.M)
+    assert match, "README.md has no 'Where things are' section"
+    return match.group(1)
+
+
+def test_readme_map_names_every_folder_and_only_real_paths() -> None:
+    section = _where_section()
+    named = set(re.findall(r"^\| `([^`]+)`", section, re.M))
+    for path in named:
+        assert (ROOT / path).exists(), f"README 'Where things are' names missing {path}"
+    stages = {
+        f"edge_agent/{p.name}/"
+        for p in (ROOT / "edge_agent").iterdir()
+        if (p / "__init__.py").is_file()
+    }
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    top = {f"{p.split('/')[0]}/" for p in tracked if "/" in p and not p.startswith(".")}
+    missing = (stages | top) - named
+    assert not missing, f"README 'Where things are' does not say what is in {sorted(missing)}"
+
+
+def test_run_time_packages_do_not_import_torch() -> None:
+    code = (
+        "import sys;"
+        "import edge_agent.agent.service, edge_agent.calibrate.command, edge_agent.tools.bench,"
+        " edge_agent.tools.evaluate;"
+        "print(sorted(m for m in sys.modules"
+        " if m.split('.')[0] in ('torch', 'torchvision', 'timm')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
