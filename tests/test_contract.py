@@ -19,17 +19,11 @@ from edge_agent.publish.contract import (
     topic,
     verdict_message,
 )
-
-
-def _map_with_blob(size=(224, 224), box=(100, 40, 30, 20), value=5.0) -> np.ndarray:
-    amap = np.full(size, 0.5, dtype=np.float32)
-    x, y, w, h = box
-    amap[y : y + h, x : x + w] = value
-    return amap
+from tests.test_decision import map_with_blob
 
 
 def test_verdict_message_fields_and_json() -> None:
-    d = decide(6.0, _map_with_blob(), (224, 224), Thresholds(image=2.0, pixel=2.0))
+    d = decide(6.0, map_with_blob(), (224, 224), Thresholds(image=2.0, pixel=2.0))
     msg = verdict_message(
         d,
         camera="cam1",

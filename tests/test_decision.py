@@ -15,7 +15,7 @@ from edge_agent.decide.decision import (
 )
 
 
-def _map_with_blob(size=(224, 224), box=(100, 40, 30, 20), value=5.0) -> np.ndarray:
+def map_with_blob(size=(224, 224), box=(100, 40, 30, 20), value=5.0) -> np.ndarray:
     amap = np.full(size, 0.5, dtype=np.float32)
     x, y, w, h = box
     amap[y : y + h, x : x + w] = value
@@ -52,7 +52,7 @@ def test_missing_thresholds_resolve_to_none() -> None:
 
 
 def test_regions_are_in_original_frame_pixels() -> None:
-    amap = _map_with_blob()  # blob at x=100..129, y=40..59 in a 224x224 map
+    amap = map_with_blob()  # blob at x=100..129, y=40..59 in a 224x224 map
     frame_hw = (448, 896)  # twice as tall, four times as wide
     d = decide(6.0, amap, frame_hw, Thresholds(image=2.0, pixel=2.0))
     assert d.verdict == NG
@@ -66,7 +66,7 @@ def test_regions_are_in_original_frame_pixels() -> None:
 
 
 def test_ok_frames_report_no_regions_even_over_the_pixel_threshold() -> None:
-    amap = _map_with_blob(value=3.0)
+    amap = map_with_blob(value=3.0)
     d = decide(1.0, amap, (224, 224), Thresholds(image=2.0, pixel=2.0))
     assert d.verdict == OK and d.regions == () and d.anomaly_map is None
 
@@ -79,7 +79,7 @@ def test_region_count_is_capped() -> None:
 
 
 def test_frame_map_keeps_same_size_and_resizes_others() -> None:
-    amap = _map_with_blob()
+    amap = map_with_blob()
     assert frame_map(amap, (224, 224)) is not None
     assert frame_map(amap, (224, 224)).shape == (224, 224)
     assert frame_map(amap, (100, 300)).shape == (100, 300)
