@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -24,6 +25,7 @@ from edge_agent.model.bundle import update_thresholds
 from edge_agent.model.knn import INDEX_KINDS
 from edge_agent.model.scorer import DEVICES
 from edge_agent.publish.publisher import MAX_INFLIGHT_WINDOW, MqttSettings
+from tests.conftest import MTD
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config.example.yaml"
@@ -356,8 +358,11 @@ def keep_log_level() -> Iterator[None]:
     logging.getLogger().setLevel(level)
 
 
-def _run_check(folder: Path, bundle: Path, top: str = "", camera: str = "") -> tuple[int, str]:
-    path = _write(folder, f"bundle: {bundle}\n{top}cameras:\n  - {{id: a, source: 0{camera}}}\n")
+def _run_check(
+    folder: Path, bundle: Path, top: str = "", camera: str = "", source: str = "0"
+) -> tuple[int, str]:
+    text = f"bundle: {bundle}\n{top}cameras:\n  - {{id: a, source: {source}{camera}}}\n"
+    path = _write(folder, text)
     return cli.main(["run", "--config", str(path), "--check"]), str(path)
 
 
@@ -385,8 +390,40 @@ def test_run_check_accepts_every_documented_choice(
     value: str,
 ) -> None:
     if key.startswith("cameras."):
-        code, _ = _run_check(tmp_path, calibrated_bundle, camera=f", {key[8:]}: {value}")
+        source = "0"
+        if value in ("file", "folder"):  # --check looks for the source: give it a real one
+            (tmp_path / "frames").mkdir()
+            shutil.copy(next((MTD / "test" / "good").iterdir()), tmp_path / "frames")
+            (tmp_path / "video.mp4").write_bytes(b"")
+            source = "frames" if value == "folder" else "video.mp4"
+        camera = f", {key[8:]}: {value}"
+        code, _ = _run_check(tmp_path, calibrated_bundle, camera=camera, source=source)
     else:
         code, _ = _run_check(tmp_path, calibrated_bundle, top=f"{key}: {value}\n")
     out, err = capsys.readouterr()
     assert code == 0 and "OK: 1 camera(s)" in out, err
+
+
+def test_duplicate_keys_are_refused_with_their_line(tmp_path: Path) -> None:
+    # PyYAML alone keeps the last value: a second `port:` would silently win.
+    path = _write(tmp_path, MINIMAL + "mqtt:\n  port: 1883\n  host: a\n  port: 8883\n")
+    message = _error(path)
+    assert "duplicate key 'port'" in message and message.startswith("line 8, column 3:")
+
+
+def test_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    # Where a value is shown in an error (here a wrong type), expanding it would take hours.
+    text = MINIMAL.replace("bundle: bundle", "bundle: *a8")
+    path = _write(tmp_path, "\n".join(lines) + "\n" + text)
+    started = time.perf_counter()
+    assert "aliases (*name) are not allowed" in _error(path)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_huge_and_deeply_nested_files_are_refused(tmp_path: Path) -> None:
+    big = _write(tmp_path, MINIMAL + "# " + "x" * (2 * 1024 * 1024) + "\n", "big.yaml")
+    assert "larger than 1024 KiB" in _error(big)
+    deep = _write(tmp_path, "bundle: " + "[" * 50_000 + "]" * 50_000 + "\n", "deep.yaml")
+    assert "invalid YAML" in _error(deep)

@@ -434,15 +434,48 @@ def _fail(path: Path, where: str, problem: str) -> UserError:
 # -- loading ---------------------------------------------------------------------------------
 
 
+MAX_CONFIG_BYTES = 1024 * 1024
+"""A config is a few kB; a larger file is a mistake (or an attack) and is refused unread."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, minus two ways a config silently means something else or takes
+    minutes and gigabytes: a key given twice (PyYAML keeps the last) and aliases (`*name`,
+    which can expand exponentially: the "billion laughs")."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, "aliases (*name) are not allowed in the config", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise UserError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB: not a config")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: no such config file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read the config ({_reason(exc)})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_StrictLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -450,6 +483,8 @@ def read_yaml(path: Path) -> Any:
         raise UserError(f"{path}: {where}invalid YAML ({problem})") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: invalid YAML ({exc})") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid YAML (nested too deeply)") from None
 
 
 def _reason(exc: Exception) -> str:
