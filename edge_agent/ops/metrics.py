@@ -10,12 +10,16 @@ itself and mirrored counts keep their owners' monotonic values instead of being 
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
-from wsgiref.simple_server import WSGIServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector
 
 from edge_agent.errors import UserError
@@ -228,14 +232,58 @@ class AgentMetrics:
         self.registry.register(SnapshotCollector(source))
 
 
+MAX_CONNECTIONS = 16
+"""Scrapes served at once; Prometheus needs one. More are closed at once, unanswered, so idle
+or slow clients cannot take the process's file descriptors (which the cameras, the spool and
+MQTT need) or its threads."""
+CONNECTION_TIMEOUT_S = 5.0
+"""A client that sends no complete request (or does not read the answer) within this long is
+dropped."""
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = MAX_CONNECTIONS
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.refused = 0
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A scraper that hangs up early is not worth a traceback on stderr every time.
+        log.debug("metrics: request from %s failed", client_address[0], exc_info=True)
+
+
 class MetricsServer:
-    """GET /metrics serves the registry from a daemon thread, from start() until stop()."""
+    """GET /metrics serves the registry from a daemon thread, from start() until stop(); at
+    most MAX_CONNECTIONS at once, each bounded by CONNECTION_TIMEOUT_S."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
         self.registry = registry
         self.host = host
         self.port = port
-        self._server: WSGIServer | None = None
+        self._server: _BoundedServer | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -245,14 +293,26 @@ class MetricsServer:
         host, port = self._server.server_address[:2]
         return str(host), int(port)
 
+    @property
+    def refused(self) -> int:
+        """Connections closed unanswered because MAX_CONNECTIONS were being served."""
+        return self._server.refused if self._server is not None else 0
+
     def start(self) -> None:
+        handler = type(
+            "Handler", (MetricsHandler.factory(self.registry),), {"timeout": CONNECTION_TIMEOUT_S}
+        )
         try:
-            self._server, _ = start_http_server(self.port, self.host, registry=self.registry)
+            self._server = _BoundedServer((self.host, self.port), handler)
         except OSError as exc:  # port taken, no such address, ...
             reason = exc.strerror or str(exc)
             raise UserError(
                 f"metrics.port: cannot listen on {self.host}:{self.port} ({reason})"
             ) from None
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics-http", daemon=True
+        )
+        self._thread.start()
         host, port = self.address
         log.info("metrics on http://%s:%d/metrics", host, port)
 
