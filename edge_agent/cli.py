@@ -14,6 +14,7 @@ import sys
 
 from edge_agent import __version__
 from edge_agent.errors import UserError
+from edge_agent.ops import logs
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -119,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser(argv).parse_args(argv)
-        logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        logs.setup(logging.DEBUG if args.verbose else logging.INFO)
         return int(_load(args._module).run(args) or 0)
     except UserError as exc:
         print(f"edge-agent: error: {exc}", file=sys.stderr)
