@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.agent.config import Config, load_checked_bundle, load_config, thresholds_for
+from edge_agent.agent.preflight import preflight
 from edge_agent.capture.cameras import LIVE_KINDS, CameraCapture
 from edge_agent.capture.frame_queue import Frame, FrameQueue
 from edge_agent.decide.archive import RejectArchive
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(config.log_level.upper())
     bundle, thresholds = load_checked_bundle(config)
     if args.check:
+        preflight(config)
         print(
             f"{config.path}: OK: {len(config.cameras)} camera(s), bundle {config.bundle} "
             f"(model {bundle.model_id}), thresholds image {thresholds.image:g} "

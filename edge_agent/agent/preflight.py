@@ -1,0 +1,67 @@
+"""`edge-agent run --check`: everything the run will need, checked without running it.
+
+Beyond the config and the bundle (config.py), a check must catch what would otherwise fail
+only at start or, worse, hours later: a camera folder or video that is not there, a TLS file
+that is not PEM, a metrics port another process holds, a spool or archive folder the service
+user cannot write. Each problem is one UserError line naming the config key.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from edge_agent.agent.config import Config
+from edge_agent.errors import UserError
+from edge_agent.images import list_images
+from edge_agent.publish.publisher import build_ssl_context
+
+
+def preflight(config: Config) -> None:
+    """Raise UserError for the first resource the run could not use."""
+    where = config.path
+    for i, camera in enumerate(config.cameras):
+        kind = camera.resolved_kind()
+        key = f"{where}: cameras[{i}].source"
+        if kind == "folder":
+            try:
+                list_images(camera.source)  # raises for a missing or an empty folder
+            except UserError as exc:
+                raise UserError(f"{key}: {exc}") from None
+        elif kind == "file" and not Path(str(camera.source)).is_file():
+            raise UserError(f"{key}: {camera.source}: no such video file")
+    if config.mqtt.tls:
+        try:
+            build_ssl_context(config.mqtt)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+    _writable(config.mqtt.spool_dir, f"{where}: mqtt.spool_dir")
+    if config.archive is not None:
+        _writable(config.archive.dir, f"{where}: archive.dir")
+    m = config.metrics
+    if m.port:  # 0 takes any free port: nothing to check
+        _can_listen(m.host, m.port, f"{where}: metrics.port")
+
+
+def _writable(folder: Path, key: str) -> None:
+    """The folder, or the nearest existing folder above it (the run creates the rest), must be
+    a writable folder."""
+    path = Path(folder)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{key}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{key}: {probe} is not writable by this user")
+
+
+def _can_listen(host: str, port: int, key: str) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"{key}: cannot listen on {host}:{port} ({exc.strerror})") from None

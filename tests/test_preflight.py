@@ -1,0 +1,100 @@
+"""`run --check` finds what the run would trip over: one line naming the key, exit 2."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edge_agent import cli
+from edge_agent.model.bundle import update_thresholds
+from tests.conftest import MTD
+
+
+@pytest.fixture(scope="module")
+def bundle(small_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("preflight") / "bundle"
+    shutil.copytree(small_bundle, out)
+    update_thresholds(out, {"image": 30.0, "pixel": 28.0})
+    return out
+
+
+@pytest.fixture(autouse=True)
+def keep_log_level() -> Iterator[None]:
+    level = logging.getLogger().level
+    yield
+    logging.getLogger().setLevel(level)
+
+
+def _check(tmp_path: Path, bundle: Path, camera: str, extra: str = "") -> int:
+    """`run --check` on a config; `extra` replaces the default mqtt/metrics/archive lines."""
+    sections = {
+        "mqtt": f"mqtt: {{spool_dir: {tmp_path}/spool}}",
+        "metrics": "metrics: {port: null}",
+    }
+    for line in extra.splitlines():
+        sections[line.split(":")[0]] = line
+    config = tmp_path / "config.yaml"
+    config.write_text(f"bundle: {bundle}\ncameras:\n  - {camera}\n" + "\n".join(sections.values()))
+    return cli.main(["run", "--config", str(config), "--check"])
+
+
+def test_a_good_config_passes(
+    tmp_path: Path, bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    shutil.copy(next((MTD / "test" / "good").iterdir()), frames)
+    code = _check(tmp_path, bundle, f"{{id: a, source: {frames}}}")
+    assert code == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("setup", "camera", "extra", "expected"),
+    [
+        (None, "{id: a, source: missing/}", "", "cameras[0].source: "),
+        ("empty", "{id: a, source: empty, kind: folder}", "", "no images found"),
+        (None, "{id: a, source: gone.mp4, kind: file}", "", "gone.mp4: no such video file"),
+        (
+            "ca",
+            "{id: a, source: 0}",
+            "mqtt: {tls: true, ca_file: ca.pem, spool_dir: spool}",
+            "mqtt.ca_file",
+        ),
+        ("file", "{id: a, source: 0}", "archive: {dir: afile/sub}", "archive.dir: "),
+        ("port", "{id: a, source: 0}", "metrics: {port: PORT}", "metrics.port: cannot listen"),
+    ],
+)
+def test_what_the_run_would_trip_over(
+    tmp_path: Path,
+    bundle: Path,
+    capsys: pytest.CaptureFixture[str],
+    setup: str | None,
+    camera: str,
+    extra: str,
+    expected: str,
+) -> None:
+    holder = None
+    if setup == "empty":
+        (tmp_path / "empty").mkdir()
+    elif setup == "ca":
+        (tmp_path / "ca.pem").write_text("not a certificate\n")
+    elif setup == "file":
+        (tmp_path / "afile").write_text("a file where a folder should be\n")
+    elif setup == "port":
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        extra = extra.replace("PORT", str(holder.getsockname()[1]))
+    try:
+        code = _check(tmp_path, bundle, camera, extra)
+    finally:
+        if holder is not None:
+            holder.close()
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and expected in err, err
