@@ -495,3 +495,22 @@ def test_trigger_calls_the_handler(broker: Broker, tmp_path: Path) -> None:
     time.sleep(0.2)
     pub.stop()
     assert calls == [("camA", "P-123"), ("camB", "P-9")]
+
+
+def test_tls_setting_that_does_not_fit_the_port_is_a_clear_user_error(
+    secure_broker: Broker, tls_certs: Certs, tmp_path: Path
+) -> None:
+    # Either way the listener just hangs up, as a restarting broker would: the agent must say
+    # which setting is wrong instead of spooling for ever.
+    assert secure_broker.tls_port is not None
+    cases = (
+        (secure_broker.port, True, "mqtt.tls is true but MQTT broker .* answers without TLS"),
+        (secure_broker.tls_port, False, "mqtt.tls is false but MQTT broker .* speaks TLS"),
+    )
+    for port, tls, expected in cases:
+        settings = make_settings(port, tmp_path, tls=tls, ca_file=tls_certs.ca if tls else None)
+        pub = Publisher(settings, ["camA"])
+        started = time.monotonic()
+        with pytest.raises(UserError, match=expected) as err:
+            pub.start(connect_timeout_s=8.0)
+        assert "\n" not in str(err.value) and time.monotonic() - started < 6.0

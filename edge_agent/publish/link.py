@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.publish import contract
+from edge_agent.publish import contract, probe
 from edge_agent.publish.contract import OFFLINE, ONLINE, mark_delayed, parse_part_id
 from edge_agent.publish.outbox import Outbox
 from edge_agent.publish.spool import Spool, SpoolRecord
@@ -311,7 +311,8 @@ class Link:
                 )
         else:
             self._connection_failed(
-                Outcome(
+                self._protocol_mismatch()
+                or Outcome(
                     OutcomeKind.UNREACHABLE,
                     f"MQTT broker {self.settings.address} closed the connection before accepting "
                     "it",
@@ -465,8 +466,9 @@ class Link:
                 tls_hint,
             )
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError) as err:
-            # The transport went away mid-handshake (a restarting broker): not a refusal.
-            outcome = Outcome(
+            # The transport went away mid-handshake: a restarting broker, or a port without
+            # TLS; only the latter is a refusal.
+            outcome = self._protocol_mismatch() or Outcome(
                 OutcomeKind.UNREACHABLE, f"MQTT broker {address} closed the TLS handshake ({err})"
             )
         except (ssl.SSLError, ssl.CertificateError) as err:
@@ -478,11 +480,33 @@ class Link:
             )
         except (OSError, ValueError) as err:
             detail = getattr(err, "strerror", None) or str(err) or type(err).__name__
-            outcome = Outcome(
+            # A reset (not a refusal: something listens) is what a TLS handshake to a plain
+            # listener gets; probe before calling it an outage.
+            hung_up = isinstance(err, (ConnectionResetError, BrokenPipeError))
+            outcome = (self._protocol_mismatch() if hung_up else None) or Outcome(
                 OutcomeKind.UNREACHABLE, f"MQTT broker {address} is not reachable ({detail})"
             )
         self._state = LinkState.DOWN
         self._connection_failed(outcome)
+
+    def _protocol_mismatch(self) -> Outcome | None:
+        """After the broker closed a connection it never accepted: a REFUSED outcome if the
+        port speaks the other protocol than mqtt.tls says (a configuration error, not an
+        outage), else None."""
+        s = self.settings
+        if s.tls and probe.speaks_plain_mqtt(s.host, s.port):
+            return Outcome(
+                OutcomeKind.REFUSED,
+                f"mqtt.tls is true but MQTT broker {s.address} answers without TLS",
+                "set mqtt.tls: false, or use the broker's TLS listener (usually port 8883)",
+            )
+        if not s.tls and probe.speaks_tls(s.host, s.port):
+            return Outcome(
+                OutcomeKind.REFUSED,
+                f"mqtt.tls is false but MQTT broker {s.address} speaks TLS",
+                "set mqtt.tls: true (with mqtt.ca_file), or use its plain port (usually 1883)",
+            )
+        return None
 
     def _connection_failed(self, outcome: Outcome) -> None:
         """Schedule a retry and log the first failure of a streak (start() logs the very
