@@ -368,11 +368,15 @@ def test_calibrate_end_to_end(
     assert rec["good_source"] == str(good_dir.resolve()) and rec["date"].endswith("+00:00")
     assert normalise(t["image"], t["normalization"]) == pytest.approx(0.5)
 
-    # Re-score independently: no good image is NG or shows a mask; recall is what was reported.
-    scorer = Scorer(after, device="cpu")
+    # Re-score independently (exact flat search, not calibrate's own index): no good image is
+    # NG or shows a mask; recall is what was reported.
+    scorer = Scorer(after, device="cpu", index="flat")
     good = scorer.score_frames([read_image(p) for p in list_images(good_dir)])
-    assert good.image_scores.max() < t["image"]
-    assert max(scorer.anomaly_map(p).max() for p in good.patch_scores) < t["pixel"]
+    # FAISS's distances are not bit-reproducible across batchings and search paths (BLAS for
+    # large query blocks, direct sums for small ones: measured up to 7e-6 relative), and the
+    # threshold sits one float32 step above the highest good score: compare within 1e-5.
+    assert good.image_scores.max() < t["image"] * (1 + 1e-5)
+    assert max(scorer.anomaly_map(p).max() for p in good.patch_scores) < t["pixel"] * (1 + 1e-5)
     bad = scorer.score_frames([read_image(p) for p in list_images(defects_dir, recursive=True)])
     recall = float(np.mean(bad.image_scores >= t["image"]))
     assert recall == pytest.approx(result["operating_points"]["target"]["recall"])

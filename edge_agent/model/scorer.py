@@ -1,5 +1,17 @@
 """The inference engine: uint8 frames -> ONNX Runtime features -> FAISS kNN -> patch and image
-scores. One Scorer owns one ORT session and one index; it is used from one thread."""
+scores. One Scorer owns one ORT session and one index; it is used from one thread.
+
+With the ivf-exact index (knn.py) every patch is searched approximately, which gives an upper
+bound of its exact score, and only the patches that decide are searched exactly again:
+
+- image scores: per image the patches in descending order of bound until no bound can beat
+  the best exact score (scoring.recheck_max), so the max patch, its nearest bank row and the
+  Eq. 7 score are flat's;
+- maps (exact_map): the map is a non-negative linear function of the patch scores, so a map of
+  bounds is >= flat's map everywhere. Pixels below a threshold there are below it in flat's
+  map too; the patches under the others are re-checked, after which the mask, its regions and
+  their peaks are flat's. The map maximum is found the same way at its argmax.
+"""
 
 from __future__ import annotations
 
@@ -26,8 +38,15 @@ MAX_DEFAULT_THREADS = 8
 
 @dataclass(frozen=True)
 class BatchScores:
+    """A batch's scores. With ivf-exact, `patch_scores` are flat's where `exact` and upper
+    bounds elsewhere, and Scorer.exact_map replaces bounds by exact values in place as maps
+    need them (so `features` are kept); other kinds leave `exact` and `features` None."""
+
     image_scores: np.ndarray  # [B] float32
     patch_scores: np.ndarray  # [B, h, w] float32
+    exact: np.ndarray | None = None  # [B, h, w] bool
+    features: np.ndarray | None = None  # [B, h*w, D] float32
+    rechecked: np.ndarray | None = None  # [B] int: patches searched exactly, score + maps
 
 
 def default_threads() -> int:
@@ -86,6 +105,14 @@ class Scorer:
         self.reweight = self.bank_knn is not None
         self.input_size = bundle.input_size
         self.grid = bundle.grid
+        # The latest batch score() returned: the agent answers a batch's frames (and draws
+        # their maps) before it scores the next one.
+        self.last: BatchScores | None = None
+        # ivf-exact's work since the Scorer was made: images scored, patches re-checked for
+        # image scores and for maps, and the seconds the map re-checks took.
+        self.recheck_stats = {"images": 0, "score_patches": 0, "map_patches": 0, "map_s": 0.0}
+        if self.index.rechecks:  # at load, not on the first NG frame
+            scoring.map_support(self.grid, self.input_size, self.sigma)
 
     @property
     def device(self) -> str:
@@ -111,16 +138,30 @@ class Scorer:
         feats = self.features(batch)
         t1 = time.perf_counter()
         b, p, d = feats.shape
-        dist, idx = self.index.search(feats.reshape(b * p, d), self.k)
+        if self.index.rechecks:
+            patch, nearest, exact, rechecked = self._bounded_search(feats)
+        else:
+            dist, idx = self.index.search(feats.reshape(b * p, d), self.k)
+            patch = (dist[:, 0] if self.k == 1 else dist.mean(axis=1)).reshape(b, p)
+            nearest, exact, rechecked = idx[:, 0].reshape(b, p), None, None
         t2 = time.perf_counter()
-        patch = (dist[:, 0] if self.k == 1 else dist.mean(axis=1)).reshape(b, p)
+        # Eq. 7 only reads the argmax patch, its feature and its nearest row: with ivf-exact
+        # those are flat's (recheck_max's rule takes the same first argmax).
+        masked = patch if exact is None else np.where(exact, patch, -np.inf)
         if self.reweight:
             image = scoring.reweighted_scores(
-                feats, patch, idx[:, 0].reshape(b, p), self.bundle.bank, self.bank_knn
+                feats, masked, nearest, self.bundle.bank, self.bank_knn
             )
         else:
-            image = patch.max(axis=1)
-        result = BatchScores(image.astype(np.float32), patch.reshape(b, *self.grid))
+            image = masked.max(axis=1)
+        result = BatchScores(
+            image.astype(np.float32),
+            patch.reshape(b, *self.grid),
+            None if exact is None else exact.reshape(b, *self.grid),
+            None if exact is None else feats,
+            rechecked,
+        )
+        self.last = result
         if stage_s is not None:
             t3 = time.perf_counter()
             for stage, seconds in (("onnx", t1 - t0), ("knn", t2 - t1), ("score", t3 - t2)):
@@ -132,5 +173,107 @@ class Scorer:
         return self.score(np.stack([self.prepare(to_bgr(f)) for f in frames]))
 
     def anomaly_map(self, patch_scores: np.ndarray) -> np.ndarray:
-        """[h, w] patch scores -> smoothed map at the model's input size."""
+        """[h, w] patch scores -> smoothed map at the model's input size (of these values as
+        they are: with ivf-exact, exact_map re-checks what a decision needs)."""
         return scoring.anomaly_map(patch_scores, self.input_size, self.sigma)
+
+    def exact_map(
+        self,
+        scores: BatchScores | np.ndarray,
+        i: int,
+        *,
+        threshold: float | None = None,
+        peak: bool = False,
+    ) -> np.ndarray:
+        """Image i's map, equal to the flat index's where it decides (float32 rounding aside):
+
+        - `threshold` t: wherever either map is >= t, and one pixel around (a bilinear resize
+          to the frame, as decide() does, reads only those), so the mask map >= t, its regions
+          and their peaks are flat's; elsewhere the map is an upper bound below t;
+        - `peak`: at its maximum, so map.max() is flat's (calibrate's pixel threshold);
+        - neither: everywhere (every remaining patch is re-checked, the cost of flat).
+
+        `scores` is a BatchScores, or the patch_scores array of the latest one (`last`: what
+        the agent hands its frames). Only ivf-exact has anything to re-check; other kinds
+        return anomaly_map as it is.
+        """
+        if isinstance(scores, np.ndarray):
+            if self.last is None or scores is not self.last.patch_scores:
+                if self.index.rechecks:
+                    raise ValueError("exact_map needs the BatchScores (or the latest batch's)")
+                return self.anomaly_map(scores[i])
+            scores = self.last
+        grid = scores.patch_scores[i]
+        if scores.exact is None or scores.features is None or scores.exact[i].all():
+            return self.anomaly_map(grid)
+        t0 = time.perf_counter()
+        exact = scores.exact[i]
+        amap = self.anomaly_map(grid)
+        support = scoring.map_support(self.grid, self.input_size, self.sigma)
+        if threshold is None and not peak:
+            self._recheck_cells(scores, i, ~exact)
+            amap = self.anomaly_map(grid)
+        if threshold is not None:
+            # A hair below t: a pixel of flat's map at t must not round below it here.
+            above = amap >= threshold - 1e-5 * abs(threshold)
+            if above.any():
+                cells = scoring.cells_for(above, support, margin=1) & ~exact
+                if cells.any():
+                    self._recheck_cells(scores, i, cells)
+                    amap = self.anomaly_map(grid)
+        if peak:
+            rows, cols = support
+            while True:
+                y, x = np.unravel_index(int(np.argmax(amap)), amap.shape)
+                # The argmax of a map of bounds, with every patch under it exact: its value is
+                # flat's there, and flat's map elsewhere is below these bounds, hence below it.
+                cells = np.outer(rows[y], cols[x]) & ~exact
+                if not cells.any():
+                    break
+                self._recheck_cells(scores, i, cells)
+                amap = self.anomaly_map(grid)
+        self.recheck_stats["map_s"] += time.perf_counter() - t0
+        return amap
+
+    def _bounded_search(
+        self, feats: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """ivf-exact: approximate search of every patch, exact search of those that decide the
+        image scores. (patch scores [B, P], nearest bank rows [B, P], exact [B, P],
+        re-checked per image [B]); nearest rows are flat's where exact."""
+        b, p, d = feats.shape
+        queries = feats.reshape(b * p, d)
+        bounds, idx = self.index.search_bounds(queries, self.k)
+        patch = (bounds[:, 0] if self.k == 1 else bounds.mean(axis=1)).reshape(b, p)
+        nearest = idx[:, 0].reshape(b, p).copy()
+        found = np.zeros((b, p), dtype=bool)
+
+        def recheck(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+            dist, rows_nn = self.index.search_exact(feats[rows, cols], self.k)
+            nearest[rows, cols] = rows_nn[:, 0]
+            return dist[:, 0] if self.k == 1 else dist.mean(axis=1)
+
+        # A patch ivf found too few rows for has no finite bound: search it now, so that maps
+        # (which mix neighbouring patches) never meet an infinity.
+        missing = ~np.isfinite(patch)
+        if missing.any():
+            rows, cols = np.nonzero(missing)
+            patch[rows, cols] = recheck(rows, cols)
+            found[rows, cols] = True
+        patch, exact, _ = scoring.recheck_max(patch, recheck, known=found)
+        rechecked = exact.sum(axis=1)
+        self.recheck_stats["images"] += b
+        self.recheck_stats["score_patches"] += int(rechecked.sum())
+        return patch.astype(np.float32), nearest, exact, rechecked
+
+    def _recheck_cells(self, scores: BatchScores, i: int, cells: np.ndarray) -> None:
+        """Search the patches `cells` [h, w] of image i exactly; bounds become exact in place."""
+        assert scores.features is not None and scores.exact is not None
+        flat = np.flatnonzero(cells)
+        dist, _ = self.index.search_exact(scores.features[i, flat], self.k)
+        values = dist[:, 0] if self.k == 1 else dist.mean(axis=1)
+        scores.patch_scores[i].reshape(-1)[flat] = values
+        scores.exact[i].reshape(-1)[flat] = True
+        if scores.rechecked is not None:
+            scores.rechecked[i] += flat.size
+        self.recheck_stats["map_patches"] += int(flat.size)

@@ -4,10 +4,16 @@
 - image score: the largest patch score, optionally reweighted as in the paper's Eq. 7;
 - anomaly map: the patch grid upsampled bilinearly, then Gaussian-smoothed (sigma 4);
 - regions: connected components of the thresholded map.
+
+With an approximate index (knn.py, ivf-exact) patch scores start as upper bounds of the exact
+ones; `recheck_max` finds exact image maxima from them and `map_support`/`cells_for` tell
+which patches a part of the map depends on, so only those are searched exactly.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +42,108 @@ def anomaly_map(patch_scores: np.ndarray, size: tuple[int, int], sigma: float = 
         return up
     k = gaussian_ksize(sigma)
     return cv2.GaussianBlur(up, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+
+
+def map_support(
+    grid: tuple[int, int], size: tuple[int, int], sigma: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which patch cells each map pixel depends on, per axis: (rows [H, h], cols [W, w]) bool,
+    rows[Y, j] true when map row Y takes a nonzero weight from grid row j (likewise cols).
+
+    anomaly_map is linear, separable (bilinear resize, then a Gaussian blur) and its weights
+    are non-negative, so map[Y, X] = sum_{j,i} R[Y, j] C[X, i] patch[j, i] with R, C >= 0 and
+    pixel (Y, X) depends on cell (j, i) iff rows[Y, j] and cols[X, i]. The weights are read
+    from anomaly_map itself (one grid row or column of ones at a time), so they are OpenCV's
+    own, border handling included; a weight of exactly 0 contributes exactly 0.
+    """
+    return _map_support(tuple(grid), tuple(size), float(sigma))
+
+
+@functools.lru_cache(maxsize=8)
+def _map_support(
+    grid: tuple[int, int], size: tuple[int, int], sigma: float
+) -> tuple[np.ndarray, np.ndarray]:
+    h, w = grid
+    rows = np.empty((size[0], h), dtype=bool)
+    cols = np.empty((size[1], w), dtype=bool)
+    for j in range(h):
+        impulse = np.zeros(grid, dtype=np.float32)
+        impulse[j, :] = 1.0
+        rows[:, j] = (anomaly_map(impulse, size, sigma) != 0).any(axis=1)
+    for i in range(w):
+        impulse = np.zeros(grid, dtype=np.float32)
+        impulse[:, i] = 1.0
+        cols[:, i] = (anomaly_map(impulse, size, sigma) != 0).any(axis=0)
+    rows.flags.writeable = cols.flags.writeable = False  # shared by every caller (cache)
+    return rows, cols
+
+
+def cells_for(
+    pixels: np.ndarray, support: tuple[np.ndarray, np.ndarray], *, margin: int = 0
+) -> np.ndarray:
+    """[H, W] bool pixels -> [h, w] bool: the cells that any of them (or any pixel within
+    `margin` pixels of one, 8-connected) depends on; `support` from map_support."""
+    if margin > 0:
+        k = 2 * margin + 1
+        pixels = cv2.dilate(pixels.astype(np.uint8), np.ones((k, k), np.uint8)) > 0
+    rows, cols = support
+    # 0/1 products summed in float32: exact integer counts far below 2**24.
+    hits = rows.T.astype(np.float32) @ pixels.astype(np.float32) @ cols.astype(np.float32)
+    return hits > 0
+
+
+def recheck_max(
+    bounds: np.ndarray,
+    recheck: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    *,
+    known: np.ndarray | None = None,
+    per_round: int = 2,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact row maxima of values v [B, P] known through upper bounds, with few look-ups.
+
+    bounds [B, P] >= v (inf allowed); where known[b, p], bounds[b, p] is v[b, p] itself.
+    recheck(rows, cols) returns v at those positions (one call per round, all rows at once).
+
+    Rule, per row: visit the positions in descending order of bound, rechecking those not yet
+    known, and stop at the first bound below the best exact value m found so far. Every
+    position left has v <= bound < m, so m = max_p v[b, p]; and every p with v[b, p] = m had
+    bound >= m and was visited, so the first of them is np.argmax(v[b]). Each round takes the
+    next `per_round` unknown candidates of every unfinished row.
+
+    Returns (values: bounds with exact values where visited, known after, argmax [B]).
+    """
+    values = np.array(bounds, copy=True)
+    known = np.zeros(values.shape, bool) if known is None else np.array(known, copy=True)
+    n_rows, n_cols = values.shape
+    order = np.argsort(-values, axis=1, kind="stable")
+    best = np.where(known, values, -np.inf).max(axis=1, initial=-np.inf)
+    pos = np.zeros(n_rows, dtype=np.int64)
+    active = np.ones(n_rows, dtype=bool)
+    while active.any():
+        rows: list[int] = []
+        cols: list[int] = []
+        for b in np.flatnonzero(active):
+            taken = 0
+            while pos[b] < n_cols and taken < per_round:
+                p = order[b, pos[b]]
+                if values[b, p] < best[b]:
+                    break
+                pos[b] += 1
+                if not known[b, p]:
+                    rows.append(b)
+                    cols.append(p)
+                    taken += 1
+            if taken == 0:
+                active[b] = False
+        if not rows:
+            break
+        r, c = np.asarray(rows), np.asarray(cols)
+        exact = recheck(r, c)
+        values[r, c] = exact
+        known[r, c] = True
+        np.maximum.at(best, r, exact)
+    argmax = np.where(known, values, -np.inf).argmax(axis=1)
+    return values, known, argmax
 
 
 def reweighted_scores(

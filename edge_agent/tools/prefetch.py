@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
 
@@ -16,6 +16,11 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 R = TypeVar("R")
 X = TypeVar("X")
+
+# How exact each yielded map must be (Scorer.exact_map; matters with the ivf-exact index only):
+# "peak": its maximum is flat's; "all": all of it is flat's (the cost of flat search); "bound":
+# as searched (upper bounds where not re-checked).
+MapExactness = Literal["peak", "all", "bound"]
 
 
 def prefetch_batches(
@@ -43,19 +48,24 @@ def score_items(
     load: Callable[[T], tuple[np.ndarray, X] | None],
     batch_size: int,
     label: str,
+    *,
+    maps: MapExactness = "peak",
 ) -> Iterator[tuple[T, np.ndarray, X, float, np.ndarray]]:
     """(item, prepared image, extra, image score, anomaly map) for every item that loads.
 
     `load(item)` returns the image prepared for the scorer (Scorer.prepare) and anything else
     the caller wants read ahead with it (a ground-truth mask), or None to skip the item.
+    `maps` says where maps must be flat's (MapExactness); image scores are with ivf-exact.
     """
     progress = Progress(label, len(items))
     for pairs in prefetch_batches(items, load, batch_size):
         result = scorer.score(np.stack([image for _, (image, _) in pairs]))
-        for (item, (image, extra)), score, patches in zip(
-            pairs, result.image_scores, result.patch_scores, strict=True
-        ):
-            yield item, image, extra, float(score), scorer.anomaly_map(patches)
+        for i, (item, (image, extra)) in enumerate(pairs):
+            if maps == "bound":
+                amap = scorer.anomaly_map(result.patch_scores[i])
+            else:
+                amap = scorer.exact_map(result, i, peak=maps == "peak")
+            yield item, image, extra, float(result.image_scores[i]), amap
         progress.update(len(pairs))
 
 
