@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.cli import main
-from edge_agent.tools import demo
+from edge_agent.tools import broker, demo
 from tests.conftest import unavailable
 
 
@@ -33,7 +33,7 @@ def _run_demo_and_check(out: Path, capsys: pytest.CaptureFixture[str]) -> str:
 def test_demo_runs_end_to_end_with_mosquitto(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    if demo._mosquitto() is None:
+    if broker.mosquitto_binary() is None:
         unavailable("Mosquitto is not installed (scripts/setup.sh installs it)")
     text = _run_demo_and_check(tmp_path / "demo-out", capsys)
     assert "MQTT: Mosquitto (" in text
@@ -46,7 +46,7 @@ def test_demo_falls_back_to_amqtt_without_mosquitto(
     # A pip-only machine: no Mosquitto, the `demo` extra installed.
     if importlib.util.find_spec("amqtt") is None:
         unavailable("amqtt is not installed (the demo extra; scripts/setup.sh installs it)")
-    monkeypatch.setattr(demo, "_mosquitto", lambda: None)
+    monkeypatch.setattr(broker, "mosquitto_binary", lambda: None)
     text = _run_demo_and_check(tmp_path / "demo-out", capsys)
     assert "MQTT: amqtt " in text and "(Mosquitto not installed)" in text
 
@@ -54,8 +54,8 @@ def test_demo_falls_back_to_amqtt_without_mosquitto(
 def test_demo_without_any_broker_is_one_clear_line_before_any_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(demo, "_mosquitto", lambda: None)
-    monkeypatch.setattr(demo, "_amqtt", lambda: None)
+    monkeypatch.setattr(broker, "mosquitto_binary", lambda: None)
+    monkeypatch.setattr(broker, "amqtt_version", lambda: None)
     out = tmp_path / "demo-out"
     assert main(["demo", "--out", str(out)]) == 2
     captured = capsys.readouterr()

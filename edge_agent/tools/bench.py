@@ -6,6 +6,10 @@ bytes -> BGR), prepare (resize to the input size), onnx (ONNX Runtime), knn (FAI
 components). A frame's latency is measured from the start of its batch (when the first frame
 of the batch is read) to the end of its own regions stage, so larger batches trade latency for
 throughput exactly as they do in the agent.
+
+`bench --agent` measures the product instead: the real agent, fed by a camera, publishing over
+a real MQTT broker to a subscriber (edge_agent/tools/agent_bench.py), next to this engine
+figure at the same batch size.
 """
 
 from __future__ import annotations
@@ -28,24 +32,53 @@ from edge_agent.model.scorer import Scorer
 STAGES = ("decode", "prepare", "onnx", "knn", "score", "map", "regions")
 
 
+DEFAULT_BATCHES = (1, 8, 32)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", type=Path, required=True, help="bundle folder")
     p.add_argument("--data", type=Path, required=True, help="image folder (searched recursively)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32], help="batch sizes")
+    p.add_argument(
+        "--batch", type=int, nargs="+",
+        help=f"batch sizes (default: {' '.join(map(str, DEFAULT_BATCHES))}; not with --agent)",
+    )  # fmt: skip
     p.add_argument("--limit", type=int, help="use at most this many images")
-    p.add_argument("--warmup", type=int, default=2, help="batches run before timing")
+    p.add_argument(
+        "--warmup", type=int, default=2,
+        help="batches run before timing (--agent: the first WARMUP x max-batch verdicts are "
+        "left out of its figures)",
+    )  # fmt: skip
     add_scorer_options(p, batch_size=False)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    from edge_agent.tools.agent_bench import add_agent_arguments
+
+    add_agent_arguments(p.add_argument_group("the agent end to end (--agent)"))
 
 
-def _load_files(data: Path, limit: int | None) -> list[bytes]:
+def image_paths(data: Path, limit: int | None) -> list[Path]:
+    """The images bench uses, in order: every image under `data` (masks of an MVTec dataset
+    root left out), at most `limit`; a UserError when there are none."""
     paths = list_images(data, recursive=True)
     # Skip ground-truth masks when pointed at an MVTec dataset root.
     paths = [p for p in paths if "ground_truth" not in p.parts][:limit]
-    return [p.read_bytes() for p in paths]
+    if not paths:
+        raise UserError(f"{data}: no images to benchmark (besides ground-truth masks)")
+    return paths
 
 
-def bench_batch(scorer: Scorer, files: list[bytes], batch: int, warmup: int) -> dict[str, Any]:
+def _load_files(data: Path, limit: int | None) -> list[bytes]:
+    return [p.read_bytes() for p in image_paths(data, limit)]
+
+
+def bench_batch(
+    scorer: Scorer,
+    files: list[bytes],
+    batch: int,
+    warmup: int,
+    image_scores: list[float] | None = None,
+) -> dict[str, Any]:
+    """Time `files` in batches of `batch` (see the module docstring); with `image_scores`, the
+    image score of every timed file is appended to it, in order."""
     threshold = float(scorer.bundle.thresholds.get("pixel") or np.inf)
     stage_s = dict.fromkeys(STAGES, 0.0)
     latencies: list[float] = []
@@ -65,6 +98,8 @@ def bench_batch(scorer: Scorer, files: list[bytes], batch: int, warmup: int) -> 
         batch_s["decode"] = t_decoded - started
         batch_s["prepare"] = time.perf_counter() - t_decoded
         scores = scorer.score(stacked, batch_s)
+        if timed and image_scores is not None:
+            image_scores.extend(map(float, scores.image_scores))
         done = []
         for g in scores.patch_scores:
             t0 = time.perf_counter()
@@ -96,6 +131,14 @@ def bench_batch(scorer: Scorer, files: list[bytes], batch: int, warmup: int) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.agent:
+        from edge_agent.tools.agent_bench import run_agent_bench
+
+        return run_agent_bench(args)
+    from edge_agent.tools.agent_bench import refuse_agent_options
+
+    refuse_agent_options(args)
+    args.batch = args.batch or list(DEFAULT_BATCHES)
     if min(args.batch) < 1:
         raise UserError("--batch sizes must be at least 1")
     bundle = load_bundle(args.bundle)

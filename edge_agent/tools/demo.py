@@ -13,19 +13,12 @@ a walk-through of the commands a line engineer would type.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import importlib.util
 import json
-import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +26,11 @@ import cv2
 
 from edge_agent.errors import UserError
 from edge_agent.images import list_images, read_image
+from edge_agent.tools.broker import choose_broker, mqtt_broker
 
 # The sample tiles live in the repository, not in the wheel: beside the package in a source
 # checkout (the editable install setup.sh makes), else maybe under the working directory.
 SAMPLE = Path(__file__).resolve().parents[2] / "demo" / "sample"
-NO_BROKER = (
-    "the demo needs an MQTT broker and found none: install Mosquitto "
-    "(sudo apt install mosquitto) or the Python one (pip install 'edge-agent[demo]')"
-)
 PREFIX = "edge-agent"
 LINE = "demo"
 CAMERA = "cam1"
@@ -86,110 +76,6 @@ def make_video(frames_dir: Path, out: Path, fps: float) -> list[str]:
         labels.append(f.stem.split("_")[1])
     writer.release()
     return labels
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _mosquitto() -> str | None:
-    return shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
-    )
-
-
-def _amqtt() -> str | None:
-    """The installed amqtt version, or None; found without importing it."""
-    if importlib.util.find_spec("amqtt") is None:
-        return None
-    try:
-        return importlib.metadata.version("amqtt")
-    except importlib.metadata.PackageNotFoundError:  # importable, e.g. from a source tree
-        return "(version unknown)"
-
-
-MOSQUITTO_CONF = "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-# Only anonymous auth: amqtt's default plugins also log every packet and publish $SYS topics.
-AMQTT_CONF = """\
-listeners:
-  default:
-    type: tcp
-    bind: 127.0.0.1:{port}
-plugins:
-  amqtt.plugins.authentication.AnonymousAuthPlugin:
-    allow_anonymous: true
-"""
-
-
-@dataclass(frozen=True)
-class Broker:
-    """How to start one kind of MQTT broker as a child process on a given loopback port."""
-
-    name: str  # what the demo tells the user it runs
-    argv: tuple[str, ...]  # the config file's path is appended
-    config_name: str
-    config_template: str  # formatted with `port`
-
-
-def choose_broker() -> Broker:
-    """Mosquitto if installed, else amqtt (pure Python, the `demo` extra); else a UserError."""
-    binary = _mosquitto()
-    if binary is not None:
-        return Broker(f"Mosquitto ({binary})", (binary, "-c"), "mosquitto.conf", MOSQUITTO_CONF)
-    version = _amqtt()
-    if version is not None:
-        # `-m` with this interpreter, as for edge-agent itself: the venv's bin/ may not be on PATH.
-        argv = (sys.executable, "-m", "amqtt.scripts.broker_script", "-c")
-        name = f"amqtt {version} (Mosquitto not installed)"
-        return Broker(name, argv, "amqtt.yaml", AMQTT_CONF)
-    raise UserError(NO_BROKER)
-
-
-# MQTT 3.1.1 CONNECT (clean session, keep-alive 10 s, empty client id), then DISCONNECT: ready
-# means the broker answers CONNACK, and unlike a bare TCP connect-and-close it logs no error.
-_PROBE_CONNECT = b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x0a\x00\x00"
-_CONNACK_ACCEPTED = b"\x20\x02\x00\x00"
-_DISCONNECT = b"\xe0\x00"
-
-
-def _answers_mqtt(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(_PROBE_CONNECT)
-            ack = sock.recv(4)
-            sock.sendall(_DISCONNECT)
-    except OSError:
-        return False
-    return ack == _CONNACK_ACCEPTED
-
-
-@contextmanager
-def mqtt_broker(broker: Broker, workdir: Path) -> Iterator[int]:
-    """Run `broker` on a free loopback port (yielded); its output goes to workdir/broker.log."""
-    port = _free_port()
-    conf = workdir / broker.config_name
-    conf.write_text(broker.config_template.format(port=port))
-    log_path = workdir / "broker.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([*broker.argv, str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        # amqtt imports for a few tenths of a second on an idle machine; leave room for a busy one.
-        deadline = time.monotonic() + 20
-        while not _answers_mqtt(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise UserError(f"{broker.name} did not start on port {port} (log: {log_path})")
-            time.sleep(0.05)
-        print(f"MQTT: {broker.name} on 127.0.0.1:{port}")
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def write_config(out: Path, bundle: Path, video: Path, port: int) -> Path:
@@ -299,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
     sample = find_sample(args.sample)
     for part in ("train/good", "holdout/good", "line"):
         list_images(sample / part)  # a clear error if the sample data is incomplete
-    broker = choose_broker()  # before the minute of fitting, so a missing broker fails at once
+    # Before the minute of fitting, so that a missing broker fails at once.
+    broker = choose_broker("the demo")
     out: Path = args.out.resolve()
     if out.exists():
         shutil.rmtree(out)
