@@ -12,7 +12,9 @@ from edge_agent.decide.decision import (
     decide,
     frame_map,
     resolve_thresholds,
+    verdict_for,
 )
+from edge_agent.publish.contract import ERROR
 
 
 def map_with_blob(size=(224, 224), box=(100, 40, 30, 20), value=5.0) -> np.ndarray:
@@ -83,3 +85,14 @@ def test_frame_map_keeps_same_size_and_resizes_others() -> None:
     assert frame_map(amap, (224, 224)) is not None
     assert frame_map(amap, (224, 224)).shape == (224, 224)
     assert frame_map(amap, (100, 300)).shape == (100, 300)
+
+
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), float("-inf"), np.float32("nan")])
+def test_a_non_finite_score_is_never_ok(score: float) -> None:
+    # nan >= threshold is False: without the check a broken model passes every part.
+    t = Thresholds(image=2.0, pixel=1.5, normalization={"low": 1.0, "threshold": 2.0, "high": 4.0})
+    assert verdict_for(score, t) == ERROR
+    d = decide(score, map_with_blob(), (224, 224), t)
+    assert d.verdict == ERROR and d.is_error and not d.is_ng
+    assert d.error is not None and d.error.startswith("non-finite score")
+    assert d.regions == () and np.isnan(d.normalised_score)

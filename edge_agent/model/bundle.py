@@ -6,7 +6,11 @@
     training_images.json  SHA-256 of every training image (calibration refuses those)
     manifest.json       shapes, preprocessing, scoring, thresholds, SHA-256 of every file
 
-Loading verifies every checksum and that the ONNX output width matches the bank width.
+Loading verifies every checksum, validates the manifest against one schema (ManifestModel:
+types and ranges of every field the agent uses; unknown fields are kept, so a newer tool may
+add some) and checks the arrays against it and against the ONNX graph: a finite [M, D] bank,
+bank_knn rows that are bank rows, a grid and a width that are what the graph outputs at the
+input size. Anything else is a UserError naming the bundle and the field.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_agent.errors import UserError
 from edge_agent.fileio import atomic_write
@@ -30,6 +35,122 @@ MODEL_FILE = "model.onnx"
 BANK_FILE = "bank.npy"
 BANK_KNN_FILE = "bank_knn.npy"
 TRAINING_IMAGES_FILE = "training_images.json"
+
+MAX_MANIFEST_BYTES = 1 << 20  # fit writes ~2 KB; bounds what a damaged file can cost to parse
+MIN_INPUT_SIDE = 16  # below this the backbone's feature maps have no patches left
+MAX_INPUT_SIDE = 4096  # a 4096x4096 frame is already ~260k patches to search per image
+MAX_DIM = 65536
+MAX_K = 1024  # neighbours per patch (scoring.k) or per bank row (reweight_k)
+MAX_MASK_SIGMA = 64.0  # the blur kernel is 8 sigma wide: beyond this it costs seconds per map
+# Scores are distances between feature vectors: tens for every backbone fit exports. A
+# threshold beyond this can never be reached by a real frame, so it would pass every part.
+MAX_THRESHOLD = 1e6
+# Features (bank rows and what the graph outputs) are tens at most. Far beyond, float32
+# squared distances overflow: FAISS then answers "no neighbour" with a finite sentinel
+# distance, and its k-means (ivf) aborts the whole process on such a bank at load.
+MAX_FEATURE_ABS = 1e6
+
+
+# -- the manifest schema --------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    # Strict: JSON already has real numbers and booleans, so "224" or true where an integer
+    # belongs is damage, not a spelling. Unknown keys are allowed (and kept in the manifest
+    # dict): a newer fit or calibrate may record more without breaking this agent.
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False, frozen=True)
+
+
+Side = Annotated[int, Field(ge=MIN_INPUT_SIDE, le=MAX_INPUT_SIDE)]
+GridSide = Annotated[int, Field(ge=1, le=MAX_INPUT_SIDE)]
+Threshold = Annotated[float, Field(gt=0, le=MAX_THRESHOLD)]
+Score = Annotated[float, Field(ge=0, le=MAX_THRESHOLD)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+# A plain file name: no folders, no leading dot, nothing a path could choke on (NUL).
+FileName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")]
+
+
+class InputSection(_Section):
+    height: Side
+    width: Side
+    # What the agent feeds the graph; a bundle expecting anything else would get garbage.
+    channels: Literal[3] = 3
+    dtype: Literal["uint8"] = "uint8"
+    layout: Literal["NHWC"] = "NHWC"
+    color: Literal["BGR"] = "BGR"
+
+
+class FeaturesSection(_Section):
+    grid: Annotated[list[GridSide], Field(min_length=2, max_length=2)]
+    dim: Annotated[int, Field(ge=1, le=MAX_DIM)]
+
+
+class BankSection(_Section):
+    size: Annotated[int, Field(ge=1)] | None = None
+
+
+class ScoringSection(_Section):
+    k: Annotated[int, Field(ge=1, le=MAX_K)]
+    reweight: bool
+    reweight_k: Annotated[int, Field(ge=0, le=MAX_K)]
+    mask_sigma: Annotated[float, Field(ge=0, le=MAX_MASK_SIGMA)]
+
+
+class Normalization(_Section):
+    low: Score
+    threshold: Threshold
+    high: Threshold
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Normalization:
+        if not (self.low <= self.threshold <= self.high and self.low < self.high):
+            raise ValueError(
+                f"must have low <= threshold <= high and low < high, got low {self.low:g}, "
+                f"threshold {self.threshold:g}, high {self.high:g}"
+            )
+        return self
+
+
+class ThresholdsSection(_Section):
+    image: Threshold | None = None
+    pixel: Threshold | None = None
+    normalization: Normalization | None = None
+    calibrated: dict[str, Any] | None = None  # calibrate's record, for people: not used here
+
+
+class ManifestModel(_Section):
+    """manifest.json as fit (export/fit.py) and calibrate (thresholds_section) write it."""
+
+    format: Literal["edge-agent-bundle"]
+    format_version: Literal[1]
+    model_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+    files: dict[FileName, Sha256]
+    input: InputSection
+    features: FeaturesSection
+    bank: BankSection | None = None
+    scoring: ScoringSection
+    thresholds: ThresholdsSection | None = None
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _schema_problem(exc: ValidationError) -> str:
+    """The first error as `field.path: what is wrong, got VALUE`, on one line."""
+    err = exc.errors(include_url=False)[0]
+    where = _where(err["loc"]) or "the manifest"
+    if err["type"] == "missing":
+        return f"{where}: missing"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    msg = msg[:1].lower() + msg[1:]
+    if err["type"] == "value_error":  # our own validators say what they found
+        return f"{where}: {msg}"
+    got = repr(err.get("input"))
+    return f"{where}: {msg}, got {got if len(got) <= 60 else got[:57] + '...'}"
 
 
 def sha256_file(path: Path) -> str:
@@ -97,6 +218,7 @@ def _fail(bundle_dir: Path, problem: str) -> UserError:
 
 
 def read_manifest(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed manifest.json, validated against ManifestModel (unknown fields kept)."""
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise UserError(f"bundle {bundle_dir}: no such folder")
@@ -104,17 +226,42 @@ def read_manifest(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if not mpath.is_file():
         raise _fail(bundle_dir, f"{MANIFEST} is missing (is this a bundle folder?)")
     try:
+        if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+            raise _fail(bundle_dir, f"{MANIFEST} is over {MAX_MANIFEST_BYTES} bytes")
         manifest = json.loads(mpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(bundle_dir, f"{MANIFEST} is not valid JSON ({exc})") from None
+    # ValueError: bad JSON, bad UTF-8, an integer too long to convert; RecursionError: nesting
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise _fail(bundle_dir, f"{MANIFEST} is not valid JSON ({reason})") from None
+    return validate_manifest(bundle_dir, manifest)
+
+
+def validate_manifest(bundle_dir: Path, manifest: Any) -> dict[str, Any]:
+    """`manifest` (parsed JSON) if it fits ManifestModel, else a UserError naming the field."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise _fail(bundle_dir, f"{MANIFEST} is not an {FORMAT} manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise _fail(
             bundle_dir,
-            f"format version {version} is not supported (this edge-agent reads {FORMAT_VERSION})",
+            f"format version {version!r} is not supported (this edge-agent reads {FORMAT_VERSION})",
         )
+    try:
+        model = ManifestModel.model_validate(manifest)
+    except ValidationError as exc:
+        raise _fail(bundle_dir, f"{MANIFEST}: {_schema_problem(exc)}") from None
+    t = model.thresholds
+    # calibrate writes image == normalization.threshold: an image threshold outside the
+    # recorded range was edited by hand (1e308 would pass every part).
+    if t is not None and t.normalization is not None and t.image is not None:
+        n = t.normalization
+        if not n.low <= t.image <= n.high:
+            raise _fail(
+                bundle_dir,
+                f"{MANIFEST}: thresholds.image: {t.image:g} is outside the calibrated score "
+                f"range {n.low:g}..{n.high:g} (thresholds.normalization), so it is not what "
+                "calibrate wrote: empty `thresholds` and run `edge-agent calibrate` again",
+            )
     return manifest
 
 
@@ -137,32 +284,69 @@ def verify_files(bundle_dir: Path, manifest: dict[str, Any]) -> None:
             )
 
 
-def _load_npy(bundle_dir: Path, name: str, dtype: type) -> np.ndarray:
+def _load_npy(bundle_dir: Path, name: str, kinds: str) -> np.ndarray:
+    """The array as stored; its dtype must be one of numpy's `kinds` ("f": float, "iu": int)."""
     try:
         arr = np.load(bundle_dir / name, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         raise _fail(bundle_dir, f"{name} is not a readable .npy array ({exc})") from None
-    return np.ascontiguousarray(arr, dtype=dtype)
+    if arr.dtype.kind not in kinds:
+        wanted = "floating-point" if kinds == "f" else "integer"
+        raise _fail(bundle_dir, f"{name} must hold {wanted} values, not {arr.dtype}")
+    return arr
 
 
-def onnx_output_width(model_path: Path, input_size: tuple[int, int]) -> int:
-    """Feature width D of the ONNX graph: as declared, or by running one blank frame through
-    it when the graph leaves the width symbolic."""
+def _onnx_shape(model_path: Path, input_size: tuple[int, int]) -> tuple[int, int]:
+    """(patches per image, feature width) of the ONNX graph's output at `input_size`: as
+    declared, or by running one blank frame through it when the graph leaves them symbolic.
+    Declared input sizes other than `input_size` are refused."""
     import onnxruntime as ort
 
+    bundle_dir = model_path.parent
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-        width = sess.get_outputs()[0].shape[-1]
-        if isinstance(width, int):
-            return width
-        blank = np.zeros((1, *input_size, 3), dtype=np.uint8)
-        return int(sess.run(None, {sess.get_inputs()[0].name: blank})[0].shape[-1])
+        inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
-        raise UserError(
-            f"bundle {model_path.parent}: {MODEL_FILE} cannot be loaded ({exc})"
+        raise _fail(bundle_dir, f"{MODEL_FILE} cannot be loaded ({_one_line(exc)})") from None
+    height, width = input_size
+    declared = list(inp.shape)
+    if inp.type != "tensor(uint8)" or len(declared) != 4:
+        raise _fail(
+            bundle_dir,
+            f"{MODEL_FILE} takes {inp.type} {declared}, not uint8 frames [batch, H, W, 3]",
+        )
+    for got, want in zip(declared[1:], (height, width, 3), strict=True):
+        if isinstance(got, int) and got != want:
+            raise _fail(
+                bundle_dir,
+                f"{MODEL_FILE} takes frames of shape {declared[1:]} but the manifest's input "
+                f"is {height}x{width}x3: model and manifest do not belong together",
+            )
+    shape = list(out.shape)
+    if len(shape) == 3 and isinstance(shape[1], int) and isinstance(shape[2], int):
+        return shape[1], shape[2]
+    blank = np.zeros((1, height, width, 3), dtype=np.uint8)
+    try:
+        feats = sess.run(None, {inp.name: blank})[0]
+    except Exception as exc:
+        raise _fail(
+            bundle_dir, f"{MODEL_FILE} cannot run a {width}x{height} frame ({_one_line(exc)})"
         ) from None
+    if feats.ndim != 3:
+        raise _fail(bundle_dir, f"{MODEL_FILE} outputs shape {feats.shape}, not [B, h*w, D]")
+    return int(feats.shape[1]), int(feats.shape[2])
+
+
+def onnx_output_width(model_path: Path, input_size: tuple[int, int]) -> int:
+    """Feature width D of the ONNX graph (see _onnx_shape)."""
+    return _onnx_shape(model_path, input_size)[1]
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_bundle(bundle_dir: str | os.PathLike[str], *, check_model: bool = True) -> Bundle:
@@ -170,29 +354,84 @@ def load_bundle(bundle_dir: str | os.PathLike[str], *, check_model: bool = True)
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     verify_files(bundle_dir, manifest)
-    bank = _load_npy(bundle_dir, BANK_FILE, np.float32)
+    bank = _load_npy(bundle_dir, BANK_FILE, "f")
     if bank.ndim != 2 or bank.shape[0] == 0:
         raise _fail(bundle_dir, f"{BANK_FILE} must be a non-empty [M, D] array, got {bank.shape}")
-    dim = int(manifest["features"]["dim"])
-    if bank.shape[1] != dim:
+    # One NaN row poisons every distance to it; an inf one makes scores inf or NaN.
+    if not np.isfinite(bank).all():
+        bad = int(np.count_nonzero(~np.isfinite(bank).all(axis=1)))
+        raise _fail(bundle_dir, f"{BANK_FILE} has {bad} row(s) with NaN or infinite values")
+    peak = float(np.abs(bank).max())
+    if peak > MAX_FEATURE_ABS:
         raise _fail(
-            bundle_dir, f"{BANK_FILE} is {bank.shape[1]} wide but the manifest says D={dim}"
+            bundle_dir,
+            f"{BANK_FILE} has values up to {peak:.3g}, beyond any feature a model outputs "
+            f"(at most {MAX_FEATURE_ABS:g}): its distances would overflow",
+        )
+    bank = np.ascontiguousarray(bank, dtype=np.float32)
+    rows, dim = bank.shape
+    if dim != manifest["features"]["dim"]:
+        declared = manifest["features"]["dim"]
+        raise _fail(bundle_dir, f"{BANK_FILE} is {dim} wide but the manifest says D={declared}")
+    size = (manifest.get("bank") or {}).get("size")
+    if size is not None and size != rows:
+        raise _fail(
+            bundle_dir, f"{BANK_FILE} has {rows} rows but the manifest says bank.size={size}"
+        )
+    scoring = manifest["scoring"]
+    if scoring["k"] > rows:
+        raise _fail(
+            bundle_dir, f"scoring.k={scoring['k']} neighbours, but {BANK_FILE} has only {rows} rows"
         )
     if check_model:
-        size = (int(manifest["input"]["height"]), int(manifest["input"]["width"]))
-        width = onnx_output_width(bundle_dir / MODEL_FILE, size)
-        if width != bank.shape[1]:
+        gh, gw = manifest["features"]["grid"]
+        input_size = (manifest["input"]["height"], manifest["input"]["width"])
+        patches, width = _onnx_shape(bundle_dir / MODEL_FILE, input_size)
+        if width != dim:
             raise _fail(
                 bundle_dir,
                 f"{MODEL_FILE} outputs {width}-wide features but {BANK_FILE} is "
-                f"{bank.shape[1]} wide: model and bank come from different fits",
+                f"{dim} wide: model and bank come from different fits",
+            )
+        if patches != gh * gw:
+            raise _fail(
+                bundle_dir,
+                f"features.grid {gh}x{gw} is {gh * gw} patches but {MODEL_FILE} outputs "
+                f"{patches} at the input size {input_size[0]}x{input_size[1]}",
             )
     bank_knn = None
     if BANK_KNN_FILE in manifest["files"]:
-        bank_knn = _load_npy(bundle_dir, BANK_KNN_FILE, np.int32)
-        if bank_knn.ndim != 2 or bank_knn.shape[0] != bank.shape[0]:
-            raise _fail(bundle_dir, f"{BANK_KNN_FILE} shape {bank_knn.shape} does not fit the bank")
+        bank_knn = _load_bank_knn(bundle_dir, rows)
+    reweight_k = scoring["reweight_k"]
+    if scoring["reweight"] and reweight_k >= 2:  # the Scorer's rule for reweighting
+        if bank_knn is None:
+            raise _fail(bundle_dir, f"scoring.reweight needs {BANK_KNN_FILE}, which is not listed")
+        if bank_knn.shape[1] < reweight_k:
+            raise _fail(
+                bundle_dir,
+                f"{BANK_KNN_FILE} has {bank_knn.shape[1]} columns but scoring.reweight_k is "
+                f"{reweight_k}",
+            )
     return Bundle(path=bundle_dir, manifest=manifest, bank=bank, bank_knn=bank_knn)
+
+
+def _load_bank_knn(bundle_dir: Path, rows: int) -> np.ndarray:
+    """[M, k] int32 bank rows. Checked before the cast: int64 values would wrap, and numpy
+    reads a negative index from the end, so a bad row would silently pick another one."""
+    knn = _load_npy(bundle_dir, BANK_KNN_FILE, "iu")
+    if knn.ndim != 2 or knn.shape[0] != rows or knn.shape[1] == 0:
+        raise _fail(bundle_dir, f"{BANK_KNN_FILE} shape {knn.shape} does not fit the bank")
+    if knn.min() < 0 or knn.max() >= rows:
+        raise _fail(
+            bundle_dir,
+            f"{BANK_KNN_FILE} has values {knn.min()}..{knn.max()}, outside the bank's rows "
+            f"0..{rows - 1}",
+        )
+    knn = np.ascontiguousarray(knn, dtype=np.int32)
+    # Eq. 7 takes column 0 as the row itself (export.fit.bank_neighbours guarantees it).
+    if not np.array_equal(knn[:, 0], np.arange(rows, dtype=np.int32)):
+        raise _fail(bundle_dir, f"{BANK_KNN_FILE} column 0 must be each row's own index")
+    return knn
 
 
 def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -214,4 +453,6 @@ def update_thresholds(bundle_dir: Path, thresholds: dict[str, Any]) -> dict[str,
     manifest = read_manifest(bundle_dir)
     verify_files(Path(bundle_dir), manifest)
     manifest["thresholds"] = thresholds
+    # The same schema as at load: never write a section the agent would then refuse.
+    validate_manifest(Path(bundle_dir), manifest)
     return write_manifest(Path(bundle_dir), manifest)
