@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from edge_agent.decide.archive import ArchiveSettings, RejectArchive
 
@@ -108,7 +115,8 @@ def test_full_disk_is_counted_and_logged_once(tmp_path: Path, caplog) -> None:
             _submit(archive, i, T0 + i)
         archive.close()
     assert archive.stats["errors"] == 3 and archive.stats["saved"] == 0
-    assert len([r for r in caplog.records if r.name == "edge_agent.decide.archive"]) == 1
+    errors = [r for r in caplog.records if r.name == "edge_agent.decide.archive"]
+    assert len([r for r in errors if r.levelno >= logging.ERROR]) == 1
     # and it recovers once the disk does
     (root / "2023-11-14").unlink()
     again = RejectArchive(ArchiveSettings(dir=root, quota_mb=10))
@@ -128,3 +136,94 @@ def test_ok_frames_only_with_save_ok_and_without_overlay(tmp_path: Path) -> None
     path = keep.submit(frame, {**_verdict(1, T0), "verdict": "OK"})
     keep.close()
     assert path is not None and cv2.imread(path).shape == frame.shape
+
+
+# -- the free-space floor ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MB filesystem (tmpfs; needs root): the archive's quota is far larger than the
+    disk, as when the archive shares a small eMMC with the spool."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root (the floor is also tested without it)")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _drain(archive: RejectArchive, accepted: int, timeout_s: float = 10.0) -> None:
+    """Wait until the writer has handled the `accepted` jobs (keeps 'writer behind' out)."""
+    deadline = time.monotonic() + timeout_s
+    while archive.stats["saved"] + archive.stats["errors"] < accepted:
+        assert time.monotonic() < deadline, archive.stats
+        time.sleep(0.005)
+
+
+def test_a_full_small_disk_never_publishes_a_path_that_is_not_written(small_disk: Path) -> None:
+    archive = RejectArchive(ArchiveSettings(dir=small_disk / "a", quota_mb=100, min_free_mb=0.5))
+    archive.start()
+    published = []
+    for i in range(80):  # about 5 MB of JPEGs for a 2 MB disk
+        path = _submit(archive, i, T0 + i)
+        if path is not None:
+            published.append(path)
+        _drain(archive, len(published))
+    archive.close()
+    stats = archive.stats
+    assert stats["errors"] == 0, stats  # no write ever ran into a full disk
+    assert stats["saved"] == len(published) > 10
+    assert shutil.disk_usage(small_disk).free >= 0.5 * 1024 * 1024
+    on_disk = sorted(str(p) for p in (small_disk / "a").rglob("*.jpg"))
+    # The floor deleted the oldest entries to make room: what is left is the newest of what
+    # was published, each with its sidecar naming it, and no sidecar without its image.
+    assert on_disk and on_disk == sorted(published[-len(on_disk) :])
+    for side in (small_disk / "a").rglob("*.json"):
+        assert Path(json.loads(side.read_text())["reject_image"]).is_file()
+    assert len(list((small_disk / "a").rglob("*.json"))) == len(on_disk)
+    assert not list((small_disk / "a").rglob(".*"))  # no temporary files left behind
+
+
+def test_below_the_floor_nothing_is_promised_and_it_is_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Without root: a floor above the free space of any real disk stands for a full one.
+    floor_mb = (shutil.disk_usage(tmp_path).free + (1 << 40)) / (1024 * 1024)
+    root = tmp_path / "a"
+    archive = RejectArchive(ArchiveSettings(dir=root, min_free_mb=floor_mb))
+    archive.start()
+    with caplog.at_level("INFO", logger="edge_agent.decide.archive"):
+        paths = [_submit(archive, i, T0 + i) for i in range(5)]
+        archive.close()
+    assert paths == [None] * 5  # the verdicts say reject_image null
+    stats = archive.stats
+    assert stats["skipped"] == stats["skipped_low_disk"] == 5 and stats["saved"] == 0
+    assert not list(root.rglob("*.*"))
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "below the floor" in errors[0] and "min_free_mb" in errors[0]
+    # With room again (a floor of 0), archiving resumes.
+    again = RejectArchive(ArchiveSettings(dir=root, min_free_mb=0))
+    again.start()
+    path = _submit(again, 9, T0 + 9)
+    again.close()
+    assert path is not None and Path(path).is_file()
+
+
+def test_a_failed_write_leaves_no_sidecar_claiming_an_image(tmp_path: Path) -> None:
+    root = tmp_path / "a"
+    root.mkdir()
+    (root / "2023-11-14").write_text("in the way")  # every write fails like a broken disk
+    archive = RejectArchive(ArchiveSettings(dir=root, min_free_mb=0))
+    archive.start()
+    path = _submit(archive, 1, T0)
+    archive.close()
+    assert path is not None and archive.stats["errors"] == 1  # logged and counted
+    assert not list(root.rglob("*.json")) and not Path(path).exists()

@@ -162,8 +162,10 @@ def test_folder_delivers_every_file_once_in_order(tiles, tmp_path: Path, capture
     for f in got:
         if f.source_name == "002_corrupt.jpg":
             assert f.image.shape == (0, 0, 3) and f.image.dtype == np.uint8
+            assert f.error is not None and "not a decodable image" in f.error  # the reason
         else:
             assert np.array_equal(f.image, read_image(tmp_path / "imgs" / f.source_name))
+            assert f.error is None
     assert cap.stats["frames_in"] == len(names) and cap.stats["dropped"] == 0
     assert cap.finished and not cap.running
     warnings = messages(capture_log, logging.WARNING)
@@ -360,6 +362,25 @@ def test_live_overflow_drops_oldest_and_counts(mjpeg_video: Path, tmp_path: Path
     kept = q.get_batch(8, 0.0)
     assert stats["dropped"] == stats["frames_in"] - 2 and stats["dropped"] >= 6
     assert [f.sequence for f in kept] == [stats["frames_in"] - 2, stats["frames_in"] - 1]
+
+
+@needs_ffmpeg
+def test_live_frames_over_the_limit_are_error_frames(mjpeg_video: Path, tmp_path: Path) -> None:
+    # A camera that suddenly sends far larger frames (a misconfigured sensor, a hostile
+    # stream): each is answered ERROR with the reason, the capture carries on.
+    with MjpegHttpServer(mjpeg_video, log_dir=tmp_path) as server:
+        q = FrameQueue(64)
+        cap = CameraCapture(stream_settings(server.url, max_megapixels=0.01), q)
+        cap.start()
+        try:
+            wait_for(lambda: cap.stats["frames_in"] >= 3, 10, "frames")
+            got = collect_for(q, 0.5)
+        finally:
+            cap.stop()
+    assert len(got) >= 3 and cap.stats["reconnects"] == 0
+    for f in got:
+        assert f.image.size == 0
+        assert f.error == "frame 224x224 pixels (0.1 MP) exceeds the limit of 0.01 MP"
 
 
 @needs_ffmpeg

@@ -191,3 +191,13 @@ def test_bad_sizes_are_refused(bad: int) -> None:
         FrameQueue(bad)
     with pytest.raises(ValueError):
         FrameQueue(2).get_batch(bad, 0.0)
+
+
+def test_a_frame_carries_the_reason_it_has_no_image() -> None:
+    q = FrameQueue(2)
+    bad = Frame("a", 0, "a-0", time.time(), np.empty((0, 0, 3), np.uint8), "x.png", "why")
+    q.put(bad, block=True)
+    q.put(frame("a", 1), block=True)
+    got = q.get_batch(2, 0.0)
+    assert [f.error for f in got] == ["why", None]
+    assert got[0].source_name == "x.png" and got[0].image.size == 0

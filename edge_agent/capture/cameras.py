@@ -6,9 +6,15 @@ Sources (``kind``, chosen from ``source`` when "auto"):
 - ``stream``: any ``scheme://`` URL (RTSP, HTTP MJPEG, ...), read by OpenCV's FFMPEG backend
   with open and read timeouts so that a dead peer ends a read instead of hanging it.
 - ``folder``: every image file in sorted order, one frame each. An unreadable file still yields
-  a frame, with an EMPTY image, so the inference side answers it as a bad frame and every file
-  gets exactly one verdict.
+  a frame, with an EMPTY image and the reason in ``Frame.error``, so the inference side answers
+  it as an ERROR verdict saying why and every file gets exactly one verdict. A file whose header
+  declares more than ``max_megapixels`` is refused before it is decoded (images.py).
 - ``file``: a video file, every decoded frame once and in order.
+
+A capture thread never dies of one frame: a frame that cannot be read, decoded or is larger
+than ``max_megapixels`` (any source kind) becomes an ERROR frame with its reason. Should the
+thread die of anything else, the capture records it (``failed``, ``last_error``, not
+``connected``, one ERROR line) and the service stops with exit 1 so that systemd restarts it.
 
 Live sources (usb, stream) never stop on their own: an open or read failure starts an outage,
 logged once, and the thread retries with exponential back-off plus jitter until it is back
@@ -23,6 +29,7 @@ import random
 import re
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -32,7 +39,16 @@ import numpy as np
 
 from edge_agent.capture.frame_queue import Frame, FrameQueue
 from edge_agent.errors import UserError
-from edge_agent.images import BadImage, list_images, read_image
+from edge_agent.images import (
+    DEFAULT_MAX_PIXELS,
+    BadImage,
+    check_pixels,
+    cv_reason,
+    decode_image,
+    list_images,
+    max_file_bytes,
+    read_image_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +80,9 @@ class CameraSettings:
     mode: str = "continuous"  # or "trigger": the service decides what to inspect
     open_timeout_s: float = 10.0  # streams: give up connecting after this long
     read_timeout_s: float = 5.0  # streams: a read that waits longer counts as a lost stream
+    # Frames above this many megapixels are ERROR frames; image files are refused from their
+    # header, before decoding (a decompression bomb costs nothing). images.DEFAULT_MAX_PIXELS.
+    max_megapixels: float = DEFAULT_MAX_PIXELS / 1e6
 
     def __post_init__(self) -> None:
         where = f"camera {self.id!r}"
@@ -85,6 +104,8 @@ class CameraSettings:
             )
         if not (self.open_timeout_s > 0 and self.read_timeout_s > 0):
             raise UserError(f"{where}: open_timeout_s and read_timeout_s must be above 0")
+        if not self.max_megapixels > 0:
+            raise UserError(f"{where}: max_megapixels must be above 0, got {self.max_megapixels}")
 
     def resolved_kind(self) -> str:
         """The source kind, with "auto" decided from the source."""
@@ -102,6 +123,12 @@ class CameraSettings:
         if self.overflow == "auto":
             return self.resolved_kind() not in LIVE_KINDS
         return self.overflow == "block"
+
+
+def _where(exc: BaseException) -> str:
+    """file:line of the innermost frame: where a failure happened, in the one log line."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    return f"{Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else "unknown"
 
 
 def redact(source: str | int) -> str:
@@ -139,6 +166,8 @@ class CameraCapture:
         self._connected = False
         self._last_error: str | None = None
         self._finished = False
+        self._failed = False
+        self._max_pixels = max(1, int(settings.max_megapixels * 1e6))
         self._outage_since: float | None = None  # monotonic start of the current outage
         self._ever_connected = False
         self._files: list[Path] = []
@@ -202,6 +231,12 @@ class CameraCapture:
         return self._finished
 
     @property
+    def failed(self) -> bool:
+        """The capture thread ended on its own before its source was done (not stopped): the
+        camera delivers nothing more, which must not look like a finished source."""
+        return self._failed
+
+    @property
     def connected(self) -> bool:
         return self._connected
 
@@ -213,7 +248,8 @@ class CameraCapture:
         delivering again after failing to open or losing its stream); reconnect_attempts: opens
         tried after the first; connected: delivering frames now; last_error: the latest
         failure (credentials redacted), kept after recovery; dropped: this camera's frames
-        the queue dropped; finished: a finite source is done.
+        the queue dropped; finished: a finite source is done; failed: the capture thread died
+        before that (see `failed`).
         """
         return {
             "frames_in": self._frames_in,
@@ -223,6 +259,7 @@ class CameraCapture:
             "last_error": self._last_error,
             "dropped": self.queue.dropped.get(self.settings.id, 0),
             "finished": self._finished,
+            "failed": self._failed,
         }
 
     # -- common ------------------------------------------------------------------------------
@@ -232,15 +269,33 @@ class CameraCapture:
             target()
         except UserError as exc:  # e.g. a looping video file deleted meanwhile
             self._last_error = str(exc)
-            log.error("%s", exc)
+            log.error("%s; capture stopped", exc)
         except Exception as exc:  # a bug must not die silently on a daemon thread
-            self._last_error = f"capture thread failed: {exc!r}"
-            log.exception("camera %s: capture thread failed", self.settings.id)
+            self._last_error = f"capture thread failed: {type(exc).__name__}: {exc}"
+            log.error("camera %s: %s (at %s)", self.settings.id, self._last_error, _where(exc))
+            log.debug("camera %s: capture thread failure", self.settings.id, exc_info=True)
         finally:
             self._connected = False
+            # Set by this thread as it ends, so that a later stop() cannot hide it.
+            if not (self._finished or self._stop.is_set() or self.queue.closed):
+                self._failed = True
 
-    def _emit(self, image: np.ndarray, captured_at: float, source_name: str | None = None) -> bool:
-        """Number and queue one frame; False when the capture must end (stopped or closed)."""
+    def _emit(
+        self,
+        image: np.ndarray,
+        captured_at: float,
+        source_name: str | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """Number and queue one frame; False when the capture must end (stopped or closed).
+
+        With `error` (or for a decoded frame above the pixel limit) the frame carries an empty
+        image and the reason, and is answered as an ERROR verdict.
+        """
+        if error is None:
+            error = self._too_large(image)
+        if error is not None:
+            image = empty_image()  # a huge frame must not wait in the queue
         seq = self._sequence
         frame = Frame(
             camera=self.settings.id,
@@ -249,6 +304,7 @@ class CameraCapture:
             captured_at=captured_at,
             image=image,
             source_name=source_name,
+            error=error,
         )
         self._sequence = seq + 1
         ok = self.queue.put(frame, block=self.block, cancel=self._stop)
@@ -258,6 +314,26 @@ class CameraCapture:
             self._frames_in += 1
         return ok and not self._stop.is_set()
 
+    def _too_large(self, image: np.ndarray) -> str | None:
+        shape = getattr(image, "shape", ())
+        if len(shape) < 2 or shape[0] * shape[1] <= self._max_pixels:
+            return None
+        try:
+            check_pixels(shape[1], shape[0], self._max_pixels, "frame")
+        except BadImage as exc:
+            return str(exc)
+        return None
+
+    def _retrieve(self, cap: cv2.VideoCapture) -> tuple[np.ndarray, str | None]:
+        """The grabbed frame, or an empty image and why it could not be decoded."""
+        try:
+            ok, image = cap.retrieve()
+        except cv2.error as exc:
+            return empty_image(), f"cannot decode the frame ({cv_reason(exc)})"
+        if not ok or image is None:
+            return empty_image(), "cannot decode the frame"
+        return image, None
+
     # -- folder ------------------------------------------------------------------------------
 
     def _run_folder(self) -> None:
@@ -266,21 +342,27 @@ class CameraCapture:
             for path in self._files:
                 if self._stop.is_set():
                     return
-                try:
-                    image = read_image(path)
-                except BadImage as exc:
-                    # One verdict per file: the empty frame is answered as bad downstream.
-                    self._last_error = str(exc)
-                    log.warning(
-                        "camera %s: %s; passing it on as a bad frame", self.settings.id, exc
-                    )
-                    image = empty_image()
-                if not self._emit(image, time.time(), path.name):
+                image, error = self._read_file(path)
+                if not self._emit(image, time.time(), path.name, error):
                     return
             if not self.settings.loop:
                 self._finished = True
                 log.info("camera %s: folder done, %d files", self.settings.id, len(self._files))
                 return
+
+    def _read_file(self, path: Path) -> tuple[np.ndarray, str | None]:
+        """One folder file -> (image, None), or (empty image, why) when it is unusable: one
+        frame per file either way, so that every file gets a verdict."""
+        try:
+            data = read_image_bytes(path, max_bytes=max_file_bytes(self._max_pixels))
+            return decode_image(data, max_pixels=self._max_pixels), None
+        except BadImage as exc:
+            error = str(exc)
+        except Exception as exc:  # anything else still costs this file only, not the thread
+            error = f"cannot read: {type(exc).__name__}: {exc}"
+        self._last_error = f"{path.name}: {error}"
+        log.warning("camera %s: %s: %s; answered as an ERROR frame", self.settings.id, path, error)
+        return empty_image(), error
 
     # -- video file --------------------------------------------------------------------------
 
@@ -331,8 +413,8 @@ class CameraCapture:
             if not cap.grab():
                 return n
             captured_at = time.time()
-            ok, image = cap.retrieve()
-            if not self._emit(image if ok else empty_image(), captured_at):
+            image, error = self._retrieve(cap)
+            if not self._emit(image, captured_at, error=error):
                 return n
             n += 1
         return n
@@ -404,16 +486,23 @@ class CameraCapture:
         while not self._stop.is_set():
             # grab() keeps draining the camera even when frames are skipped, so what is
             # retrieved is current rather than a stale buffered frame.
-            if not cap.grab():
+            try:
+                grabbed = cap.grab()
+            except cv2.error:  # a broken stream, like a failed read: reconnect
+                grabbed = False
+            if not grabbed:
                 self._last_error = f"read from {self._name} failed or timed out"
                 return delivered
             captured_at = time.time()
             now = time.monotonic()
             if interval and now < next_due:
                 continue
-            ok, image = cap.retrieve()
-            if not ok:
-                self._last_error = f"cannot decode a frame from {self._name}"
+            image, error = self._retrieve(cap)
+            if error is not None:
+                # The captured frame still gets its (ERROR) verdict; then reconnect, which
+                # is what clears a stream that stopped decoding.
+                self._last_error = f"{error} from {self._name}"
+                self._emit(image, captured_at, error=error)
                 return delivered
             next_due = now + interval
             if not delivered:

@@ -27,6 +27,8 @@ class Frame:
     reconnects); frames later dropped by the queue keep their numbers, so a gap seen downstream
     is a counted drop. ``image`` is what OpenCV decoded (gray, BGR, or empty for an unreadable
     file): the inference side validates it and answers an unusable one as a bad frame.
+    ``error`` is why the capture could not deliver an image for this frame (the image is then
+    empty): it travels with the frame so that its ERROR verdict gives the real reason.
     """
 
     camera: str
@@ -35,6 +37,7 @@ class Frame:
     captured_at: float
     image: np.ndarray = field(repr=False)
     source_name: str | None = None
+    error: str | None = None
 
 
 @dataclass

@@ -10,6 +10,18 @@ logged once per streak, never raised: the agent keeps inspecting.
 
 The quota deletes the oldest entries (image + sidecar) first; the newest entry is always
 kept, so the archive exceeds the quota by at most one entry.
+
+The free-space floor (``min_free_mb``) keeps the archive from filling the disk it shares with
+the MQTT spool and the system: before each write the oldest entries are deleted until the
+filesystem keeps at least that much free after the write, and a frame is not archived at all
+when even an empty archive could not keep it (logged once per episode, counted as skipped).
+
+What a verdict's ``reject_image`` promises: a path is returned only when the writer accepted
+the job AND the floor held at submit time (judged from the free space the writer last saw,
+so the inference thread never touches the disk); otherwise None. The write itself happens
+just after; should it still fail (the disk filled up meanwhile, an I/O error), that is logged
+and counted in ``errors``, and neither the image nor its sidecar exists under the path: a
+sidecar never names an image that was not written.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ import json
 import logging
 import queue
 import re
+import shutil
 import threading
 import time
 from collections import deque
@@ -36,6 +49,8 @@ from edge_agent.fileio import atomic_write
 log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 32
+FREE_REFRESH_S = 1.0  # the writer re-reads the free space at least this often when idle
+MB = 1024 * 1024
 # No dots: the stem must not grow a suffix that with_suffix() would replace.
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -46,6 +61,10 @@ class ArchiveSettings:
     quota_mb: float = 1024.0
     save_ok: bool = False  # also keep OK frames (original only), e.g. to collect training data
     jpeg_quality: int = 90
+    # Keep at least this much free on the archive's filesystem: the spool's default bound
+    # (mqtt.spool_max_bytes, 256 MB) plus room for the journal and the system. Raise it with
+    # the spool's bound when both are on one disk.
+    min_free_mb: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -58,22 +77,33 @@ class _Job:
     pixel_threshold: float
     label: str
     sidecar: dict[str, Any]
+    estimate: int  # bytes reserved at submit time, released when written or failed
+
+
+class _DiskFull(OSError):
+    """Writing would leave less than the floor free, even with the archive emptied."""
 
 
 class RejectArchive:
     def __init__(self, settings: ArchiveSettings) -> None:
         self.settings = settings
         self.root = Path(settings.dir)
-        self.quota_bytes = int(settings.quota_mb * 1024 * 1024)
+        self.quota_bytes = int(settings.quota_mb * MB)
+        self.min_free_bytes = int(settings.min_free_mb * MB)
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=QUEUE_SIZE)
         self._entries: deque[tuple[Path, int]] = deque()  # (stem, bytes), oldest first
         self._bytes = 0
+        self._free = 0  # free bytes on the archive's filesystem, as the writer last saw them
+        self._free_problem: str | None = None  # why the free space could not be read
+        self._queued_bytes = 0  # estimated size of the jobs queued and not yet written
+        self._low_disk = False  # an episode of frames refused for the floor is being logged
         self._failing = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="archive", daemon=True)
         self.saved = 0
         self.errors = 0  # failed writes
-        self.skipped = 0  # not written because the writer was behind
+        self.skipped = 0  # not archived: the writer was behind, or the disk below the floor
+        self.skipped_low_disk = 0  # of those, for the floor
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -85,6 +115,7 @@ class RejectArchive:
             self._fail(f"cannot create {self.root}: {exc.strerror}")
         self._scan()
         self._enforce_quota(keep=None)
+        self._refresh_free()
         self._thread.start()
         log.info(
             "reject archive in %s: %d entries, %.1f of %.0f MB",
@@ -110,6 +141,7 @@ class RejectArchive:
                 "saved": self.saved,
                 "errors": self.errors,
                 "skipped": self.skipped,
+                "skipped_low_disk": self.skipped_low_disk,
                 "entries": len(self._entries),
                 "bytes": self._bytes,
             }
@@ -129,12 +161,16 @@ class RejectArchive:
         vmax: float = 1.0,
         pixel_threshold: float | None = None,
     ) -> str | None:
-        """Queue one frame; returns the image path it will have, or None if not archived.
+        """Queue one frame; returns the image path it will have, or None if not archived
+        (the writer is behind, or the disk is below the floor: see the module docstring).
 
         `verdict` is the verdict message (its `reject_image` is filled in here for the
         sidecar); `amap` is the anomaly map at the frame's size for an overlay, None to keep
         the original only.
         """
+        estimate = self._estimate(frame_bgr, amap is not None)
+        if not self._reserve(estimate):
+            return None
         stem = self._stem(verdict)
         image_path = str(stem.with_suffix(".jpg"))
         sidecar = {**verdict, "reject_image": image_path}
@@ -149,17 +185,62 @@ class RejectArchive:
             float(pixel_threshold if pixel_threshold is not None else np.inf),
             label,
             sidecar,
+            estimate,
         )
         try:
             self._queue.put_nowait(job)
         except queue.Full:
             with self._lock:
+                self._queued_bytes -= estimate
                 self.skipped += 1
-                first = self.skipped == 1
+                first = self.skipped - self.skipped_low_disk == 1
             if first:
                 log.warning("reject archive: writer is behind, frames are not being archived")
             return None
         return image_path
+
+    def _estimate(self, frame: np.ndarray, overlay: bool) -> int:
+        """Bytes an entry will take: the average of those written, or, before any, the raw
+        frame (twice with the overlay beside it): JPEG is smaller, so this errs on the safe
+        side."""
+        with self._lock:
+            if self._entries:
+                return max(1, self._bytes // len(self._entries))
+        return int(frame.nbytes) * (2 if overlay else 1)
+
+    def _reserve(self, estimate: int) -> bool:
+        """Whether the floor allows one more entry; reserves its bytes if so. The archive's
+        own entries count as room: the writer deletes the oldest to keep the floor."""
+        with self._lock:
+            room = self._free + self._bytes - self._queued_bytes - self.min_free_bytes
+            if room >= estimate:
+                self._queued_bytes += estimate
+                if self._low_disk:
+                    self._low_disk = False
+                    log.info("reject archive: enough free disk space again, archiving")
+                return True
+            self.skipped += 1
+            self.skipped_low_disk += 1
+            first = not self._low_disk
+            self._low_disk = True
+            free, problem = self._free, self._free_problem
+        if first and problem is not None:
+            log.error(
+                "reject archive: cannot read the free space of %s (%s): frames are not "
+                "archived until it can (their verdicts say reject_image null)",
+                self.root,
+                problem,
+            )
+        elif first:
+            log.error(
+                "reject archive: %s has %.1f MB free, below the floor of %.0f MB "
+                "(archive.min_free_mb): frames are not archived until there is room "
+                "(their verdicts say reject_image null)",
+                self.root,
+                free / MB,
+                self.min_free_bytes / MB,
+            )
+        return False
 
     def _stem(self, verdict: dict[str, Any]) -> Path:
         ts_ms = int(verdict.get("timestamp") or time.time() * 1000)
@@ -175,7 +256,11 @@ class RejectArchive:
 
     def _work(self) -> None:
         while True:
-            job = self._queue.get()
+            try:
+                job = self._queue.get(timeout=FREE_REFRESH_S)
+            except queue.Empty:
+                self._refresh_free()  # the spool or others may have freed or filled the disk
+                continue
             if job is None:
                 return
             try:
@@ -188,6 +273,10 @@ class RejectArchive:
                 with self._lock:
                     self.errors += 1
                 continue
+            finally:
+                with self._lock:
+                    self._queued_bytes -= job.estimate
+                self._refresh_free()
             with self._lock:
                 self.saved += 1
                 self._entries.append((job.stem, size))
@@ -218,6 +307,7 @@ class RejectArchive:
         jpeg = job.stem.with_suffix(".jpg")
         sidecar = job.stem.with_suffix(".json")
         data = json.dumps(job.sidecar, indent=1).encode()
+        self._make_room(len(encoded) + len(data))
         atomic_write(jpeg, encoded.tobytes())
         try:
             atomic_write(sidecar, data)
@@ -233,7 +323,46 @@ class RejectArchive:
             self._failing = True
             log.error("reject archive: %s (counting further failures silently)", message)
 
-    # -- quota ------------------------------------------------------------------------------
+    # -- quota and free-space floor ---------------------------------------------------------
+
+    def _refresh_free(self) -> None:
+        problem = None
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError as exc:
+            free, problem = 0, exc.strerror or str(exc)  # cannot tell: promise nothing
+        with self._lock:
+            self._free, self._free_problem = free, problem
+
+    def _make_room(self, need: int) -> None:
+        """Delete the oldest entries until writing `need` bytes keeps the floor free;
+        _DiskFull if the archive runs out of entries first."""
+        while True:
+            free = shutil.disk_usage(self.root).free
+            if free - need >= self.min_free_bytes:
+                return
+            if not self._drop_oldest():
+                raise _DiskFull(
+                    f"{free / MB:.1f} MB free, below the floor of {self.min_free_bytes / MB:.0f} "
+                    "MB (archive.min_free_mb) with the archive empty"
+                )
+
+    def _drop_oldest(self) -> bool:
+        with self._lock:
+            if not self._entries:
+                return False
+            stem, size = self._entries.popleft()
+            self._bytes -= size
+        self._delete(stem)
+        return True
+
+    def _delete(self, stem: Path) -> None:
+        for suffix in (".jpg", ".json"):
+            try:
+                stem.with_suffix(suffix).unlink(missing_ok=True)
+            except OSError as exc:
+                log.debug("reject archive: cannot delete %s: %s", stem, exc)
+        _remove_if_empty(stem.parent)
 
     def _scan(self) -> None:
         sizes: dict[Path, int] = {}
@@ -261,12 +390,7 @@ class RejectArchive:
                     return
                 self._entries.popleft()
                 self._bytes -= size
-            for suffix in (".jpg", ".json"):
-                try:
-                    stem.with_suffix(suffix).unlink(missing_ok=True)
-                except OSError as exc:
-                    log.debug("reject archive: cannot delete %s: %s", stem, exc)
-            _remove_if_empty(stem.parent)
+            self._delete(stem)
 
 
 def _remove_if_empty(folder: Path) -> None:
