@@ -67,7 +67,7 @@ def test_minimal_config_gets_defaults_and_resolves_relative_paths(tmp_path: Path
     assert c.bundle == tmp_path / "bundle"
     assert c.cameras[0].source == str(tmp_path / "images")
     assert c.cameras[0].overflow == "auto" and c.cameras[0].mode == "continuous"
-    assert c.device == "auto" and c.index == "flat" and c.threads is None
+    assert c.device == "auto" and c.index == "auto" and c.threads is None
     assert c.batching == cfg.Batching()
     assert c.thresholds == cfg.ThresholdOverrides(image=None, pixel=None)
     assert c.archive is None

@@ -61,7 +61,9 @@ def test_error_message_and_nan_become_null() -> None:
     msg = verdict_message(
         d, camera="c", sequence=1, frame_id="c-1", captured_at=1.0, decided_at=1.0, model_id="m"
     )
-    assert msg["score"] is None
+    # A NaN score is an ERROR like any frame that could not be inspected, never OK.
+    assert msg["verdict"] == ERROR and msg["error"] == "non-finite score (nan)"
+    assert msg["score"] is None and msg["threshold"] is None and msg["regions"] == []
     json.dumps(msg, allow_nan=False)
     assert not math.isnan(msg["latency_ms"])
 
@@ -94,7 +96,19 @@ def test_health_message_fields() -> None:
     )
     assert msg["schema"] == HEALTH_SCHEMA and msg["timestamp"] == 1700000000500
     assert msg["fps"] == 12.35 and msg["uptime_s"] == 12.3
+    # Added within v1: present (and false/zero) even when the caller does not know them.
+    assert msg["nonfinite_scores"] == 0 and msg["threshold_override_out_of_range"] is False
     json.loads(encode_json(msg))
+
+
+def test_health_message_reports_nonfinite_scores_and_insane_thresholds() -> None:
+    msg = health_message(
+        camera="c", timestamp=1.0, fps=0.0, frames_in=3, dropped=0, inspected=0, ng=0,
+        errors=3, discarded=0, queue_depth=0, spool=0, connected=True, finished=False,
+        last_error=None, model_id="m", device=None, uptime_s=1.0,
+        nonfinite_scores=3, threshold_override_out_of_range=True,
+    )  # fmt: skip
+    assert msg["nonfinite_scores"] == 3 and msg["threshold_override_out_of_range"] is True
 
 
 def test_topic_and_delayed_marking() -> None:

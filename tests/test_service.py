@@ -365,6 +365,9 @@ def test_sigterm_drains_notifies_systemd_serves_metrics_and_honours_triggers(
             _wait(lambda p=part: p in [v["part_id"] for v in _verdicts(sub, "station")], 20, proc)
         sub.client.publish(trigger, json.dumps({"part_id": "P-3"}), qos=1).wait_for_publish(5)
         _wait(lambda: len(_verdicts(sub, "station")) >= 3, 20, proc)
+        # A part id with control characters (an ANSI escape) is refused and counted.
+        sub.client.publish(trigger, "P-\x1b[31m4", qos=1).wait_for_publish(5)
+        time.sleep(0.5)
 
         metrics = _scrape("127.0.0.1", metrics_port)
         _wait(lambda: any(f.startswith("WATCHDOG=1") for f in notify.fields()), 10, proc)
@@ -386,6 +389,9 @@ def test_sigterm_drains_notifies_systemd_serves_metrics_and_honours_triggers(
     assert metrics("edge_agent_frames_in_total", camera="line") >= 12
     assert metrics("edge_agent_frames_dropped_total", camera="line") == 0
     assert metrics("edge_agent_trigger_discarded_total", camera="station") > 0
+    assert metrics("edge_agent_triggers_rejected_total", camera="station") == 1
+    assert metrics("edge_agent_triggers_dropped_total", camera="station") == 0
+    assert "P-\x1b[31m4" not in [v["part_id"] for v in _verdicts(sub, "station")]
     for stage, per in STAGE_PER.items():
         assert metrics("edge_agent_stage_seconds_count", per=per, stage=stage) > 0
     assert metrics("edge_agent_stage_seconds_bucket", per="batch", stage="infer", le="+Inf") > 0
@@ -686,6 +692,8 @@ def test_metrics_endpoint_text_format_types_and_http() -> None:
         "edge_agent_ng_total": "counter",
         "edge_agent_bad_frames_total": "counter",
         "edge_agent_trigger_discarded_total": "counter",
+        "edge_agent_triggers_dropped_total": "counter",
+        "edge_agent_triggers_rejected_total": "counter",
         "edge_agent_camera_reconnects_total": "counter",
         "edge_agent_camera_connected": "gauge",
         "edge_agent_stage_seconds": "histogram",

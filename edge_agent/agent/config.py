@@ -194,6 +194,8 @@ class CameraModel(_Section):
     mode: Mode = _cam("mode")
     open_timeout_s: float = Field(_cam("open_timeout_s"), gt=0)
     read_timeout_s: float = Field(_cam("read_timeout_s"), gt=0)
+    # OpenCV refuses more than 2^30 pixels (1073 MP) whatever is set here.
+    max_megapixels: float = Field(_cam("max_megapixels"), gt=0, le=1000)
 
     @model_validator(mode="after")
     def _backoff(self) -> CameraModel:
@@ -249,6 +251,7 @@ class ArchiveModel(_Section):
     quota_mb: float = Field(_arc("quota_mb"), gt=0)
     save_ok: bool = _arc("save_ok")
     jpeg_quality: int = Field(_arc("jpeg_quality"), ge=1, le=100)
+    min_free_mb: float = Field(_arc("min_free_mb"), ge=0)
 
 
 class ConfigModel(_Section):
@@ -336,7 +339,7 @@ def _user_error(path: Path, exc: ValidationError) -> UserError:
     if error["type"] in _UNKNOWN:
         model, _ = _walk(loc[:-1])
         known = list(model.model_fields) if model else []
-        where = ".".join(p for p in (_where(loc[:-1]), str(loc[-1])) if p)
+        where = ".".join(p for p in (_where(loc[:-1]), _key(loc[-1])) if p)
         return _fail(path, where, f"unknown key{_suggest(loc[-1], known)}")
     return _fail(path, _where(loc), _describe(error, _walk(loc)[1]))
 
@@ -369,8 +372,16 @@ def _describe(error: ErrorDetails, field: FieldInfo | None) -> str:
 def _where(loc: tuple[Any, ...]) -> str:
     text = ""
     for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+        key = _key(part)
+        text += f"[{part}]" if isinstance(part, int) else f".{key}" if text else key
     return text
+
+
+def _key(part: Any) -> str:
+    """A key as typed when it is a plain name, else quoted: a key holding a newline or an
+    escape sequence must not break the one-line message (or the terminal)."""
+    text = str(part)
+    return text if text.isprintable() and text.strip() == text and text else repr(text)
 
 
 def _walk(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, FieldInfo | None]:
@@ -481,8 +492,8 @@ def read_yaml(path: Path) -> Any:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = exc.problem or exc.context or "malformed"
         raise UserError(f"{path}: {where}invalid YAML ({problem})") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML ({exc})") from None
+    except yaml.YAMLError as exc:  # e.g. a ReaderError for a control character: one line
+        raise UserError(f"{path}: invalid YAML ({' '.join(str(exc).split())})") from None
     except RecursionError:
         raise UserError(f"{path}: invalid YAML (nested too deeply)") from None
 

@@ -9,8 +9,10 @@ blocks it. Being the main thread also means the signal handlers run here, betwee
 - SIGTERM/SIGINT: stop the cameras, answer every frame already queued, flush MQTT, publish
   `offline`, exit 0;
 - SIGHUP: reload the bundle (same path): a helper thread loads it and builds a new Scorer
-  while the old one keeps inspecting; it is swapped in between two batches. A broken bundle
-  is rejected with one log line and the old model keeps running.
+  while the old one keeps inspecting; it is swapped in between two batches. A broken bundle,
+  or one that fails the smoke test (model.selftest: synthetic frames must score finite), is
+  rejected with one log line and the old model keeps running. The same smoke test runs at
+  start and for `--check`.
 
 systemd (Type=notify): READY=1 once everything is started, WATCHDOG=1 from this loop (a hung
 inference stops the pings), STATUS= every few seconds. Logs: one line per event, never per
@@ -44,6 +46,7 @@ from edge_agent.errors import UserError
 from edge_agent.images import BadImage, to_bgr
 from edge_agent.model.bundle import Bundle, load_bundle
 from edge_agent.model.scorer import Scorer
+from edge_agent.model.selftest import self_test
 from edge_agent.ops.metrics import AgentMetrics, CameraSnapshot, MetricsServer, Snapshot
 from edge_agent.ops.sdnotify import Notifier
 from edge_agent.publish.contract import health_message, verdict_message
@@ -77,8 +80,11 @@ def run(args: argparse.Namespace) -> int:
     if not getattr(args, "verbose", False):
         logging.getLogger().setLevel(config.log_level.upper())
     bundle, thresholds = load_checked_bundle(config)
+    _warn_out_of_range(thresholds)
     if args.check:
         preflight(config)
+        # The same smoke test as at start: --check must not say OK for a model that cannot score.
+        self_test(build_scorer(config, bundle))
         print(
             f"{config.path}: OK: {len(config.cameras)} camera(s), bundle {config.bundle} "
             f"(model {bundle.model_id}), thresholds image {thresholds.image:g} "
@@ -86,6 +92,19 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     return Agent(config, bundle, thresholds, exit_when_done=args.exit_when_done).run()
+
+
+def build_scorer(config: Config, bundle: Bundle) -> Scorer:
+    """The Scorer the config asks for: one place, so --check tests what the run will use."""
+    c = config
+    return Scorer(
+        bundle, device=c.device, threads=c.threads, index=c.index, ivf_nprobe=c.ivf_nprobe
+    )
+
+
+def _warn_out_of_range(thresholds: Thresholds) -> None:
+    for problem in thresholds.out_of_range:
+        log.warning("%s (health: threshold_override_out_of_range)", problem)
 
 
 @dataclass
@@ -96,6 +115,8 @@ class CameraCounts:
     ng: int = 0
     errors: int = 0
     discarded: int = 0  # trigger mode: frames with no pending trigger
+    nonfinite: int = 0  # answered ERROR because the score was NaN or infinite (also in errors)
+    triggers_dropped: int = 0  # trigger mode: triggers beyond MAX_PENDING_TRIGGERS (network thread)
     window: deque[float] = field(default_factory=lambda: deque(maxlen=512))  # answer times
 
     def fps(self, now: float, span_s: float = 10.0) -> float:
@@ -137,6 +158,9 @@ class Agent:
         self.captures = [CameraCapture(c, self.queue, run_id=run_id) for c in config.cameras]
         self.trigger_mode = {c.id for c in config.cameras if c.mode == "trigger"}
         self.counts = {c.id: CameraCounts() for c in config.cameras}
+        for camera in self.counts:  # every camera's series exists from the first scrape
+            for counter in (self.metrics.triggers_dropped, self.metrics.nonfinite_scores):
+                counter.labels(camera)
         self.publisher = Publisher(config.mqtt, [c.id for c in config.cameras])
         self.archive = RejectArchive(config.archive) if config.archive else None
         self.metrics_server: MetricsServer | None = None
@@ -175,7 +199,9 @@ class Agent:
         return code
 
     def _start(self, cleanup: list[Callable[[], None]]) -> None:
-        self.scorer = self._build_scorer(self.bundle)
+        scorer = self._build_scorer(self.bundle)
+        self_test(scorer)  # before anything is started: a UserError here is exit 2, nothing sent
+        self.scorer = scorer
         h, w = self.scorer.input_size
         log.info(
             "model %s on %s (input %dx%d, bank %d x %d, thresholds image %g pixel %g)",
@@ -221,10 +247,7 @@ class Agent:
         )
 
     def _build_scorer(self, bundle: Bundle) -> Scorer:
-        c = self.config
-        return Scorer(
-            bundle, device=c.device, threads=c.threads, index=c.index, ivf_nprobe=c.ivf_nprobe
-        )
+        return build_scorer(self.config, bundle)
 
     def _loop(self) -> int:
         b = self.config.batching
@@ -237,20 +260,36 @@ class Agent:
             self._finish_reload()
             if self._reload_requested and not self._draining and not self._reloading:
                 self._start_reload()  # a SIGHUP during a reload starts another after it
-            if self._stop_reason is None and self.exit_when_done and self._sources_done():
-                self._stop_reason = "every source has been read"
+            if self._stop_reason is None:
+                failed = [c for c in self.captures if c.failed]
+                if failed:
+                    self._stop_reason = self._capture_failed(failed)
+                elif self.exit_when_done and self._sources_done():
+                    self._stop_reason = "every source has been read"
             if self._stop_reason is not None and not self._draining:
                 self._begin_drain(self._stop_reason)
             if self._draining and self.queue.closed and not batch and self.queue.depth() == 0:
                 break
-        unfinished = [c.settings.id for c in self.captures if not c.finished]
-        if self.exit_when_done and unfinished and self._stop_reason == "every source has been read":
-            log.error("camera(s) %s ended without finishing their source", ", ".join(unfinished))
-            return 1
-        return 0
+        # A dead camera is a failure even after a clean drain: exit 1 so systemd restarts us.
+        return 1 if any(c.failed for c in self.captures) else 0
 
     def _sources_done(self) -> bool:
-        return all(not c.running for c in self.captures)
+        # finished, not merely "not running": a capture thread that died before the end of
+        # its source must not look like a source that has been read (see _capture_failed).
+        return all(c.finished for c in self.captures)
+
+    def _capture_failed(self, failed: list[CameraCapture]) -> str:
+        """A capture thread died before its source was done: the camera delivers nothing
+        more. Say so (log, health: connected false, last_error) and stop the agent."""
+        for capture in failed:
+            log.error(
+                "camera %s: capture stopped before the end of its source (%s); stopping the "
+                "agent with exit status 1 so that it is restarted",
+                capture.settings.id,
+                capture.stats["last_error"],
+            )
+        self._publish_health()
+        return f"capture failed on camera(s) {', '.join(c.settings.id for c in failed)}"
 
     def _begin_drain(self, reason: str) -> None:
         self._draining = True
@@ -340,6 +379,8 @@ class Agent:
             pending = self._triggers[camera]
             if len(pending) >= MAX_PENDING_TRIGGERS:
                 pending.popleft()
+                self.counts[camera].triggers_dropped += 1
+                self.metrics.triggers_dropped.labels(camera).inc()
                 first = not self._trigger_overflow_logged
                 self._trigger_overflow_logged = True
             else:
@@ -384,12 +425,21 @@ class Agent:
 
         t0 = time.perf_counter()
         for item in items:
-            try:
-                item.image = to_bgr(item.frame.image)
-                item.prepared = scorer.prepare(item.image)
-            except BadImage as exc:
+            # The capture's reason for a frame without an image (unreadable file, over the
+            # pixel limit, undecodable video frame) is the verdict's, not "empty frame".
+            error = item.frame.error
+            if error is None:
+                try:
+                    item.image = to_bgr(item.frame.image)
+                    item.prepared = scorer.prepare(item.image)
+                except BadImage as exc:
+                    error = str(exc)
+                except Exception as exc:  # one odd frame gets ERROR, not the whole agent
+                    error = f"cannot prepare the frame ({type(exc).__name__}: {exc})"
+                    log.warning("camera %s: %s", item.frame.camera, error)
+            if error is not None:
                 name = item.frame.source_name
-                item.error = f"{name}: {exc}" if name else str(exc)
+                item.error = f"{name}: {error}" if name else error
         good = [item for item in items if item.error is None]
         prep_s = time.perf_counter() - t0
         for _ in items:
@@ -434,7 +484,7 @@ class Agent:
         score = float(image_scores[i])
         # The map costs a blur and a resize: only NG frames report regions (decide()).
         ng = verdict_for(score, t) == NG
-        amap = self.scorer.anomaly_map(patch_scores[i]) if ng else None
+        amap = self.scorer.exact_map(patch_scores, i, threshold=t.pixel) if ng else None
         decision = decide(score, amap, item.image.shape[:2], t)
         decided_at = time.time()
         msg = verdict_message(
@@ -461,6 +511,14 @@ class Agent:
         m.observe_stage("decide", time.perf_counter() - t0)
         m.latency_seconds.observe(max(0.0, decided_at - frame.captured_at))
         counts = self.counts[frame.camera]
+        if decision.is_error:  # NaN/inf score: never OK; counted as an ERROR and on its own
+            counts.errors += 1
+            counts.nonfinite += 1
+            m.bad_frames.labels(frame.camera).inc()
+            m.nonfinite_scores.labels(frame.camera).inc()
+            log.error("camera %s: %s: answered ERROR", frame.camera, decision.error)
+            self._publish(frame.camera, msg, counts)
+            return
         counts.inspected += 1
         m.frames_inspected.labels(frame.camera).inc()
         if decision.is_ng:
@@ -511,6 +569,7 @@ class Agent:
                 thresholds = thresholds_for(self.config, bundle)
                 # Built here, used only by the inference thread once swapped in.
                 scorer = self._build_scorer(bundle)
+                self_test(scorer)  # a bundle that cannot score never replaces one that can
             except Exception as exc:  # UserError or anything ORT/FAISS raise: keep running
                 self._reload_result = exc
             else:
@@ -543,6 +602,7 @@ class Agent:
                 result.scorer,
             )
             self.metrics.reloads.labels("ok").inc()
+            _warn_out_of_range(result.thresholds)
             log.info(
                 "reloaded in %.1f s: model %s (was %s) on %s, thresholds image %g pixel %g",
                 result.seconds,
@@ -602,12 +662,17 @@ class Agent:
                     model_id=self.bundle.model_id,
                     device=device,
                     uptime_s=now - self._started_at,
+                    nonfinite_scores=counts.nonfinite,
+                    threshold_override_out_of_range=bool(self.thresholds.out_of_range),
+                    triggers_dropped=counts.triggers_dropped,
+                    triggers_rejected=link.get("triggers_rejected", 0),
                 ),
             )
 
     def _collect(self) -> Snapshot:
         """Scrape time: read the values other threads own, for the metrics collector."""
         cameras: dict[str, CameraSnapshot] = {}
+        links = self.publisher.stats.get("cameras", {})
         for capture in self.captures:
             stats = capture.stats
             cameras[capture.settings.id] = CameraSnapshot(
@@ -615,6 +680,7 @@ class Agent:
                 dropped=stats["dropped"],
                 reconnects=stats["reconnect_attempts"],
                 connected=stats["connected"],
+                triggers_rejected=links.get(capture.settings.id, {}).get("triggers_rejected", 0),
             )
         ps = self.publisher.stats
         a = self.archive.stats if self.archive is not None else None

@@ -52,6 +52,7 @@ class CameraSnapshot:
     dropped: int
     reconnects: int
     connected: bool
+    triggers_rejected: int = 0  # trigger payloads the link refused (bad part id)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class _Families:
     frames_dropped: CounterMetricFamily
     reconnects: CounterMetricFamily
     camera_connected: GaugeMetricFamily
+    triggers_rejected: CounterMetricFamily
     queue_depth: GaugeMetricFamily
     spool_messages: GaugeMetricFamily
     spool_dropped: CounterMetricFamily
@@ -103,6 +105,12 @@ class _Families:
             ),
             camera_connected=GaugeMetricFamily(
                 "edge_agent_camera_connected", "1 while the camera delivers frames", labels=cam
+            ),
+            triggers_rejected=CounterMetricFamily(
+                "edge_agent_triggers_rejected_total",
+                "Trigger messages refused: no usable part id (empty, too long, control "
+                "characters, malformed JSON)",
+                labels=cam,
             ),
             queue_depth=GaugeMetricFamily("edge_agent_queue_depth", "Frames waiting for inference"),
             spool_messages=GaugeMetricFamily(
@@ -152,6 +160,7 @@ class SnapshotCollector(Collector):
             f.frames_dropped.add_metric([cam], c.dropped)
             f.reconnects.add_metric([cam], c.reconnects)
             f.camera_connected.add_metric([cam], 1 if c.connected else 0)
+            f.triggers_rejected.add_metric([cam], c.triggers_rejected)
         f.queue_depth.add_metric([], snap.queue_depth)
         f.spool_messages.add_metric([], snap.spool_messages)
         f.spool_dropped.add_metric([], snap.spool_dropped)
@@ -185,6 +194,18 @@ class AgentMetrics:
         self.ng = Counter("edge_agent_ng_total", "NG verdicts", cam, registry=r)
         self.bad_frames = Counter(
             "edge_agent_bad_frames_total", "Frames answered with an ERROR verdict", cam, registry=r
+        )
+        self.nonfinite_scores = Counter(
+            "edge_agent_nonfinite_scores_total",
+            "Frames whose image score was NaN or infinite (answered ERROR, also in bad_frames)",
+            cam,
+            registry=r,
+        )
+        self.triggers_dropped = Counter(
+            "edge_agent_triggers_dropped_total",
+            "Triggers dropped because more than MAX_PENDING_TRIGGERS waited for a frame",
+            cam,
+            registry=r,
         )
         self.trigger_discarded = Counter(
             "edge_agent_trigger_discarded_total",

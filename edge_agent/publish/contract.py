@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from edge_agent.decide.decision import Decision
+from edge_agent.decide.decision import ERROR, Decision
 
 VERSION = "v1"
 VERDICT_SCHEMA = "edge-agent/verdict/v1"
@@ -34,8 +34,10 @@ TRIGGER_QOS = 1
 ONLINE = b"online"
 OFFLINE = b"offline"
 
-ERROR = "ERROR"  # the verdict of a frame that could not be inspected (OK and NG: decision)
+# ERROR (imported from decision, beside OK and NG) is the verdict of a frame that could not be
+# inspected or whose score was not a finite number; subscribers treat it as a reject.
 MAX_PART_ID = 256
+MAX_TRIGGER_BYTES = 4096  # a trigger payload, JSON included; longer ones are refused unread
 
 
 def topic(prefix: str, line: str, camera: str, leaf: str) -> str:
@@ -60,8 +62,9 @@ def verdict_message(
     """The verdict payload (``edge-agent/verdict/v1``).
 
     With `decision` None the frame could not be inspected: verdict ERROR and the `error`
-    string; score, normalised_score and threshold are null and regions empty. `source` (the
-    file name of a file/folder camera's frame) is present only when known.
+    string; score, normalised_score and threshold are null and regions empty. A decision
+    whose verdict is ERROR (a non-finite score) is sent the same way, with its own reason.
+    `source` (the file name of a file/folder camera's frame) is present only when known.
     """
     msg: dict[str, Any] = {
         "schema": VERDICT_SCHEMA,
@@ -82,8 +85,9 @@ def verdict_message(
     }
     if source is not None:
         msg["source"] = source
-    if decision is None:
-        msg["error"] = error or "frame could not be inspected"
+    if decision is None or decision.verdict == ERROR:
+        reason = error if decision is None else decision.error
+        msg["error"] = reason or "frame could not be inspected"
         return msg
     msg.update(
         verdict=decision.verdict,
@@ -114,8 +118,19 @@ def health_message(
     model_id: str,
     device: str | None,
     uptime_s: float,
+    nonfinite_scores: int = 0,
+    threshold_override_out_of_range: bool = False,
+    triggers_dropped: int = 0,
+    triggers_rejected: int = 0,
 ) -> dict[str, Any]:
-    """The retained health payload (``edge-agent/health/v1``) of one camera."""
+    """The retained health payload (``edge-agent/health/v1``) of one camera.
+
+    `nonfinite_scores`: frames whose score was NaN or infinite (answered ERROR): a model that
+    has gone bad. `threshold_override_out_of_range`: a config threshold lies far outside the
+    bundle's calibrated score range. `triggers_dropped`: triggers discarded because too many
+    were waiting for a frame; `triggers_rejected`: trigger messages without a usable part id.
+    All four were added within v1.
+    """
     return {
         "schema": HEALTH_SCHEMA,
         "timestamp": round(timestamp * 1000),
@@ -135,6 +150,10 @@ def health_message(
         "model_id": model_id,
         "device": device,
         "uptime_s": round(uptime_s, 1),
+        "nonfinite_scores": nonfinite_scores,
+        "threshold_override_out_of_range": threshold_override_out_of_range,
+        "triggers_dropped": triggers_dropped,
+        "triggers_rejected": triggers_rejected,
     }
 
 
@@ -157,7 +176,16 @@ def mark_delayed(payload: bytes) -> bytes:
 
 
 def parse_part_id(payload: bytes) -> str | None:
-    """A trigger payload: a plain-text part id or JSON ``{"part_id": ...}``; None if unusable."""
+    """A trigger payload: a plain-text part id or JSON ``{"part_id": ...}``; None if unusable.
+
+    A part id is echoed into every verdict, the archive's sidecars and the logs, so only a
+    printable one of at most MAX_PART_ID characters is taken: control characters (NUL, line
+    breaks, ANSI escapes) and invisible format characters (bidi overrides, zero-width) could
+    forge log lines or hide what a PLC sent. A JSON part id is a string or an integer (true,
+    1.5 or NaN are not part ids).
+    """
+    if len(payload) > MAX_TRIGGER_BYTES:
+        return None  # never decoded or parsed: a trigger is a few bytes
     try:
         text = payload.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -165,13 +193,13 @@ def parse_part_id(payload: bytes) -> str | None:
     if text.startswith("{"):
         try:
             obj = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested thousands deep
             return None
         value = obj.get("part_id") if isinstance(obj, dict) else None
-        if value is None or isinstance(value, (dict, list)):
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
             return None
         text = str(value).strip()
-    if not text or len(text) > MAX_PART_ID:
+    if not text or len(text) > MAX_PART_ID or not text.isprintable():
         return None
     return text
 

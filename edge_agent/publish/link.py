@@ -156,6 +156,7 @@ class Link:
         # Counters (ints written by the network thread, read anywhere).
         self.rejected = 0  # inbox overflow or after stop; spool-full rejections are in spool
         self.reconnects = 0
+        self.triggers_rejected = 0  # unusable trigger payloads (contract.parse_part_id)
         self.client = self._make_client()
         self._thread = threading.Thread(target=self._run, name=f"mqtt-{camera}", daemon=True)
 
@@ -211,6 +212,7 @@ class Link:
             "dropped": box["spool_dropped"] + self.rejected,
             "connected": self.connected,
             "reconnects": self.reconnects,
+            "triggers_rejected": self.triggers_rejected,
         }
 
     def _wake(self) -> None:
@@ -341,6 +343,7 @@ class Link:
             return
         part_id = parse_part_id(message.payload)
         if part_id is None:
+            self.triggers_rejected += 1
             log.warning(
                 "%s: ignored a trigger with an unusable payload (%d bytes)",
                 self._label,

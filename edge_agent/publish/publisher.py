@@ -159,6 +159,7 @@ _STAT_KEYS = (
     "spool_dropped",
     "dropped",
     "reconnects",
+    "triggers_rejected",
 )
 
 
