@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 
 from edge_agent import cli
 from edge_agent.model.bundle import update_thresholds
-from tests.conftest import MTD
+from tests.conftest import MTD, unavailable
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +99,34 @@ def test_what_the_run_would_trip_over(
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_a_read_only_spool_is_one_line_at_run_time(
+    tmp_path: Path,
+    bundle: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A real read-only filesystem (root can write anywhere else): before, ~30 lines of
+    # traceback from the final health message came before the right one-line error.
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)])
+    if mounted.returncode != 0:
+        unavailable("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        frames = tmp_path / "frames"
+        frames.mkdir()
+        shutil.copy(next((MTD / "test" / "good").iterdir()), frames)
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            f"bundle: {bundle}\ncameras:\n  - {{id: a, source: {frames}}}\n"
+            f"mqtt: {{spool_dir: {ro}/spool}}\nmetrics: {{port: null}}\n"
+        )
+        code = cli.main(["run", "--config", str(config), "--exit-when-done"])
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert not [r.getMessage() for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert err.strip().splitlines()[-1].startswith("edge-agent: error: spool folder ")

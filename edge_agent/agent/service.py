@@ -311,7 +311,9 @@ class Agent:
 
     def _shutdown(self, cleanup: list[Callable[[], None]]) -> None:
         self.queue.close()
-        if self.scorer is not None:
+        # Only once the publisher has its links: a start that failed (a read-only spool, a
+        # refusing broker) ends with its one-line error, not a traceback from here.
+        if self.scorer is not None and self.publisher.started:
             try:
                 self._publish_health()  # the final counts, retained
             except Exception:

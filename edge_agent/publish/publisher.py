@@ -291,6 +291,11 @@ class Publisher:
                 log.error("MQTT %s: network thread did not stop in time", link.camera)
 
     @property
+    def started(self) -> bool:
+        """start() succeeded: every camera has its link (and stop() was not called yet)."""
+        return bool(self._links) and not self._stopped
+
+    @property
     def stats(self) -> dict[str, Any]:
         """Totals over cameras, plus ``cameras``: the same per camera."""
         per = {camera: link.stats() for camera, link in self._links.items()}
