@@ -31,6 +31,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("edge_agent.tools.bench", "measure per-stage time, throughput and latency"),
     "sweep": ("edge_agent.export.sweep", "fit and evaluate a grid of embedding/scoring choices"),
     "demo": ("edge_agent.tools.demo", "fit, calibrate and run on the built-in sample data"),
+    "doctor": (
+        "edge_agent.tools.doctor",
+        "show which accelerators are usable and where each stage runs, and why not a GPU",
+    ),
 }
 
 

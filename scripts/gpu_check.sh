@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One short call on a lent GPU machine (see the device tool's README): install the wheels
+# carried in wheels/ (the machine has no network), then write into $OUT (default gpu-report/):
+# doctor.json (providers, FAISS GPUs, where each stage runs and why not on the GPU),
+# parity.json (GPU vs CPU image scores, exact search, relative 1e-4) and bench.json (batch 1, 8,
+# 32, 128, exact flat index on the GPU). Usage: scripts/gpu_check.sh BUNDLE DATA
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bundle=${1:?usage: scripts/gpu_check.sh BUNDLE DATA}
+data=${2:?usage: scripts/gpu_check.sh BUNDLE DATA}
+out=${OUT:-gpu-report}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+if [ -d wheels ]; then
+  "$py" -m pip install -q --no-index --find-links wheels wheels/*.whl
+fi
+"$py" -m pip install -q --no-index --no-deps --no-build-isolation -e . || true
+status=0
+"$py" -m edge_agent doctor --bundle "$bundle" --device cuda --json | tail -n 1 > "$out/doctor.json"
+"$py" scripts/gpu_parity.py "$bundle" "$data" > "$out/parity.json" || status=1
+"$py" -m edge_agent bench --bundle "$bundle" --data "$data" --device cuda --index flat \
+  --batch 1 8 32 128 --json | tail -n 1 > "$out/bench.json"
+cat "$out/doctor.json" "$out/parity.json"
+echo "gpu_check: report in $out (parity $([ $status -eq 0 ] && echo ok || echo FAILED))"
+exit $status
