@@ -64,3 +64,15 @@ def small_bundle(mtd_small: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     out = tmp_path_factory.mktemp("bundles") / "small"
     fit(mtd_small, out, FitOptions(image_size=(224, 224), coreset=0.05, progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def calibrated_bundle(small_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of small_bundle with thresholds written (image 30, pixel 28), as calibrate
+    would leave it; for tests that need a runnable agent config."""
+    from edge_agent.model.bundle import update_thresholds
+
+    bundle = tmp_path_factory.mktemp("calibrated") / "bundle"
+    shutil.copytree(small_bundle, bundle)
+    update_thresholds(bundle, {"image": 30.0, "pixel": 28.0})
+    return bundle

@@ -342,14 +342,6 @@ def test_the_example_documents_exactly_the_accepted_choices() -> None:
     assert _accepted_choices() == DOCUMENTED
 
 
-@pytest.fixture(scope="module")
-def calibrated_bundle(small_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    bundle = tmp_path_factory.mktemp("calibrated") / "bundle"
-    shutil.copytree(small_bundle, bundle)
-    update_thresholds(bundle, {"image": 30.0, "pixel": 28.0})
-    return bundle
-
-
 @pytest.fixture
 def keep_log_level() -> Iterator[None]:
     """`run` sets the root logger to the config's log_level; later tests must not inherit it."""

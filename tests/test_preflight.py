@@ -12,16 +12,12 @@ from pathlib import Path
 import pytest
 
 from edge_agent import cli
-from edge_agent.model.bundle import update_thresholds
 from tests.conftest import MTD, unavailable
 
 
-@pytest.fixture(scope="module")
-def bundle(small_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("preflight") / "bundle"
-    shutil.copytree(small_bundle, out)
-    update_thresholds(out, {"image": 30.0, "pixel": 28.0})
-    return out
+@pytest.fixture
+def bundle(calibrated_bundle: Path) -> Path:
+    return calibrated_bundle
 
 
 @pytest.fixture(autouse=True)

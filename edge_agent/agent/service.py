@@ -41,7 +41,7 @@ from edge_agent.agent.preflight import preflight
 from edge_agent.capture.cameras import LIVE_KINDS, CameraCapture
 from edge_agent.capture.frame_queue import Frame, FrameQueue
 from edge_agent.decide.archive import RejectArchive
-from edge_agent.decide.decision import NG, Thresholds, decide, verdict_for
+from edge_agent.decide.decision import NG, Decision, Thresholds, decide, verdict_for
 from edge_agent.errors import UserError
 from edge_agent.images import BadImage, to_bgr
 from edge_agent.model.bundle import Bundle, load_bundle
@@ -489,17 +489,7 @@ class Agent:
         amap = self.scorer.exact_map(patch_scores, i, threshold=t.pixel) if ng else None
         decision = decide(score, amap, item.image.shape[:2], t)
         decided_at = time.time()
-        msg = verdict_message(
-            decision,
-            camera=frame.camera,
-            sequence=frame.sequence,
-            frame_id=frame.frame_id,
-            captured_at=frame.captured_at,
-            decided_at=decided_at,
-            model_id=self.bundle.model_id,
-            part_id=item.part_id,
-            source=frame.source_name,
-        )
+        msg = self._message(item, decision, decided_at)
         if self.archive is not None and self.archive.wants(decision.verdict):
             scale = t.scale
             msg["reject_image"] = self.archive.submit(
@@ -530,22 +520,27 @@ class Agent:
 
     def _answer_error(self, item: _Item) -> None:
         frame = item.frame
-        msg = verdict_message(
-            None,
-            camera=frame.camera,
-            sequence=frame.sequence,
-            frame_id=frame.frame_id,
-            captured_at=frame.captured_at,
-            decided_at=time.time(),
-            model_id=self.bundle.model_id,
-            part_id=item.part_id,
-            error=item.error,
-            source=frame.source_name,
-        )
+        msg = self._message(item, None, time.time())
         counts = self.counts[frame.camera]
         counts.errors += 1
         self.metrics.bad_frames.labels(frame.camera).inc()
         self._publish(frame.camera, msg, counts)
+
+    def _message(self, item: _Item, decision: Decision | None, decided_at: float) -> dict[str, Any]:
+        """The verdict payload of one frame (None: ERROR with the item's reason)."""
+        frame = item.frame
+        return verdict_message(
+            decision,
+            camera=frame.camera,
+            sequence=frame.sequence,
+            frame_id=frame.frame_id,
+            captured_at=frame.captured_at,
+            decided_at=decided_at,
+            model_id=self.bundle.model_id,
+            part_id=item.part_id,
+            source=frame.source_name,
+            error=item.error if decision is None else None,
+        )
 
     def _publish(self, camera: str, msg: dict[str, Any], counts: CameraCounts) -> None:
         t0 = time.perf_counter()
