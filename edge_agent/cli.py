@@ -14,7 +14,7 @@ import sys
 
 from edge_agent import __version__
 from edge_agent.errors import UserError
-from edge_agent.ops import logs
+from edge_agent.ops import logs, threads
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -122,6 +122,7 @@ def _load(module: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    threads.quiet_thread_pools()  # before any subcommand imports NumPy
     try:
         args = build_parser(argv).parse_args(argv)
         logs.setup(logging.DEBUG if args.verbose else logging.INFO)

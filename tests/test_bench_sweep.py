@@ -62,3 +62,19 @@ def test_sweep_fits_each_embedding_once_and_scores_each_choice(
 
 def test_sweep_needs_an_mvtec_dataset(tmp_path: Path) -> None:
     assert main(["sweep", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_bench_maps_ng_frames_as_the_agent_does(calibrated_bundle: Path, mtd_small: Path) -> None:
+    """With thresholds, bench's map stage is the agent's: NG frames only, through exact_map
+    (ivf-exact re-checks the patches under the mask), so engine and agent figures compare."""
+    from edge_agent.images import list_images
+    from edge_agent.model.bundle import load_bundle
+    from edge_agent.model.scorer import Scorer
+    from edge_agent.tools.bench import bench_batch
+
+    files = [p.read_bytes() for p in list_images(mtd_small / "test", recursive=True)][:12]
+    scorer = Scorer(load_bundle(calibrated_bundle), device="cpu", index="ivf-exact")
+    scores: list[float] = []
+    bench_batch(scorer, files, 4, 0, scores)
+    assert any(s >= 30.0 for s in scores) and any(s < 30.0 for s in scores)  # both verdicts
+    assert scorer.recheck_stats["map_patches"] > 0  # plain anomaly_map re-checks nothing

@@ -167,7 +167,7 @@ class ThresholdOverrides(_Section):
 
 class Batching(_Section):
     max_batch: int = Field(8, ge=1, le=256)
-    max_wait_ms: float = Field(20.0, ge=0, le=10_000)
+    max_wait_ms: float = Field(0.0, ge=0, le=10_000)
     queue_size: int = Field(64, ge=1, le=100_000)
 
 

@@ -82,6 +82,9 @@ class Scorer:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or default_threads()
+        # ORT's workers spin after each run by default; on a small box those spins take the
+        # cores FAISS and the re-checks need next (BENCHMARKS.md, thread contention).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(bundle.model_path), opts, providers=_providers(device)
         )

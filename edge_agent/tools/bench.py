@@ -2,8 +2,12 @@
 
 Stages are those of the run-time path, timed on the same code the agent runs: decode (file
 bytes -> BGR), prepare (resize to the input size), onnx (ONNX Runtime), knn (FAISS), score
-(image score, Eq. 7 when enabled), map (upsample + Gaussian), regions (threshold + connected
-components). A frame's latency is measured from the start of its batch (when the first frame
+(image score, Eq. 7 when enabled), map (upsample + Gaussian, with ivf-exact's re-checks), regions
+(threshold + connected components). With a calibrated bundle the last two do what the agent does:
+only NG frames get a map, exact where the pixel threshold decides (Scorer.exact_map), and
+regions at the frame's size (decide); an uncalibrated bundle maps every frame.
+
+A frame's latency is measured from the start of its batch (when the first frame
 of the batch is read) to the end of its own regions stage, so larger batches trade latency for
 throughput exactly as they do in the agent.
 
@@ -23,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.cli import add_scorer_options
+from edge_agent.decide.decision import NG, decide, resolve_thresholds, verdict_for
 from edge_agent.errors import UserError
 from edge_agent.images import decode_image, list_images
 from edge_agent.model import scoring
@@ -79,7 +84,7 @@ def bench_batch(
 ) -> dict[str, Any]:
     """Time `files` in batches of `batch` (see the module docstring); with `image_scores`, the
     image score of every timed file is appended to it, in order."""
-    threshold = float(scorer.bundle.thresholds.get("pixel") or np.inf)
+    thresholds = resolve_thresholds(scorer.bundle.thresholds, None, None)
     stage_s = dict.fromkeys(STAGES, 0.0)
     latencies: list[float] = []
     n_timed = 0
@@ -101,11 +106,18 @@ def bench_batch(
         if timed and image_scores is not None:
             image_scores.extend(map(float, scores.image_scores))
         done = []
-        for g in scores.patch_scores:
+        for i, g in enumerate(scores.patch_scores):
             t0 = time.perf_counter()
-            amap = scorer.anomaly_map(g)
-            t1 = time.perf_counter()
-            scoring.find_regions(amap, threshold if np.isfinite(threshold) else float(amap.max()))
+            if thresholds is None:  # uncalibrated: every map (of bounds), regions at its max
+                amap = scorer.anomaly_map(g)
+                t1 = time.perf_counter()
+                scoring.find_regions(amap, float(amap.max()))
+            else:  # what the agent does (service._answer): maps and regions of NG frames only
+                score = float(scores.image_scores[i])
+                ng = verdict_for(score, thresholds) == NG
+                amap = scorer.exact_map(scores, i, threshold=thresholds.pixel) if ng else None
+                t1 = time.perf_counter()
+                decide(score, amap, frames[i].shape[:2], thresholds)
             t2 = time.perf_counter()
             batch_s["map"] = batch_s.get("map", 0.0) + t1 - t0
             batch_s["regions"] = batch_s.get("regions", 0.0) + t2 - t1

@@ -18,6 +18,7 @@ from edge_agent.cli import add_scorer_options
 from edge_agent.model.bundle import load_bundle
 from edge_agent.model.knn import gpu_count
 from edge_agent.model.scorer import Scorer
+from edge_agent.ops import threads
 
 CUDA = "CUDAExecutionProvider"
 
@@ -40,6 +41,7 @@ def environment() -> dict[str, Any]:
         "faiss": faiss.__version__,
         "faiss_build": faiss.get_compile_options().strip(),
         "faiss_gpus": gpu_count(),
+        "thread_pools": " ".join(f"{k}={os.environ.get(k, '-')}" for k in threads.SETTINGS),
     }
 
 
