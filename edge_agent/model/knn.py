@@ -121,6 +121,23 @@ class MemoryBankIndex:
             return self.search_exact(queries, k)
         return _search(self.index, queries, k)
 
+    def search_pointer(self, ptr: int, n: int, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """search() of n float32 rows at address `ptr`: host memory, or CUDA memory when the
+        index is on the GPU (FAISS GPU indexes take device pointers, as its contrib helpers
+        pass them); the distances and rows come back in host arrays."""
+        if self.exact_index is not None:
+            raise ValueError("ivf-exact re-checks on the host: search its features, not a pointer")
+        sq = np.empty((n, k), dtype=np.float32)
+        idx = np.empty((n, k), dtype=np.int64)
+        self.index.search_c(
+            n,
+            faiss.cast_integer_to_float_ptr(ptr),
+            k,
+            faiss.swig_ptr(sq),
+            faiss.swig_ptr(idx),
+        )
+        return np.sqrt(np.maximum(sq, 0.0, out=sq), out=sq), idx
+
     def search_exact(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Exact k nearest rows (flat search; the index itself unless this is ivf-exact)."""
         return _search(self.exact_index or self.index, queries, k)

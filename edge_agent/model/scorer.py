@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_agent.images import resize, to_bgr
-from edge_agent.model import scoring
+from edge_agent.model import devicemem, scoring
 from edge_agent.model.bundle import Bundle
 from edge_agent.model.knn import DEFAULT_INDEX, DEFAULT_NPROBE, MemoryBankIndex
 
@@ -75,6 +75,7 @@ class Scorer:
         hnsw_ef_search: int = 64,
         ivf_nprobe: int = DEFAULT_NPROBE,
         scoring_overrides: dict[str, Any] | None = None,
+        bind_io: bool | None = None,
     ) -> None:
         if device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
@@ -106,6 +107,15 @@ class Scorer:
                 raise ValueError("reweighting needs bank_knn.npy with at least reweight_k columns")
             self.bank_knn = bundle.bank_knn[:, : int(cfg["reweight_k"])]
         self.reweight = self.bank_knn is not None
+        # I/O binding (None: auto, where ONNX Runtime and FAISS both run on the GPU): the ONNX
+        # output stays where ORT wrote it and FAISS reads it by pointer, so features never
+        # visit the host; Eq. 7 copies back one row per image. On the CPU it is the same code
+        # on host memory (tests run it there); ivf-exact keeps features for its re-checks.
+        gpu_both = self._onnx_device == "cuda" and self.index.device == "cuda"
+        self.bind_io = gpu_both if bind_io is None else bind_io
+        if self.bind_io and self.index.rechecks:
+            raise ValueError("I/O binding needs an index that is searched once (not ivf-exact)")
+        self._io = self.session.io_binding() if self.bind_io else None
         self.input_size = bundle.input_size
         self.grid = bundle.grid
         # The latest batch score() returned: the agent answers a batch's frames (and draws
@@ -118,9 +128,13 @@ class Scorer:
             scoring.map_support(self.grid, self.input_size, self.sigma)
 
     @property
+    def _onnx_device(self) -> str:
+        return "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+    @property
     def device(self) -> str:
-        onnx = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        return f"onnx:{onnx} faiss:{self.index.device}/{self.index.kind}"
+        bound = " io-binding" if self.bind_io else ""
+        return f"onnx:{self._onnx_device} faiss:{self.index.device}/{self.index.kind}{bound}"
 
     def prepare(self, bgr: np.ndarray) -> np.ndarray:
         """A uint8 BGR frame (what images.read_image/decode_image/to_bgr return) -> at the
@@ -137,6 +151,8 @@ class Scorer:
         With `stage_s`, the seconds spent in each stage ("onnx", "knn", "score") are added to
         it, so `bench` and the agent's metrics time exactly this code.
         """
+        if self._io is not None:
+            return self._score_bound(batch, stage_s)
         t0 = time.perf_counter()
         feats = self.features(batch)
         t1 = time.perf_counter()
@@ -164,6 +180,45 @@ class Scorer:
             None if exact is None else feats,
             rechecked,
         )
+        self.last = result
+        if stage_s is not None:
+            t3 = time.perf_counter()
+            for stage, seconds in (("onnx", t1 - t0), ("knn", t2 - t1), ("score", t3 - t2)):
+                stage_s[stage] = stage_s.get(stage, 0.0) + seconds
+        return result
+
+    def _score_bound(self, batch: np.ndarray, stage_s: dict[str, float] | None) -> BatchScores:
+        """score() with I/O binding: ONNX output -> FAISS by pointer, where ORT put it."""
+        io = self._io
+        assert io is not None
+        t0 = time.perf_counter()
+        io.bind_cpu_input(self.input_name, np.ascontiguousarray(batch))
+        io.bind_output(self.output_name, self._onnx_device)
+        self.session.run_with_iobinding(io)
+        io.synchronize_outputs()  # FAISS reads on its own stream
+        value = io.get_outputs()[0]  # holds the memory until this function returns
+        b, p, d = value.shape()
+        t1 = time.perf_counter()
+        dist, idx = self.index.search_pointer(value.data_ptr(), b * p, self.k)
+        patch = (dist[:, 0] if self.k == 1 else dist.mean(axis=1)).reshape(b, p)
+        nearest = idx[:, 0].reshape(b, p)
+        t2 = time.perf_counter()
+        if self.reweight:
+            assert self.bank_knn is not None
+            rows = np.arange(b)
+            worst = patch.argmax(axis=1)
+            m_test = devicemem.read_rows(value.data_ptr(), value.device_name(), rows * p + worst, d)
+            image = scoring.reweighted_scores(
+                m_test[:, None, :],
+                patch[rows, worst][:, None],
+                nearest[rows, worst][:, None],
+                self.bundle.bank,
+                self.bank_knn,
+            )
+        else:
+            image = patch.max(axis=1)
+        io.clear_binding_outputs()
+        result = BatchScores(image.astype(np.float32), patch.reshape(b, *self.grid))
         self.last = result
         if stage_s is not None:
             t3 = time.perf_counter()
