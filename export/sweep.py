@@ -62,8 +62,9 @@ def _row(config: dict[str, Any], fit_m: dict[str, Any], result: dict[str, Any]) 
         "image_auroc": result["image_auroc"],
         "pixel_auroc": result["pixel_auroc"],
         "pro": result["pro"],
+        "recall_at_frr": result["recall_at_frr"],
         "per_type": {
-            t: {k: m[k] for k in ("image_auroc", "pixel_auroc", "pro")}
+            t: {k: m[k] for k in ("image_auroc", "pixel_auroc", "pro", "recall_at_frr")}
             for t, m in result["per_type"].items()
         },
         "images_per_second": result["images_per_second"],
@@ -75,17 +76,29 @@ def _row(config: dict[str, Any], fit_m: dict[str, Any], result: dict[str, Any]) 
     }
 
 
+RANK_RATE = "0.01"  # the sweep ranks by recall at 1% false rejects, then image AUROC
+
+
+def ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best first: recall at RANK_RATE false rejects, ties broken by image AUROC."""
+    return sorted(
+        rows, key=lambda r: (r["recall_at_frr"][RANK_RATE], r["image_auroc"]), reverse=True
+    )
+
+
 def _print_table(rows: list[dict[str, Any]]) -> None:
     head = (
         f"{'layers':<18}{'proj':<14}{'p':>2}{'core':>6}{'rw':>3}{'D':>6}{'M':>7}"
-        f"{'image':>7}{'pixel':>7}{'PRO':>7}{'fit s':>7}{'img/s':>7}"
+        f"{'R@1%':>7}{'image':>7}{'pixel':>7}{'PRO':>7}{'fit s':>7}{'img/s':>7}"
     )
+    print("ranked by recall at 1% false rejects (R@1%), then image AUROC")
     print(head)
-    for r in rows:
+    for r in ranked(rows):
         proj = r["projection"] + (f":{r['embed_dim']}" if r["embed_dim"] else "")
         print(
             f"{r['layers']:<18}{proj:<14}{r['patch_size']:>2}{r['coreset']:>6.3f}"
-            f"{r['reweight_k']:>3}{r['dim']:>6}{r['bank_size']:>7}{r['image_auroc']:>7.3f}"
+            f"{r['reweight_k']:>3}{r['dim']:>6}{r['bank_size']:>7}"
+            f"{r['recall_at_frr'][RANK_RATE]:>7.3f}{r['image_auroc']:>7.3f}"
             f"{r['pixel_auroc']:>7.3f}{r['pro']:>7.3f}{r['fit_seconds']:>7.0f}"
             f"{r['images_per_second']:>7.1f}"
         )

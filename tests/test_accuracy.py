@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from edge_agent.tools.accuracy import pixel_roc_auc, pro_score, roc_auc
+from edge_agent.tools.accuracy import pixel_roc_auc, pro_score, recall_at_frr, roc_auc
 
 # ---------------------------------------------------------------------------- references
 
@@ -239,3 +239,41 @@ def test_pro_rejects_degenerate_inputs() -> None:
 
 
 # ---------------------------------------------------------------------------- evaluate
+
+
+def _recall_brute_force(labels: np.ndarray, scores: np.ndarray, rate: float) -> float:
+    """Best recall over every threshold (each distinct score, and above all) whose false-reject
+    rate is at most `rate`."""
+    pos, neg = scores[labels], scores[~labels]
+    best = 0.0
+    for t in [*np.unique(scores), np.inf]:
+        if np.mean(neg >= t) <= rate + 1e-12:
+            best = max(best, float(np.mean(pos >= t)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_recall_at_frr_matches_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_neg, n_pos = int(rng.integers(1, 60)), int(rng.integers(1, 40))
+    # Integer scores: many ties between and within the classes.
+    scores = rng.integers(0, 25, n_neg + n_pos).astype(np.float32)
+    labels = np.arange(n_neg + n_pos) >= n_neg
+    for rate in (0.0, 0.001, 0.01, 0.05, 0.1, 0.5, 1.0):
+        recall, t = recall_at_frr(labels, scores, rate)
+        assert recall == pytest.approx(_recall_brute_force(labels, scores, rate))
+        # The returned threshold achieves it within the rate.
+        assert np.mean(scores[~labels] >= t) <= rate + 1e-12
+        assert np.mean(scores[labels] >= t) == pytest.approx(recall)
+
+
+def test_recall_at_frr_hand_case_and_errors() -> None:
+    labels = np.array([False] * 100 + [True] * 4)
+    scores = np.array([*range(100), 50, 98.5, 99, 120], dtype=np.float32)
+    assert recall_at_frr(labels, scores, 0.0)[0] == 0.25  # above 99: only 120
+    assert recall_at_frr(labels, scores, 0.01)[0] == 0.75  # one good (99) rejected: > 98
+    assert recall_at_frr(labels, scores, 0.5)[0] == 1.0  # fifty rejected: > 49
+    with pytest.raises(ValueError):
+        recall_at_frr(labels, scores, 1.5)
+    with pytest.raises(ValueError):
+        recall_at_frr(np.ones(3, bool), np.ones(3), 0.01)

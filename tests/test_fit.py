@@ -124,6 +124,17 @@ def test_evaluate_small_bundle_beats_a_floor(small_bundle: Path, mtd_small: Path
     assert result["pro"] > 0.38
     assert set(result["per_type"]) == {"blowhole", "break", "crack", "fray", "uneven"}
     assert scored.maps.shape == (50, 224, 224)
+    # Recall at fixed false-reject rates, overall and per type, from the same scores.
+    from edge_agent.tools.accuracy import FALSE_REJECT_RATES, recall_at_frr
+
+    types = np.array([s.defect_type for s in scored.samples])
+    for rate in FALSE_REJECT_RATES:
+        want = recall_at_frr(types != "good", scored.scores, rate)[0]
+        assert result["recall_at_frr"][f"{rate:g}"] == want
+        crack = (types == "good") | (types == "crack")
+        want = recall_at_frr(types[crack] == "crack", scored.scores[crack], rate)[0]
+        assert result["per_type"]["crack"]["recall_at_frr"][f"{rate:g}"] == want
+    assert 0 <= result["recall_at_frr"]["0.001"] <= result["recall_at_frr"]["0.05"] <= 1
 
 
 @pytest.mark.slow

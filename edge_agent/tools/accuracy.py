@@ -1,4 +1,5 @@
-"""Anomaly-detection metrics as in the MVTec AD evaluation: image AUROC, pixel AUROC and PRO.
+"""Anomaly-detection metrics as in the MVTec AD evaluation: image AUROC, pixel AUROC and PRO,
+plus the one point of the curve a line cares about: recall at a fixed false-reject rate.
 
 All three are exact (no threshold grid): AUROC is the Mann-Whitney statistic with ties counted
 half, PRO is integrated over the exact piecewise-linear curve through every distinct threshold.
@@ -13,7 +14,10 @@ import math
 import cv2
 import numpy as np
 
-__all__ = ["pixel_roc_auc", "pro_score", "roc_auc"]
+__all__ = ["FALSE_REJECT_RATES", "pixel_roc_auc", "pro_score", "recall_at_frr", "roc_auc"]
+
+# The false-reject rates evaluate reports recall at (0.1%, 1%, 5% of good parts rejected).
+FALSE_REJECT_RATES = (0.001, 0.01, 0.05)
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -28,6 +32,35 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
         raise ValueError(f"labels {y.shape} and scores {s.shape} differ in shape")
     y, s = y.ravel(), s.ravel()
     return _auc_split(s[y], s[~y])
+
+
+def recall_at_frr(labels: np.ndarray, scores: np.ndarray, rate: float) -> tuple[float, float]:
+    """(recall, threshold): the best recall of the rule "NG when score >= t" among thresholds
+    that reject at most a fraction `rate` of the negatives (good parts).
+
+    With n negatives at most j = floor(rate * n) may score >= t, so t must exceed g_(j+1), the
+    (j+1)-th largest negative score, and the smallest such t is the next float above it:
+        recall = #{positives with score > g_(j+1)} / #positives
+    (j >= n: every threshold qualifies, recall 1). With few negatives, rate * n < 1 means no
+    false reject at all. `labels` true for positives (defects).
+    """
+    y = _as_bool(labels, "labels")
+    s = _as_scores(scores, "scores")
+    if not np.issubdtype(s.dtype, np.floating):
+        s = s.astype(np.float64)
+    if y.shape != s.shape:
+        raise ValueError(f"labels {y.shape} and scores {s.shape} differ in shape")
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be within 0..1, got {rate}")
+    # Kept in the scores' own dtype: the threshold is the next float32 (say) above g_(j+1).
+    pos, neg = s[y], np.sort(s[~y])[::-1]
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("recall at a false-reject rate needs positives and negatives")
+    allowed = math.floor(rate * len(neg) + 1e-9)  # 1e-9: 0.01 * 300 is 3, not 2.9999
+    if allowed >= len(neg):
+        return 1.0, float(min(pos.min(), neg[-1]))
+    bar = neg[allowed]
+    return float(np.mean(pos > bar)), float(np.nextafter(bar, np.asarray(np.inf, bar.dtype)))
 
 
 def pixel_roc_auc(masks: np.ndarray, maps: np.ndarray) -> float:

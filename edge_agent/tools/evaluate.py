@@ -97,10 +97,14 @@ def score_dataset(
 
 
 def _metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray):
-    out: dict[str, float | None] = {"n_images": len(labels)}
-    out["image_auroc"] = (
-        accuracy.roc_auc(labels, scores) if 0 < labels.sum() < len(labels) else None
-    )
+    out: dict[str, Any] = {"n_images": len(labels)}
+    both = 0 < labels.sum() < len(labels)
+    out["image_auroc"] = accuracy.roc_auc(labels, scores) if both else None
+    # Thresholds set on this test set's own good images: optimistic for a new line.
+    out["recall_at_frr"] = {
+        f"{rate:g}": accuracy.recall_at_frr(labels, scores, rate)[0] if both else None
+        for rate in accuracy.FALSE_REJECT_RATES
+    }
     has_defect_pixels = bool(masks.any())
     out["pixel_auroc"] = accuracy.pixel_roc_auc(masks, maps) if has_defect_pixels else None
     out["pro"] = accuracy.pro_score(masks, maps) if has_defect_pixels else None
@@ -127,13 +131,20 @@ def _fmt(v: float | None) -> str:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"{'defect type':<14}{'images':>7}  {'image':>6}  {'pixel':>6}  {'PRO':>6}")
+    rates = [f"{r:g}" for r in accuracy.FALSE_REJECT_RATES]
+    recall_heads = "".join(f"  {'R@' + f'{float(r):.1%}'.replace('.0%', '%'):>6}" for r in rates)
+    print(f"{'defect type':<14}{'images':>7}  {'image':>6}  {'pixel':>6}  {'PRO':>6}{recall_heads}")
     rows = [*result["per_type"].items(), ("overall", result)]
     for name, m in rows:
+        recalls = "".join(f"  {_fmt(m['recall_at_frr'][r])}" for r in rates)
         print(
             f"{name:<14}{m['n_images']:>7}  {_fmt(m['image_auroc'])}  "
-            f"{_fmt(m['pixel_auroc'])}  {_fmt(m['pro'])}"
+            f"{_fmt(m['pixel_auroc'])}  {_fmt(m['pro'])}{recalls}"
         )
+    print(
+        "R@x: recall (defects caught) with the threshold that rejects at most x of this test "
+        "set's good images (set on them, so optimistic)"
+    )
     print(f"{result['images_per_second']:.1f} images/s end to end ({result['device']})")
     if "recheck" in result:
         r = result["recheck"]
