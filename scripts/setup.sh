@@ -24,5 +24,5 @@ fi
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[cpu,train,demo,dev]'
+.venv/bin/python -m pip install -q -e '.[cpu,train,demo,dev,opcua]'
 echo "setup: ready (.venv)"

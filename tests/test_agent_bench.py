@@ -74,6 +74,19 @@ def test_every_frame_gets_a_verdict_and_the_ratio_is_agent_over_engine(
     assert not list(own_tmp.iterdir()), "the temporary folder is removed"
 
 
+def test_protocols_run_sparkplug_and_opcua_in_the_benched_agent(
+    small_bundle: Path, mtd_small: Path, own_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _require_mosquitto()
+    code, r, out = _bench(
+        capsys, "--bundle", str(small_bundle), "--data", str(mtd_small / "test"),
+        "--limit", "8", "--max-batch", "4", "--warmup", "0", "--protocols",
+    )  # fmt: skip
+    assert code == 0, out
+    assert r["protocols"] and "Sparkplug B and OPC UA on" in out
+    assert r["frames"] == r["verdicts"] == 8 and r["all_answered"]
+
+
 def test_live_camera_mode_paces_frames_and_answers_every_captured_one(
     small_bundle: Path, mtd_small: Path, own_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -126,6 +139,7 @@ def test_an_agent_that_fails_is_one_line_with_its_log_tail_and_nothing_left(
     [
         (["--fps", "5"], "--fps needs --agent"),
         (["--max-batch", "4"], "--max-batch needs --agent"),
+        (["--protocols"], "--protocols needs --agent"),
         (["--agent", "--batch", "4"], "--max-batch"),
         (["--agent", "--max-batch", "0"], "--max-batch: "),
         (["--agent", "--max-wait-ms", "-1"], "--max-wait-ms: "),

@@ -24,6 +24,7 @@ from edge_agent.errors import UserError
 from edge_agent.model.bundle import update_thresholds
 from edge_agent.model.knn import INDEX_KINDS
 from edge_agent.model.scorer import DEVICES
+from edge_agent.publish.opcua_config import OpcUaModel
 from edge_agent.publish.publisher import MAX_INFLIGHT_WINDOW, MqttSettings
 from tests.conftest import MTD
 
@@ -36,6 +37,8 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "mqtt": cfg.MqttModel,
     "archive": cfg.ArchiveModel,
     "metrics": cfg.MetricsSettings,
+    "sparkplug": cfg.SparkplugModel,
+    "opcua": OpcUaModel,
 }
 
 MINIMAL = """\
@@ -390,6 +393,9 @@ def test_run_check_accepts_every_documented_choice(
             source = "frames" if value == "folder" else "video.mp4"
         camera = f", {key[8:]}: {value}"
         code, _ = _run_check(tmp_path, calibrated_bundle, camera=camera, source=source)
+    elif "." in key:  # a key of a section: written nested
+        section, name = key.split(".", 1)
+        code, _ = _run_check(tmp_path, calibrated_bundle, top=f"{section}: {{{name}: {value}}}\n")
     else:
         code, _ = _run_check(tmp_path, calibrated_bundle, top=f"{key}: {value}\n")
     out, err = capsys.readouterr()

@@ -51,7 +51,9 @@ from edge_agent.errors import UserError
 from edge_agent.model.bundle import Bundle, load_bundle
 from edge_agent.model.knn import DEFAULT_INDEX, DEFAULT_NPROBE, INDEX_KINDS
 from edge_agent.model.scorer import DEVICES
+from edge_agent.publish.opcua_config import OpcUaModel
 from edge_agent.publish.publisher import MAX_INFLIGHT_WINDOW, MqttSettings
+from edge_agent.publish.sparkplug import SparkplugSettings, resolve_settings
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Camera ids and the line name become MQTT topic levels: no '/', '+', '#', no spaces.
@@ -254,6 +256,23 @@ class ArchiveModel(_Section):
     min_free_mb: float = Field(_arc("min_free_mb"), ge=0)
 
 
+class SparkplugModel(_Section):
+    """The `sparkplug` section: Sparkplug B 3.0 beside contract v1 (off by default). Broker
+    address, TLS and credentials are the `mqtt` section's; host/port may point elsewhere."""
+
+    enabled: bool = False
+    group_id: TopicLevel | None = None  # None: mqtt.line
+    edge_node_id: TopicLevel | None = None  # None: the MQTT client id
+    primary_host_id: TopicLevel | None = None  # None: no primary host awareness
+    host: Text | None = None  # None: mqtt.host
+    port: int | None = Field(None, ge=1, le=65535)  # None: mqtt.port
+    client_id: TopicLevel | None = None  # None: <mqtt client id>-sparkplug
+    spool_dir: ConfigPath | None = None  # None: <mqtt.spool_dir>/_sparkplug
+    spool_max_messages: int = Field(_mq("spool_max_messages"), ge=1)
+    spool_max_bytes: int = Field(_mq("spool_max_bytes"), ge=4096)
+    data_qos: int = Field(0, ge=0, le=1)
+
+
 class ConfigModel(_Section):
     """The whole file."""
 
@@ -269,6 +288,8 @@ class ConfigModel(_Section):
     mqtt: MqttModel = Field(default_factory=MqttModel)
     archive: ArchiveModel = Field(default_factory=ArchiveModel)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    sparkplug: SparkplugModel = Field(default_factory=SparkplugModel)
+    opcua: OpcUaModel = Field(default_factory=OpcUaModel)
 
     @model_validator(mode="before")
     @classmethod
@@ -311,6 +332,8 @@ class Config:
     health_interval_s: float
     archive: ArchiveSettings | None
     metrics: MetricsSettings
+    sparkplug: SparkplugSettings | None = None  # None: Sparkplug B is off
+    opcua: OpcUaModel | None = None  # None: no OPC UA server
 
 
 # -- pydantic's errors as one line -----------------------------------------------------------
@@ -521,6 +544,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 def _config(path: Path, base: Path, model: ConfigModel) -> Config:
+    mqtt = _mqtt(path, model.mqtt)
     return Config(
         path=path,
         bundle=model.bundle,
@@ -532,12 +556,14 @@ def _config(path: Path, base: Path, model: ConfigModel) -> Config:
         thresholds=model.thresholds,
         batching=model.batching,
         cameras=tuple(_camera(path, base, i, c) for i, c in enumerate(model.cameras)),
-        mqtt=_mqtt(path, model.mqtt),
+        mqtt=mqtt,
         health_interval_s=model.mqtt.health_interval_s,
         archive=(
             ArchiveSettings(**model.archive.model_dump()) if model.archive.dir is not None else None
         ),
         metrics=model.metrics,
+        sparkplug=_sparkplug(path, model, mqtt) if model.sparkplug.enabled else None,
+        opcua=model.opcua if model.opcua.enabled else None,
     )
 
 
@@ -573,6 +599,16 @@ def _mqtt(path: Path, mqtt: MqttModel) -> MqttSettings:
         settings.validate()  # the publisher's own rules (TLS files need tls: true, ...)
     except UserError as exc:
         raise _fail(path, "", str(exc)) from None
+    return settings
+
+
+def _sparkplug(path: Path, model: ConfigModel, mqtt: MqttSettings) -> SparkplugSettings:
+    settings = resolve_settings(mqtt, **model.sparkplug.model_dump(exclude={"enabled"}))
+    # Two connections with one client id keep kicking each other off the broker.
+    for camera in model.cameras:
+        if settings.mqtt.client_id == f"{mqtt.client_id}-{camera.id}":
+            problem = f"{settings.mqtt.client_id!r} is camera {camera.id}'s MQTT client id"
+            raise _fail(path, "sparkplug.client_id", problem)
     return settings
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from edge_agent.agent.config import Config
 from edge_agent.errors import UserError
 from edge_agent.images import list_images
+from edge_agent.publish.opcua_config import server_module
 from edge_agent.publish.publisher import build_ssl_context
 
 
@@ -42,6 +44,14 @@ def preflight(config: Config) -> None:
     m = config.metrics
     if m.port:  # 0 takes any free port: nothing to check
         _can_listen(m.host, m.port, f"{where}: metrics.port")
+    if config.opcua is not None:
+        try:
+            # Password file, certificate and key, and that they match (asyncua only if enabled).
+            server_module().check_settings(config.opcua)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+        url = urlparse(config.opcua.endpoint)
+        _can_listen(url.hostname or "0.0.0.0", url.port or 4840, f"{where}: opcua.endpoint")
 
 
 def _writable(folder: Path, key: str) -> None:

@@ -7,7 +7,7 @@ for stragglers), decides, archives rejects and hands verdicts to the publisher, 
 blocks it. Being the main thread also means the signal handlers run here, between batches:
 
 - SIGTERM/SIGINT: stop the cameras, answer every frame already queued, flush MQTT, publish
-  `offline`, exit 0;
+  `offline` (and, with Sparkplug B on, NDEATH: edge_agent/publish/sparkplug.py), exit 0;
 - SIGHUP: reload the bundle (same path): a helper thread loads it and builds a new Scorer
   while the old one keeps inspecting; it is swapped in between two batches. A broken bundle,
   or one that fails the smoke test (model.selftest: synthetic frames must score finite), is
@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent import __version__
 from edge_agent.agent.config import Config, load_checked_bundle, load_config, thresholds_for
 from edge_agent.agent.preflight import preflight
 from edge_agent.capture.cameras import LIVE_KINDS, CameraCapture
@@ -50,7 +51,9 @@ from edge_agent.model.selftest import self_test
 from edge_agent.ops.metrics import AgentMetrics, CameraSnapshot, MetricsServer, Snapshot
 from edge_agent.ops.sdnotify import Notifier
 from edge_agent.publish.contract import health_message, verdict_message
+from edge_agent.publish.opcua_config import camera_state, server_module
 from edge_agent.publish.publisher import Publisher
+from edge_agent.publish.sparkplug import SparkplugNode, device_values
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ MAX_PENDING_TRIGGERS = 64
 MAX_FAILED_BATCHES = 3  # consecutive inference failures before giving up (systemd restarts)
 CAPTURE_STOP_S = 5.0
 PUBLISH_FLUSH_S = 10.0
+SPARKPLUG_BIRTH_WAIT_S = 2.0  # the first frames' DDATA then goes out live, not historical
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -162,6 +166,18 @@ class Agent:
             for counter in (self.metrics.triggers_dropped, self.metrics.nonfinite_scores):
                 counter.labels(camera)
         self.publisher = Publisher(config.mqtt, [c.id for c in config.cameras])
+        self.sparkplug = (
+            SparkplugNode(config.sparkplug, [c.id for c in config.cameras], version=__version__)
+            if config.sparkplug is not None
+            else None
+        )
+        # The OPC UA server (asyncua, the optional `opcua` extra) is imported only when enabled.
+        self.opcua: Any = (
+            server_module().OpcUaServer(config.opcua, self._on_opcua_trigger)
+            if config.opcua is not None
+            else None
+        )
+        self._capture_by_id = {c.settings.id: c for c in self.captures}
         self.archive = RejectArchive(config.archive) if config.archive else None
         self.metrics_server: MetricsServer | None = None
         self.scorer: Scorer | None = None
@@ -216,6 +232,14 @@ class Agent:
         self.publisher.set_trigger_handler(self._on_trigger)
         self.publisher.start(connect_timeout_s=5.0)
         cleanup.append(lambda: self.publisher.stop(timeout_s=PUBLISH_FLUSH_S))
+        if self.sparkplug is not None:
+            node = self.sparkplug
+            self._update_sparkplug_node()  # before start: the first NBIRTH carries them
+            node.start(wait_s=SPARKPLUG_BIRTH_WAIT_S)
+            cleanup.append(lambda: node.stop(timeout_s=PUBLISH_FLUSH_S))
+        if self.opcua is not None:
+            self.opcua.start([c.id for c in self.config.cameras], self.bundle.model_id)
+            cleanup.append(self.opcua.stop)
         if self.config.metrics.port is not None:
             server = MetricsServer(
                 self.metrics.registry, self.config.metrics.host, self.config.metrics.port
@@ -395,6 +419,14 @@ class Agent:
                 MAX_PENDING_TRIGGERS,
             )
 
+    def _on_opcua_trigger(self, camera: str, part_id: str) -> bool:
+        """From asyncua's worker thread: Trigger(partId), as an MQTT trigger. False (the call
+        answers BadInvalidState) for a camera that is not in trigger mode."""
+        if camera not in self.trigger_mode:
+            return False
+        self._on_trigger(camera, part_id)
+        return True
+
     def _take_trigger(self, frame: Frame) -> tuple[bool, str | None]:
         """(inspect?, part id) for a trigger-mode frame: only frames taken after a trigger."""
         with self._trigger_lock:
@@ -545,6 +577,19 @@ class Agent:
     def _publish(self, camera: str, msg: dict[str, Any], counts: CameraCounts) -> None:
         t0 = time.perf_counter()
         self.publisher.publish_verdict(camera, msg)
+        if self.sparkplug is not None:
+            stats = self._capture_by_id[camera].stats
+            values = device_values(
+                msg,
+                inspected=counts.inspected,
+                ng=counts.ng,
+                dropped=stats["dropped"],
+                errors=counts.errors,
+                connected=stats["connected"],
+            )
+            self.sparkplug.publish_verdict(camera, values, msg["timestamp"])
+        if self.opcua is not None:
+            self.opcua.publish(camera, msg)  # never waits: a lock and a wake-up
         self.metrics.observe_stage("publish", time.perf_counter() - t0)
         counts.window.append(time.monotonic())
 
@@ -599,6 +644,8 @@ class Agent:
                 result.scorer,
             )
             self.metrics.reloads.labels("ok").inc()
+            if self.opcua is not None:
+                self.opcua.set_model_id(result.bundle.model_id)
             _warn_out_of_range(result.thresholds)
             log.info(
                 "reloaded in %.1f s: model %s (was %s) on %s, thresholds image %g pixel %g",
@@ -616,6 +663,10 @@ class Agent:
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        if self.opcua is not None:  # set_state reaches the server only when a state changes
+            for capture in self.captures:
+                state = camera_state(capture.stats, stopping=self._draining)
+                self.opcua.set_state(capture.settings.id, state)
         if now >= self._next_status:
             self._next_status = now + STATUS_INTERVAL_S
             self.notifier.status(self._status_line())
@@ -634,6 +685,13 @@ class Agent:
         self._next_health = now + self.config.health_interval_s
         per_link = self.publisher.stats.get("cameras", {})
         device = self.scorer.device if self.scorer is not None else None
+        if self.sparkplug is not None:
+            self._update_sparkplug_node()
+            for capture in self.captures:
+                stats = capture.stats
+                self.sparkplug.update_camera(
+                    capture.settings.id, dropped=stats["dropped"], connected=stats["connected"]
+                )
         for capture in self.captures:
             cam = capture.settings.id
             stats = capture.stats
@@ -665,6 +723,15 @@ class Agent:
                     triggers_rejected=link.get("triggers_rejected", 0),
                 ),
             )
+
+    def _update_sparkplug_node(self) -> None:
+        assert self.sparkplug is not None
+        self.sparkplug.update_node(
+            **{
+                "Properties/Model ID": self.bundle.model_id,
+                "Properties/Device": self.scorer.device if self.scorer is not None else None,
+            }
+        )
 
     def _collect(self) -> Snapshot:
         """Scrape time: read the values other threads own, for the metrics collector."""

@@ -51,6 +51,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -114,13 +115,17 @@ def add_agent_arguments(g: argparse._ArgumentGroup) -> None:
         help="a live camera: stream the images (looped) at F frames/s, for latency",
     )  # fmt: skip
     g.add_argument(
+        "--protocols", action="store_true", default=None,  # None: refuse_agent_options
+        help="also run Sparkplug B and the OPC UA server in the agent (their cost on inference)",
+    )  # fmt: skip
+    g.add_argument(
         "--seconds", type=float, metavar="S",
         help=f"with --fps: run S seconds from the first verdict, then SIGTERM "
         f"(default: {DEFAULT_SECONDS:g})",
     )  # fmt: skip
 
 
-_AGENT_ONLY = ("max_batch", "max_wait_ms", "fps", "seconds")
+_AGENT_ONLY = ("max_batch", "max_wait_ms", "fps", "seconds", "protocols")
 
 
 def refuse_agent_options(args: argparse.Namespace) -> None:
@@ -147,6 +152,7 @@ class Plan:
     threads: int | None
     index: str
     nprobe: int
+    protocols: bool = False
 
     @property
     def live(self) -> bool:
@@ -200,6 +206,7 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, Bundle]:
         threads=args.threads,
         index=args.index,
         nprobe=args.nprobe,
+        protocols=bool(args.protocols),
     )
     return plan, bundle
 
@@ -508,6 +515,16 @@ def write_agent_config(
         },
         "metrics": {"port": None},
     }
+    if plan.protocols:  # both on, as a plant would run them, beside contract v1
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            opcua_port = s.getsockname()[1]
+        config["sparkplug"] = {"enabled": True, "group_id": "bench", "edge_node_id": "bench"}
+        config["opcua"] = {
+            "enabled": True,
+            "endpoint": f"opc.tcp://127.0.0.1:{opcua_port}/edge-agent/",
+            "allow_anonymous": True,
+        }
     if plan.threads:
         config["threads"] = plan.threads
     if thresholds:
@@ -643,7 +660,8 @@ def run_agent_bench(args: argparse.Namespace) -> int:
                 if plan.live and size
                 else "a folder camera, every image once"
             )
-            + f"; thresholds {thresholds_from}",
+            + f"; thresholds {thresholds_from}"
+            + ("; Sparkplug B and OPC UA on" if plan.protocols else ""),
             flush=True,
         )
         agent = stack.enter_context(
@@ -739,6 +757,7 @@ def _report(
             "dropped": dropped,
             "max_batch": plan.max_batch,
             "max_wait_ms": plan.max_wait_ms,
+            "protocols": plan.protocols,
             "warmup_verdicts": plan.skip,
             "engine": e,
             ratio_name: ratio,

@@ -4,7 +4,8 @@
 2. calibrate it on 34 held-out good tiles (demo/sample/holdout);
 3. make a video of 20 line frames, good and defective (demo/sample/line);
 4. start an MQTT broker: Mosquitto when installed, else amqtt (`pip install 'edge-agent[demo]'`);
-5. run the agent on the video and show each verdict as it arrives over MQTT.
+5. run the agent on the video and show each verdict as it arrives over MQTT (with
+   `--sparkplug`, also each Sparkplug B message, decoded, beside the v1 table).
 
 Every step runs the real `edge-agent` command, printed before it runs, so the demo doubles as
 a walk-through of the commands a line engineer would type.
@@ -44,6 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="sample data folder (default: demo/sample of the edge-agent source checkout)",
     )  # fmt: skip
     p.add_argument("--fps", type=float, default=4.0, help="frame rate of the demo video")
+    p.add_argument(
+        "--sparkplug",
+        action="store_true",
+        help="also publish Sparkplug B 3.0 and show its decoded messages beside the v1 table",
+    )
 
 
 def _step(title: str) -> None:
@@ -78,10 +84,12 @@ def make_video(frames_dir: Path, out: Path, fps: float) -> list[str]:
     return labels
 
 
-def write_config(out: Path, bundle: Path, video: Path, port: int) -> Path:
+def write_config(
+    out: Path, bundle: Path, video: Path, port: int, *, sparkplug: bool = False
+) -> Path:
     import yaml
 
-    config = {
+    config: dict[str, Any] = {
         "bundle": str(bundle),
         "device": "auto",
         "cameras": [{"id": CAMERA, "source": str(video)}],
@@ -96,6 +104,8 @@ def write_config(out: Path, bundle: Path, video: Path, port: int) -> Path:
         "archive": {"dir": str(out / "rejects"), "quota_mb": 50},
         "metrics": {"port": None},
     }
+    if sparkplug:
+        config["sparkplug"] = {"enabled": True, "group_id": LINE, "edge_node_id": "demo-agent"}
     path = out / "agent.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -141,6 +151,66 @@ class VerdictTable:
             f"{v['latency_ms']:>7.0f}ms  {v['reject_image'] or ''}",
             flush=True,
         )
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def describe_sparkplug(topic: str, payload: bytes, names: dict[int, str]) -> str:
+    """One line for a Sparkplug B message: kind, device, seq and its metrics by name.
+
+    ``names`` maps aliases to names; births fill it (data messages carry aliases only)."""
+    from edge_agent.publish import sparkplug_b_pb2 as pb
+    from edge_agent.publish.sparkplug import metric_value
+
+    parts = topic.split("/")
+    kind = parts[2] if len(parts) > 2 else "?"
+    device = parts[4] if len(parts) > 4 else "(node)"
+    try:
+        message = pb.Payload.FromString(payload)
+    except Exception:
+        return f"spB {kind:<6} {device:<7} undecodable payload ({len(payload)} bytes)"
+    values = []
+    for m in message.metrics:
+        if m.name:
+            names[m.alias] = m.name
+        name = m.name or names.get(m.alias, f"alias {m.alias}")
+        if kind == "DDATA" and not name.startswith(("Inspection/Verdict", "Inspection/Score")):
+            continue  # the table's width: the rest is in the births and the agent log
+        value = metric_value(m)
+        shown = f"{value:.2f}" if isinstance(value, float) else value
+        values.append(f"{name.split('/')[-1]}={shown}")
+    historical = " historical" if any(m.is_historical for m in message.metrics) else ""
+    seq = f"seq {message.seq:>3}" if message.HasField("seq") else "seq   -"
+    shown_values = ", ".join(values[:6]) + (", ..." if len(values) > 6 else "")
+    return f"spB {kind:<6} {device:<7} {seq}{historical}  {shown_values}"
+
+
+class SparkplugView:
+    """Subscribes to the demo's Sparkplug group and prints each message, decoded."""
+
+    def __init__(self, port: int) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.names: dict[int, str] = {}
+        self.count = 0
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="edge-agent-demo-sp")
+        self.client.on_message = lambda _c, _u, msg: self._inbox.put((msg.topic, msg.payload))
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(f"spBv1.0/{LINE}/#", qos=1)
+        self.client.loop_start()
+        print(f"subscribed to spBv1.0/{LINE}/# (Sparkplug B)")
+
+    def pump(self) -> None:
+        while True:
+            try:
+                topic, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            self.count += 1
+            print("     " + describe_sparkplug(topic, payload, self.names), flush=True)
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -216,8 +286,9 @@ def run(args: argparse.Namespace) -> int:
 
     _step("4/4 run the agent; verdicts arrive over MQTT")
     with mqtt_broker(broker, out) as port:
-        config = write_config(out, bundle, video, port)
+        config = write_config(out, bundle, video, port, sparkplug=args.sparkplug)
         table = VerdictTable(port, labels)
+        view = SparkplugView(port) if args.sparkplug else None
         cmd = ["run", "--config", str(config), "--exit-when-done"]
         print("$ edge-agent " + " ".join(cmd) + f"   (log: {out / 'agent.log'})")
         table.header()
@@ -228,6 +299,8 @@ def run(args: argparse.Namespace) -> int:
             deadline = time.monotonic() + 300
             while agent.poll() is None and time.monotonic() < deadline:
                 table.pump(0.2)
+                if view is not None:
+                    view.pump()
             if agent.poll() is None:
                 agent.terminate()
         while len(table.rows) < len(labels):  # verdicts still in flight after the agent exits
@@ -236,6 +309,11 @@ def run(args: argparse.Namespace) -> int:
             if len(table.rows) == before:
                 break
         table.close()
+        if view is not None:
+            time.sleep(0.5)  # the NDEATH of the agent's clean stop
+            view.pump()
+            view.close()
+            print(f"\n{view.count} Sparkplug B messages received")
     if agent.returncode != 0:
         raise UserError(f"the agent exited with code {agent.returncode} (log: {out / 'agent.log'})")
     summarise(table.rows, labels, out)

@@ -1,0 +1,174 @@
+"""The `opcua` config section and the camera state mapping of the OPC UA server.
+
+Kept apart from edge_agent.publish.opcua (the server) so that loading a config never imports
+asyncua: the section is validated even when the server is off. Field rules are config.py's
+own (non-empty text, secrets never echoed, paths resolved against the config's folder, errors
+naming the key); config.py imports this module for its `opcua` section, so those rules are
+looked up when a value is validated, not when this module is imported (which would be an
+import cycle).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    SecretStr,
+    ValidationInfo,
+    model_validator,
+)
+
+from edge_agent.errors import UserError
+
+SECURITY_MODES = ("none", "basic256sha256")
+DEFAULT_ENDPOINT = "opc.tcp://127.0.0.1:4840/edge-agent/"
+DEFAULT_NAMESPACE_URI = "urn:edge-agent:inspection"
+
+# OPC 40100-1 (Machine Vision) top-level system states, as the State variable spells them.
+PREOPERATIONAL = "Preoperational"
+OPERATIONAL = "Operational"
+HALTED = "Halted"
+ERROR = "Error"
+STATES = (PREOPERATIONAL, OPERATIONAL, HALTED, ERROR)
+
+
+def _config() -> Any:
+    from edge_agent.agent import config  # at validation time: see the module docstring
+
+    return config
+
+
+def _text(value: str) -> str:
+    return _config()._text(value)
+
+
+def _secret_text(value: SecretStr) -> SecretStr:
+    return _config()._secret_text(value)
+
+
+def _config_path(value: object, info: ValidationInfo) -> object:
+    return _config()._config_path(value, info)
+
+
+def _problem(problem: str, *at: str) -> Exception:
+    return _config()._problem(problem, *at)
+
+
+def _endpoint(value: str) -> str:
+    url = urlparse(value)
+    try:
+        port = url.port
+    except ValueError:  # a port that is not a number, or past 65535
+        port = None
+    if url.scheme != "opc.tcp" or not url.hostname or not port:
+        raise _problem(f"{value!r} must be opc.tcp://HOST:PORT/PATH, e.g. {DEFAULT_ENDPOINT}")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_text)]
+Secret = Annotated[SecretStr, AfterValidator(_secret_text)]
+ConfigPath = Annotated[Path, BeforeValidator(_config_path)]
+Endpoint = Annotated[str, AfterValidator(_text), AfterValidator(_endpoint)]
+Security = Literal.__getitem__(SECURITY_MODES)  # the tuple stays the only list of choices
+
+
+class OpcUaModel(BaseModel):
+    """The `opcua` section (config.example.yaml documents every key)."""
+
+    # As config.py's sections: no unknown keys, no bool as int, no string as number.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    enabled: bool = False
+    endpoint: Endpoint = DEFAULT_ENDPOINT
+    namespace_uri: Text = DEFAULT_NAMESPACE_URI
+    security: Security = "none"
+    certificate_file: ConfigPath | None = None
+    private_key_file: ConfigPath | None = None
+    username: Text | None = None
+    password: Secret | None = None
+    password_file: ConfigPath | None = None
+    allow_anonymous: bool = False
+
+    @model_validator(mode="after")
+    def _rules(self) -> OpcUaModel:
+        secure = self.security == "basic256sha256"
+        for key in ("certificate_file", "private_key_file"):
+            if getattr(self, key) is not None and not secure:
+                raise _problem("only used with security: basic256sha256", key)
+        if self.password is not None and self.password_file is not None:
+            raise _problem("set either password or password_file, not both", "password_file")
+        has_password = self.password is not None or self.password_file is not None
+        if has_password and self.username is None:
+            raise _problem("missing (a password needs a username)", "username")
+        if self.username is not None and not has_password:
+            raise _problem("missing (set password or password_file)", "password")
+        if self.username is not None and self.allow_anonymous:
+            raise _problem("anonymous access is refused when a username is set", "allow_anonymous")
+        if not self.enabled:
+            return self  # a section that is off needs nothing more
+        for key in ("certificate_file", "private_key_file"):
+            if getattr(self, key) is None and secure:
+                raise _problem("required when security is basic256sha256", key)
+        if self.username is None and not self.allow_anonymous:
+            # Secure by default: nobody gets in unless the config says who.
+            raise _problem(
+                "missing: set username and password, or allow_anonymous: true", "username"
+            )
+        return self
+
+    def password_value(self) -> str | None:
+        """The password (from password_file when that is set); UserError if unreadable."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is None:
+            return None
+        try:
+            text = self.password_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise UserError(
+                f"opcua.password_file: cannot read {self.password_file} ({reason})"
+            ) from None
+        if not text:
+            raise UserError(f"opcua.password_file: {self.password_file} is empty")
+        return text
+
+
+def camera_state(stats: Mapping[str, Any], *, stopping: bool = False) -> str:
+    """The OPC 40100 system state of a camera from its capture stats (CameraCapture.stats).
+
+    Error: the capture thread died (`failed`), or the camera is not delivering and has a
+    `last_error` (cannot open, stream lost, reconnecting). Halted: a finite source is done,
+    or the agent is stopping. Operational: frames are flowing (the model is loaded before any
+    capture starts). Preoperational: not delivered a frame yet and nothing has gone wrong.
+    """
+    if stats.get("failed"):
+        return ERROR
+    if stats.get("finished") or stopping:
+        return HALTED
+    if stats.get("connected"):
+        return OPERATIONAL
+    if stats.get("last_error"):
+        return ERROR
+    return PREOPERATIONAL
+
+
+def server_module() -> Any:
+    """edge_agent.publish.opcua, imported only when a config enables it (asyncua is the
+    optional `opcua` extra); its absence is one line, not a traceback."""
+    try:
+        from edge_agent.publish import opcua
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("asyncua", "cryptography"):
+            raise
+        raise UserError(
+            f"opcua.enabled: needs {exc.name}: pip install 'edge-agent[opcua]'"
+        ) from None
+    return opcua

@@ -1,0 +1,630 @@
+"""Sparkplug B 3.0 (edge_agent/publish/sparkplug.py) against a real Mosquitto: every payload is
+decoded with the bindings generated from the specification's sparkplug_b.proto."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.agent.config import load_config
+from edge_agent.errors import UserError
+from edge_agent.publish import sparkplug as sp
+from edge_agent.publish import sparkplug_b_pb2 as pb
+from edge_agent.publish.publisher import MqttSettings
+from edge_agent.publish.sparkplug import (
+    DEVICE_METRICS,
+    METRIC_NAMES,
+    NODE_METRICS,
+    SparkplugNode,
+    metric_value,
+)
+from tests.brokers import Broker, Gate, Received, Subscriber, free_port
+from tests.conftest import require_mtd
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUP, NODE = "g1", "node1"
+BASE = f"spBv1.0/{GROUP}"
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _settings(tmp_path: Path, port: int, **kw: Any) -> sp.SparkplugSettings:
+    mqtt_settings = MqttSettings(
+        port=port,
+        client_id="test-agent",
+        spool_dir=tmp_path / "spool",
+        keepalive_s=5,
+        reconnect_min_s=0.05,
+        reconnect_max_s=0.3,
+    )
+    args: dict[str, Any] = {
+        "group_id": GROUP,
+        "edge_node_id": NODE,
+        "primary_host_id": None,
+        "host": None,
+        "port": None,
+        "client_id": None,
+        "spool_dir": None,
+        "spool_max_messages": 10_000,
+        "spool_max_bytes": 16 * 1024 * 1024,
+        "data_qos": 0,
+    }
+    return sp.resolve_settings(mqtt_settings, **{**args, **kw})
+
+
+def _values(seq: int, verdict: str = "OK") -> dict[str, Any]:
+    msg = {
+        "verdict": verdict,
+        "score": None if verdict == "ERROR" else 1.5 + seq,
+        "normalised_score": None if verdict == "ERROR" else 0.5,
+        "threshold": None if verdict == "ERROR" else 3.0,
+        "regions": [{"x": 1}] if verdict == "NG" else [],
+        "part_id": None,
+        "sequence": seq,
+        "frame_id": f"f-{seq}",
+        "model_id": "m1",
+        "latency_ms": 12.5,
+    }
+    return sp.device_values(msg, inspected=seq, ng=0, dropped=0, errors=0, connected=True)
+
+
+def _stamp(seq: int) -> int:
+    return 1_700_000_000_000 + seq
+
+
+class Decoded:
+    """One Sparkplug message, decoded."""
+
+    def __init__(self, received: Received) -> None:
+        self.topic = received.topic
+        parts = received.topic.split("/")
+        self.kind = parts[2]
+        self.device = parts[4] if len(parts) > 4 else None
+        self.payload = pb.Payload.FromString(received.payload)
+
+    @property
+    def seq(self) -> int:
+        return self.payload.seq
+
+    def by_name(self) -> dict[str, Any]:
+        return {m.name: metric_value(m) for m in self.payload.metrics}
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.kind}({self.device}, seq={self.seq if self.payload.HasField('seq') else '-'})"
+        )
+
+
+def _decoded(sub: Subscriber) -> list[Decoded]:
+    return [Decoded(m) for m in sub.messages if m.topic.startswith(BASE)]
+
+
+def _kinds(sub: Subscriber, kind: str) -> list[Decoded]:
+    return [d for d in _decoded(sub) if d.kind == kind]
+
+
+def _wait_kind(sub: Subscriber, kind: str, n: int = 1, timeout_s: float = 10.0) -> list[Decoded]:
+    ok = sub.wait_for(
+        lambda msgs: sum(m.topic.split("/")[2:3] == [kind] for m in msgs) >= n, timeout_s
+    )
+    assert ok, f"fewer than {n} {kind}; got {_decoded(sub)}"
+    return _kinds(sub, kind)
+
+
+def _bdseq(d: Decoded) -> int:
+    value = d.by_name()["bdSeq"]
+    assert isinstance(value, int)
+    return value
+
+
+def _names_by_alias(births: list[Decoded]) -> dict[int, str]:
+    return {m.alias: m.name for b in births for m in b.payload.metrics}
+
+
+def _data(d: Decoded, aliases: dict[int, str]) -> dict[str, Any]:
+    return {aliases[m.alias]: metric_value(m) for m in d.payload.metrics}
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    with Broker(tmp_path / "broker") as b:
+        yield b
+
+
+@pytest.fixture
+def sub(broker: Broker) -> Iterator[Subscriber]:
+    with Subscriber(broker.port, "spBv1.0/#") as s:
+        yield s
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[SparkplugNode]]:
+    started: list[SparkplugNode] = []
+    yield started
+    for node in started:
+        node.stop(timeout_s=0.5)
+
+
+def _node(
+    nodes: list[SparkplugNode],
+    settings: sp.SparkplugSettings,
+    cameras: tuple[str, ...] = ("a",),
+    wait_s: float = 5.0,
+) -> SparkplugNode:
+    node = SparkplugNode(settings, list(cameras), version="9.9.9")
+    node.update_node(**{"Properties/Model ID": "m1", "Properties/Device": "cpu"})
+    node.start(wait_s=wait_s)
+    nodes.append(node)
+    return node
+
+
+def _wait(predicate: Any, timeout_s: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+# -- pure parts ----------------------------------------------------------------------------
+
+
+def test_seq_and_bdseq_wrap_at_255() -> None:
+    assert [sp.next_seq(s) for s in (0, 1, 254, 255)] == [1, 2, 255, 0]
+    assert [sp.next_bdseq(s) for s in (0, 254, 255)] == [1, 255, 0]
+
+
+def test_bdseq_file_round_trip_and_damage(tmp_path: Path) -> None:
+    path = tmp_path / "x" / "bdseq"
+    assert sp.read_bdseq(path) == 0
+    sp.write_bdseq(path, 17)
+    assert path.read_text() == "17\n" and sp.read_bdseq(path) == 17
+    path.write_text("garbage")
+    assert sp.read_bdseq(path) == 0
+    assert not list(path.parent.glob(".bdseq.*"))  # atomic_write leaves no temporary file
+
+
+def test_state_and_rebirth_parsing_refuse_junk() -> None:
+    assert sp.parse_state(b'{"online": true, "timestamp": 5}') == (True, 5)
+    assert sp.parse_state(b'{"online": false}') == (False, 0)
+    for junk in (b"", b"online", b"[]", b'{"online": "yes"}', b"\xff\xfe"):
+        assert sp.parse_state(junk) is None
+    yes = pb.Payload()
+    yes.metrics.add(name=sp.REBIRTH, datatype=pb.Boolean, boolean_value=True)
+    by_alias = pb.Payload()
+    by_alias.metrics.add(alias=sp.node_alias(sp.REBIRTH), datatype=pb.Boolean, boolean_value=True)
+    no = pb.Payload()
+    no.metrics.add(name=sp.REBIRTH, datatype=pb.Boolean, boolean_value=False)
+    assert sp.is_rebirth_request(yes.SerializeToString())
+    assert sp.is_rebirth_request(by_alias.SerializeToString())
+    assert not sp.is_rebirth_request(no.SerializeToString())
+    assert not sp.is_rebirth_request(b"\xff\xff\xff not protobuf")
+
+
+def test_aliases_are_unique_over_node_and_devices() -> None:
+    aliases = [sp.node_alias(m.name) for m in NODE_METRICS]
+    aliases += [sp.device_alias(i, m.name) for i in range(3) for m in DEVICE_METRICS]
+    assert len(aliases) == len(set(aliases))
+
+
+def _drop_json_names(messages: Any) -> None:
+    for message in messages:
+        for field in message.field:
+            field.ClearField("json_name")
+        _drop_json_names(message.nested_type)
+
+
+def test_bindings_are_generated_from_the_committed_proto(tmp_path: Path) -> None:
+    grpc_tools = pytest.importorskip("grpc_tools", reason="grpcio-tools (dev extra)")
+    from google.protobuf import descriptor_pb2
+    from grpc_tools import protoc
+
+    folder = ROOT / "edge_agent" / "publish"
+    out = tmp_path / "set.pb"
+    include = Path(grpc_tools.__file__).parent / "_proto"
+    rc = protoc.main(
+        [
+            "protoc",
+            f"-I{folder}",
+            f"-I{include}",
+            f"--descriptor_set_out={out}",
+            "sparkplug_b.proto",
+        ]
+    )
+    assert rc == 0
+    generated = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
+    committed = descriptor_pb2.FileDescriptorProto.FromString(pb.DESCRIPTOR.serialized_pb)
+    _drop_json_names(generated.message_type)  # the Python generator leaves them out
+    assert committed == generated
+    assert "Regenerate with" in (folder / "sparkplug_b_pb2.py").read_text()
+
+
+def test_readme_lists_exactly_the_metrics_of_the_code() -> None:
+    text = (ROOT / "README.md").read_text()
+    section = re.search(r"^## Sparkplug B\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert section, "README.md has no 'Sparkplug B' section"
+    listed = re.findall(r"^\| `([^`]+)` \| (\w+) \|", section.group(1), re.M)
+    code = [(m.name, pb.DataType.Name(m.datatype)) for m in NODE_METRICS + DEVICE_METRICS]
+    assert listed == code
+    assert [name for name, _ in listed] == list(METRIC_NAMES)
+
+
+# -- config --------------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path, sparkplug: str = "") -> Path:
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        "bundle: bundle\ncameras:\n  - {id: cam1, source: images}\n"
+        f"mqtt: {{host: broker.local, port: 1884, line: l3, client_id: ea, spool_dir: spool}}\n"
+        f"{sparkplug}"
+    )
+    return path
+
+
+def test_config_is_off_by_default_and_reuses_the_mqtt_section(tmp_path: Path) -> None:
+    assert load_config(_config(tmp_path)).sparkplug is None
+    c = load_config(_config(tmp_path, "sparkplug: {enabled: true}\n")).sparkplug
+    assert c is not None
+    assert (c.group_id, c.edge_node_id, c.primary_host_id) == ("l3", "ea", None)
+    assert (c.mqtt.host, c.mqtt.port, c.mqtt.client_id) == ("broker.local", 1884, "ea-sparkplug")
+    assert c.mqtt.spool_dir == tmp_path / "spool" / "_sparkplug"
+    assert c.topic("DDATA", "cam1") == "spBv1.0/l3/DDATA/ea/cam1"
+    c = load_config(
+        _config(
+            tmp_path,
+            "sparkplug: {enabled: true, group_id: G, edge_node_id: N, primary_host_id: H,"
+            " host: other, port: 1999, spool_dir: sp}\n",
+        )
+    ).sparkplug
+    assert c is not None and c.state_topic == "spBv1.0/STATE/H"
+    assert (c.mqtt.host, c.mqtt.port, c.mqtt.spool_dir) == ("other", 1999, tmp_path / "sp")
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("sparkplug: {group_id: a+b}", "sparkplug.group_id: 'a+b' must be letters"),
+        ("sparkplug: {edge_node_id: a/b}", "sparkplug.edge_node_id: 'a/b' must be letters"),
+        ("sparkplug: {data_qos: 2}", "sparkplug.data_qos: must be at most 1, got 2"),
+        ("sparkplug: {enable: true}", "sparkplug.enable: unknown key (did you mean 'enabled'?)"),
+        (
+            "sparkplug: {enabled: true, client_id: ea-cam1}",
+            "sparkplug.client_id: 'ea-cam1' is camera cam1's MQTT client id",
+        ),
+    ],
+)
+def test_bad_sparkplug_config_is_one_line(tmp_path: Path, section: str, message: str) -> None:
+    path = _config(tmp_path, section + "\n")
+    with pytest.raises(UserError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: {message}"), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+# -- against a broker ----------------------------------------------------------------------
+
+
+def test_births_come_before_data_with_names_aliases_and_capture_time(
+    tmp_path: Path, broker: Broker, sub: Subscriber, nodes: list[SparkplugNode]
+) -> None:
+    node = _node(nodes, _settings(tmp_path, broker.port), cameras=("a", "b"))
+    for i, verdict in enumerate(("OK", "NG", "ERROR")):
+        node.publish_verdict("a" if i != 1 else "b", _values(i, verdict), _stamp(i))
+    _wait_kind(sub, "DDATA", 3)
+    messages = _decoded(sub)
+    assert [(d.kind, d.device, d.seq) for d in messages] == [
+        ("NBIRTH", None, 0),
+        ("DBIRTH", "a", 1),
+        ("DBIRTH", "b", 2),
+        ("DDATA", "a", 3),
+        ("DDATA", "b", 4),
+        ("DDATA", "a", 5),
+    ]
+    nbirth = messages[0].by_name()
+    assert list(nbirth) == [m.name for m in NODE_METRICS]
+    assert nbirth["Properties/Model ID"] == "m1" and nbirth["Properties/Agent Version"] == "9.9.9"
+    assert nbirth[sp.REBIRTH] is False
+    for birth in messages[1:3]:
+        assert [m.name for m in birth.payload.metrics] == [m.name for m in DEVICE_METRICS]
+        assert [m.datatype for m in birth.payload.metrics] == [m.datatype for m in DEVICE_METRICS]
+        assert all(m.alias for m in birth.payload.metrics)
+    aliases = _names_by_alias(messages[:3])
+    data = [_data(d, aliases) for d in messages[3:]]
+    assert [d["Inspection/Verdict"] for d in data] == ["OK", "NG", "ERROR"]
+    assert [d["Inspection/NG"] for d in data] == [False, True, True]
+    assert data[1]["Inspection/Region Count"] == 1 and data[1]["Inspection/Score"] == 2.5
+    assert data[2]["Inspection/Score"] is None  # ERROR: explicit is_null
+    for i, d in enumerate(messages[3:]):
+        assert all(not m.name for m in d.payload.metrics)  # data by alias only
+        assert {m.timestamp for m in d.payload.metrics} == {_stamp(i)}
+        assert not any(m.is_historical for m in d.payload.metrics)
+    # Device b's aliases are its own: the alias decides which camera a value belongs to.
+    assert {m.alias for m in messages[4].payload.metrics} == {
+        m.alias for m in messages[2].payload.metrics
+    }
+
+
+def test_ndeath_and_nbirth_carry_the_same_bdseq_which_persists_across_restarts(
+    tmp_path: Path, broker: Broker, sub: Subscriber, nodes: list[SparkplugNode]
+) -> None:
+    settings = _settings(tmp_path, broker.port)
+    node = _node(nodes, settings)
+    first = _bdseq(_wait_kind(sub, "NBIRTH")[0])
+    node.stop(timeout_s=2.0)
+    death = _wait_kind(sub, "NDEATH")[0]
+    assert _bdseq(death) == first and not death.payload.HasField("seq")
+    _node(nodes, settings)
+    births = _wait_kind(sub, "NBIRTH", 2)
+    assert _bdseq(births[1]) == sp.next_bdseq(first)
+    assert sp.read_bdseq(Path(settings.mqtt.spool_dir) / sp.BDSEQ_FILE) == sp.next_bdseq(
+        _bdseq(births[1])
+    )
+
+
+def test_seq_wraps_from_255_to_0_across_births_and_data(
+    tmp_path: Path, broker: Broker, sub: Subscriber, nodes: list[SparkplugNode]
+) -> None:
+    node = _node(nodes, _settings(tmp_path, broker.port))
+    for i in range(300):
+        node.publish_verdict("a", _values(i), _stamp(i))
+    _wait_kind(sub, "DDATA", 300, timeout_s=20)
+    seqs = [d.seq for d in _decoded(sub)]
+    assert seqs[:3] == [0, 1, 2]
+    assert all(b == sp.next_seq(a) for a, b in itertools.pairwise(seqs)), seqs
+    assert seqs[256] == 0 and seqs[255] == 255 and max(seqs) == 255
+
+
+def test_ncmd_rebirth_repeats_the_births_with_the_same_bdseq(
+    tmp_path: Path, broker: Broker, sub: Subscriber, nodes: list[SparkplugNode]
+) -> None:
+    node = _node(nodes, _settings(tmp_path, broker.port), cameras=("a", "b"))
+    node.publish_verdict("a", _values(0, "NG"), _stamp(0))
+    _wait_kind(sub, "DDATA")
+    bdseq = _bdseq(_kinds(sub, "NBIRTH")[0])
+    cmd = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="host")
+    cmd.connect("127.0.0.1", broker.port)
+    cmd.loop_start()
+    try:
+        no = pb.Payload(timestamp=sp.now_ms())
+        no.metrics.add(name=sp.REBIRTH, datatype=pb.Boolean, boolean_value=False)
+        cmd.publish(f"{BASE}/NCMD/{NODE}", no.SerializeToString(), qos=1).wait_for_publish(5)
+        yes = pb.Payload(timestamp=sp.now_ms())
+        yes.metrics.add(name=sp.REBIRTH, datatype=pb.Boolean, boolean_value=True)
+        cmd.publish(f"{BASE}/NCMD/{NODE}", yes.SerializeToString(), qos=1).wait_for_publish(5)
+        births = _wait_kind(sub, "NBIRTH", 2)
+    finally:
+        cmd.loop_stop()
+        cmd.disconnect()
+    time.sleep(0.3)
+    assert len(_kinds(sub, "NBIRTH")) == 2  # the `false` one asked for nothing
+    assert _bdseq(births[1]) == bdseq and births[1].seq == 0
+    _wait_kind(sub, "DBIRTH", 4)
+    node.publish_verdict("a", _values(1), _stamp(1))
+    _wait_kind(sub, "DDATA", 2)
+    tail = [(d.kind, d.device, d.seq) for d in _decoded(sub)][-4:]
+    assert tail == [("NBIRTH", None, 0), ("DBIRTH", "a", 1), ("DBIRTH", "b", 2), ("DDATA", "a", 3)]
+    # The rebirth's DBIRTH holds the device's latest values.
+    latest = _kinds(sub, "DBIRTH")[2].by_name()
+    assert latest["Inspection/Verdict"] == "NG" and latest["Inspection/Sequence"] == 0
+
+
+def _publish_state(port: int, host_id: str, online: bool, stamp: int) -> None:
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"h{stamp}")
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        payload = json.dumps({"online": online, "timestamp": stamp})
+        client.publish(f"spBv1.0/STATE/{host_id}", payload, qos=1, retain=True).wait_for_publish(5)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_waits_for_the_primary_host_and_dies_while_it_is_offline(
+    tmp_path: Path, broker: Broker, sub: Subscriber, nodes: list[SparkplugNode]
+) -> None:
+    node = _node(nodes, _settings(tmp_path, broker.port, primary_host_id="scada"), wait_s=0)
+    node.publish_verdict("a", _values(0), _stamp(0))
+    _wait(lambda: node.stats["state"] == "waiting", what="the node to connect")
+    time.sleep(0.5)
+    assert _decoded(sub) == []  # connected, but no birth before the host is online
+    _publish_state(broker.port, "scada", True, 100)
+    first = _bdseq(_wait_kind(sub, "NBIRTH")[0])
+    ddata = _wait_kind(sub, "DDATA")
+    aliases = _names_by_alias(_kinds(sub, "DBIRTH"))
+    # Held back while waiting for the host: sent after the births, marked historical.
+    assert _data(ddata[0], aliases)["Inspection/Sequence"] == 0
+    assert all(m.is_historical for m in ddata[0].payload.metrics)
+
+    _publish_state(broker.port, "scada", False, 200)
+    death = _wait_kind(sub, "NDEATH")[0]
+    assert _bdseq(death) == first
+    _wait(lambda: node.stats["state"] == "waiting", what="the node to reconnect and wait")
+    for i in (1, 2, 3):
+        node.publish_verdict("a", _values(i), _stamp(i))
+    _publish_state(broker.port, "scada", True, 150)  # older than the offline: stale, ignored
+    time.sleep(0.5)
+    assert len(_kinds(sub, "NBIRTH")) == 1 and len(_kinds(sub, "DDATA")) == 1
+
+    _publish_state(broker.port, "scada", True, 300)
+    births = _wait_kind(sub, "NBIRTH", 2)
+    assert _bdseq(births[1]) == sp.next_bdseq(first)
+    ddata = _wait_kind(sub, "DDATA", 4)[1:]
+    assert [_data(d, aliases)["Inspection/Sequence"] for d in ddata] == [1, 2, 3]
+    assert all(m.is_historical for d in ddata for m in d.payload.metrics)
+
+
+def test_broker_restart_sends_the_backlog_historical_in_order_after_rebirth(
+    tmp_path: Path, broker: Broker, sub: Subscriber, nodes: list[SparkplugNode]
+) -> None:
+    with Gate(broker.port) as gate:
+        node = _node(nodes, _settings(tmp_path, gate.port))
+        for i in range(5):
+            node.publish_verdict("a", _values(i), _stamp(i))
+        _wait_kind(sub, "DDATA", 5)
+        gate.close()
+        _wait(lambda: node.stats["state"] == "down", what="the node to see the outage")
+        for i in range(5, 45):
+            node.publish_verdict("a", _values(i), _stamp(i))
+        broker.stop()
+        sub.wait_disconnected()  # else wait_subscribed could see the old subscription
+        broker.start()
+        sub.wait_subscribed()
+        gate.open()  # only once the subscriber listens again: it must see everything
+        _wait_kind(sub, "NBIRTH", 2)
+        _wait_kind(sub, "DDATA", 45, timeout_s=20)
+    messages = _decoded(sub)
+    aliases = _names_by_alias(messages[:2])
+    second = [i for i, d in enumerate(messages) if d.kind == "NBIRTH"][1]
+    after = messages[second:]
+    assert [d.kind for d in after[:2]] == ["NBIRTH", "DBIRTH"]
+    assert [d.seq for d in after] == list(range(len(after)))
+    backlog = after[2:]
+    assert [_data(d, aliases)["Inspection/Sequence"] for d in backlog] == list(range(5, 45))
+    assert all(m.is_historical for d in backlog for m in d.payload.metrics)
+    assert [{m.timestamp for m in d.payload.metrics} for d in backlog] == [
+        {_stamp(i)} for i in range(5, 45)
+    ]
+    live = [d for d in messages[:second] if d.kind == "DDATA"]
+    assert not any(m.is_historical for d in live for m in d.payload.metrics)
+    assert node.stats["dropped"] == 0
+
+
+def test_a_dead_broker_never_slows_the_caller(tmp_path: Path, nodes: list[SparkplugNode]) -> None:
+    node = _node(nodes, _settings(tmp_path, free_port()))  # nothing listens there
+    values = _values(1)
+    started = time.perf_counter()
+    for i in range(2000):
+        node.publish_verdict("a", values, _stamp(i))
+    per_call = (time.perf_counter() - started) / 2000
+    assert per_call < 0.001, per_call
+    _wait(lambda: node.stats["spooled"] == 2000, what="the verdicts to reach the spool")
+    node.stop(timeout_s=0.5)
+    assert node.stats["spooled"] == 2000  # kept on disk for the next run
+
+
+# -- the agent -----------------------------------------------------------------------------
+
+
+def _agent_config(tmp_path: Path, bundle: Path, port: int, frames: Path, *, loop: bool) -> Path:
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        f"bundle: {bundle}\n"
+        "device: cpu\nthreads: 2\n"
+        "batching: {max_batch: 4, max_wait_ms: 10, queue_size: 4}\n"
+        f"cameras:\n  - {{id: cam1, source: {frames}, loop: {str(loop).lower()}}}\n"
+        f"mqtt: {{port: {port}, spool_dir: {tmp_path / 'spool'}, line: l1, client_id: ea,"
+        " health_interval_s: 0.5}\n"
+        "metrics: {port: null}\n"
+        f"sparkplug: {{enabled: true, group_id: {GROUP}, edge_node_id: {NODE}}}\n"
+    )
+    return path
+
+
+@pytest.fixture
+def frames(tmp_path: Path) -> Path:
+    src = require_mtd() / "test"
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for path in sorted((src / "good").iterdir())[:4] + sorted((src / "crack").iterdir())[:2]:
+        shutil.copy(path, folder / path.name)
+    (folder / "zz_broken.png").write_bytes(b"not an image")  # answered ERROR
+    return folder
+
+
+def _agent(config: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "edge_agent", "run", "--config", str(config), "--exit-when-done"],
+        cwd=ROOT,
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_agent_sends_births_then_one_ddata_per_answered_frame(
+    tmp_path: Path, calibrated_bundle: Path, frames: Path, broker: Broker, sub: Subscriber
+) -> None:
+    with Subscriber(broker.port, "edge-agent/l1/+/verdict") as v1:
+        proc = _agent(_agent_config(tmp_path, calibrated_bundle, broker.port, frames, loop=False))
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out[-3000:]
+        _wait_kind(sub, "NDEATH")
+        v1.wait_for(lambda msgs: len(msgs) >= 7)
+        assert len(v1.messages) == 7  # contract v1 unchanged beside it
+    messages = _decoded(sub)
+    kinds = [d.kind for d in messages]
+    assert kinds[:2] == ["NBIRTH", "DBIRTH"] and kinds[-1] == "NDEATH"
+    ddata = [d for d in messages if d.kind == "DDATA"]
+    aliases = _names_by_alias(messages[:2])
+    verdicts = [_data(d, aliases) for d in ddata if "Inspection/Verdict" in _data(d, aliases)]
+    assert len(verdicts) == 7  # one per answered frame: OK, NG and ERROR
+    assert {v["Inspection/Verdict"] for v in verdicts} >= {"OK", "ERROR"}
+    assert verdicts[-1]["Counts/Inspected"] + verdicts[-1]["Counts/Errors"] == 7
+    assert [v["Inspection/Sequence"] for v in verdicts] == list(range(7))
+    nbirth = messages[0].by_name()
+    assert "cpu" in nbirth["Properties/Device"] and nbirth["Properties/Model ID"]
+    assert _bdseq(messages[-1]) == _bdseq(messages[0])
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_agent_publishes_the_will_ndeath(
+    tmp_path: Path, calibrated_bundle: Path, frames: Path, broker: Broker, sub: Subscriber
+) -> None:
+    proc = _agent(_agent_config(tmp_path, calibrated_bundle, broker.port, frames, loop=True))
+    try:
+        if not sub.wait_for(lambda msgs: any("/DDATA/" in m.topic for m in msgs), 60):
+            proc.kill()
+            pytest.fail(f"no DDATA from the agent:\n{proc.communicate()[0][-3000:]}")
+        assert not _kinds(sub, "NDEATH")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        death = _wait_kind(sub, "NDEATH", timeout_s=10)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert _bdseq(death) == _bdseq(_kinds(sub, "NBIRTH")[0])
+
+
+# -- the demo ------------------------------------------------------------------------------
+
+
+def test_demo_config_turns_sparkplug_on_and_its_lines_decode(tmp_path: Path) -> None:
+    from edge_agent.tools import demo
+
+    path = demo.write_config(tmp_path, tmp_path / "b", tmp_path / "v.avi", 1883, sparkplug=True)
+    settings = load_config(path).sparkplug
+    assert settings is not None and settings.group_id == demo.LINE
+    assert (
+        load_config(demo.write_config(tmp_path, tmp_path / "b", tmp_path / "v.avi", 1)).sparkplug
+        is None
+    )
+
+    names: dict[int, str] = {}
+    birth = sp.device_birth_payload(0, _values(3, "NG"), _stamp(3))
+    birth.seq = 1
+    line = demo.describe_sparkplug(f"{BASE}/DBIRTH/{NODE}/cam1", birth.SerializeToString(), names)
+    assert line.startswith("spB DBIRTH cam1") and "seq   1" in line and "Verdict=NG" in line
+    data = sp.ready_to_send(sp.device_data_payload(0, _values(4), _stamp(4)), 9, 0, historical=True)
+    line = demo.describe_sparkplug(f"{BASE}/DDATA/{NODE}/cam1", data, names)
+    assert "seq   9 historical" in line and "Verdict=OK" in line and "Score=5.50" in line
+    assert "undecodable" in demo.describe_sparkplug(f"{BASE}/DDATA/{NODE}/cam1", b"\xff\xff", {})
