@@ -30,7 +30,6 @@ import contextlib
 import enum
 import logging
 import random
-import select
 import socket
 import ssl
 import threading
@@ -43,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.publish import contract, probe
+from edge_agent.publish import contract, probe, pump
 from edge_agent.publish.contract import OFFLINE, ONLINE, mark_delayed, parse_part_id
 from edge_agent.publish.outbox import Outbox
 from edge_agent.publish.spool import Spool, SpoolRecord
@@ -538,36 +537,14 @@ class Link:
             self.first_event.set()
 
     def _io(self, timeout: float) -> None:
-        sock = self.client.socket()
-        if sock is None:
+        if not pump.pump(self.client, self._wake_r, timeout, self._drain_wake):
             self._force_down()
-            return
-        # TLS may hold decrypted bytes that select() cannot see.
-        pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
-        wlist = [sock] if self.client.want_write() else []
-        readable, writable, _ = select.select(
-            [sock, self._wake_r], wlist, [], 0 if pending else timeout
-        )
-        if self._wake_r in readable:
-            self._drain_wake()
-        if sock in readable or pending:
-            self.client.loop_read()
-        if sock in writable and self.client.socket() is not None:
-            self.client.loop_write()
-        if self.client.socket() is not None:
-            self.client.loop_misc()
 
     def _wait(self, timeout: float) -> None:
-        readable, _, _ = select.select([self._wake_r], [], [], max(timeout, 0.0))
-        if readable:
-            self._drain_wake()
+        pump.wait(self._wake_r, timeout, self._drain_wake)
 
     def _drain_wake(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
+        pump.drain(self._wake_r)
         self._wake_pending = False
 
     def _force_down(self) -> None:
