@@ -277,6 +277,10 @@ class Calibration:
                 "false_reject_upper_bound": frr.upper,
                 "confidence": self.confidence,
                 "good_rejected": frr.rejected,
+                # The agent's drift check compares the line's OK scores with these.
+                "good_scores": {
+                    f"p{q}": float(np.percentile(self.good.scores, q)) for q in (10, 50, 90)
+                },
                 "recall": self.chosen.recall,
                 "choice": self.chosen.name,
                 "pixel_rule": "just above the largest good anomaly-map value",

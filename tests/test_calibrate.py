@@ -372,6 +372,10 @@ def test_calibrate_end_to_end(
     # NG or shows a mask; recall is what was reported.
     scorer = Scorer(after, device="cpu", index="flat")
     good = scorer.score_frames([read_image(p) for p in list_images(good_dir)])
+    # The good-score record the agent's drift check compares the line with.
+    for q in (10, 50, 90):
+        want = np.percentile(good.image_scores, q)
+        assert rec["good_scores"][f"p{q}"] == pytest.approx(want, rel=1e-4)
     # FAISS's distances are not bit-reproducible across batchings and search paths (BLAS for
     # large query blocks, direct sums for small ones: measured up to 7e-6 relative), and the
     # threshold sits one float32 step above the highest good score: compare within 1e-5.

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector
@@ -198,6 +198,21 @@ class AgentMetrics:
         self.nonfinite_scores = Counter(
             "edge_agent_nonfinite_scores_total",
             "Frames whose image score was NaN or infinite (answered ERROR, also in bad_frames)",
+            cam,
+            registry=r,
+        )
+        # Drift (decide/drift.py), set with each health message; no sample without a
+        # calibration reference.
+        self.drift_alarm = Gauge(
+            "edge_agent_drift_alarm",
+            "1 while the camera's OK-score median or NG rate is past its drift bound",
+            cam,
+            registry=r,
+        )
+        self.drift_shift = Gauge(
+            "edge_agent_drift_shift",
+            "OK-score median over the window, as a share of the way from the calibrated good "
+            "median (0) to the image threshold (1)",
             cam,
             registry=r,
         )

@@ -122,6 +122,7 @@ def health_message(
     threshold_override_out_of_range: bool = False,
     triggers_dropped: int = 0,
     triggers_rejected: int = 0,
+    drift: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The retained health payload (``edge-agent/health/v1``) of one camera.
 
@@ -129,7 +130,9 @@ def health_message(
     has gone bad. `threshold_override_out_of_range`: a config threshold lies far outside the
     bundle's calibrated score range. `triggers_dropped`: triggers discarded because too many
     were waiting for a frame; `triggers_rejected`: trigger messages without a usable part id.
-    All four were added within v1.
+    `drift`: the drift check's window (decide/drift.py DriftState.as_dict: frames,
+    ok_median, shift, ng_rate, alarm, reason), null without calibrated good scores. All five
+    were added within v1.
     """
     return {
         "schema": HEALTH_SCHEMA,
@@ -154,6 +157,7 @@ def health_message(
         "threshold_override_out_of_range": threshold_override_out_of_range,
         "triggers_dropped": triggers_dropped,
         "triggers_rejected": triggers_rejected,
+        "drift": drift,
     }
 
 
