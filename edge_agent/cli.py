@@ -27,6 +27,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "edge_agent.calibrate.command",
         "set thresholds in a bundle from good (and defect) samples",
     ),
+    "teach": (
+        "edge_agent.tools.teach",
+        "add rejected good images to a bundle's bank, or roll it back",
+    ),
     "run": ("edge_agent.agent.service", "run the inspection agent: cameras -> verdicts over MQTT"),
     "bench": ("edge_agent.tools.bench", "measure per-stage time, throughput and latency"),
     "sweep": ("edge_agent.export.sweep", "fit and evaluate a grid of embedding/scoring choices"),

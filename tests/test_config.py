@@ -39,6 +39,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "metrics": cfg.MetricsSettings,
     "sparkplug": cfg.SparkplugModel,
     "opcua": OpcUaModel,
+    "drift": cfg.DriftModel,
 }
 
 MINIMAL = """\

@@ -45,6 +45,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from edge_agent.capture.cameras import KINDS as CAMERA_KINDS
 from edge_agent.capture.cameras import MODES, OVERFLOWS, CameraSettings
+from edge_agent.decide import drift
 from edge_agent.decide.archive import ArchiveSettings
 from edge_agent.decide.decision import Thresholds, resolve_thresholds
 from edge_agent.errors import UserError
@@ -273,6 +274,17 @@ class SparkplugModel(_Section):
     data_qos: int = Field(0, ge=0, le=1)
 
 
+class DriftModel(_Section):
+    """The `drift` section: the agent's check of the line's scores against the calibration
+    (decide/drift.py; needs a bundle calibrated by this version, which records good scores)."""
+
+    enabled: bool = True
+    window: int = Field(drift.DEFAULT_WINDOW, ge=10, le=100_000)
+    min_frames: int = Field(drift.DEFAULT_MIN_FRAMES, ge=1)
+    median_shift: float = Field(drift.DEFAULT_MEDIAN_SHIFT, gt=0, le=100)
+    ng_rate: float = Field(drift.DEFAULT_NG_RATE, gt=0, le=1)
+
+
 class ConfigModel(_Section):
     """The whole file."""
 
@@ -290,6 +302,7 @@ class ConfigModel(_Section):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     sparkplug: SparkplugModel = Field(default_factory=SparkplugModel)
     opcua: OpcUaModel = Field(default_factory=OpcUaModel)
+    drift: DriftModel = Field(default_factory=DriftModel)
 
     @model_validator(mode="before")
     @classmethod
@@ -334,6 +347,7 @@ class Config:
     metrics: MetricsSettings
     sparkplug: SparkplugSettings | None = None  # None: Sparkplug B is off
     opcua: OpcUaModel | None = None  # None: no OPC UA server
+    drift: DriftModel | None = None  # None: no drift check
 
 
 # -- pydantic's errors as one line -----------------------------------------------------------
@@ -564,6 +578,7 @@ def _config(path: Path, base: Path, model: ConfigModel) -> Config:
         metrics=model.metrics,
         sparkplug=_sparkplug(path, model, mqtt) if model.sparkplug.enabled else None,
         opcua=model.opcua if model.opcua.enabled else None,
+        drift=model.drift if model.drift.enabled else None,
     )
 
 

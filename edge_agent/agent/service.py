@@ -43,6 +43,7 @@ from edge_agent.capture.cameras import LIVE_KINDS, CameraCapture
 from edge_agent.capture.frame_queue import Frame, FrameQueue
 from edge_agent.decide.archive import RejectArchive
 from edge_agent.decide.decision import NG, Decision, Thresholds, decide, verdict_for
+from edge_agent.decide.drift import DriftMonitor, DriftReference, DriftState
 from edge_agent.errors import UserError
 from edge_agent.images import BadImage, to_bgr
 from edge_agent.model.bundle import Bundle, load_bundle
@@ -178,6 +179,9 @@ class Agent:
             else None
         )
         self._capture_by_id = {c.settings.id: c for c in self.captures}
+        self.drift: dict[str, DriftMonitor] = {}
+        self._drift_alarm: dict[str, bool] = {}
+        self._reset_drift()
         self.archive = RejectArchive(config.archive) if config.archive else None
         self.metrics_server: MetricsServer | None = None
         self.scorer: Scorer | None = None
@@ -545,6 +549,9 @@ class Agent:
             return
         counts.inspected += 1
         m.frames_inspected.labels(frame.camera).inc()
+        monitor = self.drift.get(frame.camera)
+        if monitor is not None:
+            monitor.add(score, decision.is_ng)
         if decision.is_ng:
             counts.ng += 1
             m.ng.labels(frame.camera).inc()
@@ -644,6 +651,7 @@ class Agent:
                 result.scorer,
             )
             self.metrics.reloads.labels("ok").inc()
+            self._reset_drift()  # a new model: a new reference and fresh windows
             if self.opcua is not None:
                 self.opcua.set_model_id(result.bundle.model_id)
             _warn_out_of_range(result.thresholds)
@@ -678,7 +686,9 @@ class Agent:
         inspected = sum(c.inspected for c in self.counts.values())
         ng = sum(c.ng for c in self.counts.values())
         fps = sum(c.fps(now) for c in self.counts.values())
-        return f"inspected {inspected}, NG {ng}, fps {fps:.1f}, queue {self.queue.depth()}"
+        drifting = sorted(cam for cam, on in self._drift_alarm.items() if on)
+        alarm = f", drift alarm: {', '.join(drifting)}" if drifting else ""
+        return f"inspected {inspected}, NG {ng}, fps {fps:.1f}, queue {self.queue.depth()}{alarm}"
 
     def _publish_health(self) -> None:
         now = time.monotonic()
@@ -697,6 +707,7 @@ class Agent:
             stats = capture.stats
             counts = self.counts[cam]
             link = per_link.get(cam, {})
+            drift_state = self._check_drift(cam)
             self.publisher.publish_health(
                 cam,
                 health_message(
@@ -721,8 +732,49 @@ class Agent:
                     threshold_override_out_of_range=bool(self.thresholds.out_of_range),
                     triggers_dropped=counts.triggers_dropped,
                     triggers_rejected=link.get("triggers_rejected", 0),
+                    drift=drift_state.as_dict() if drift_state is not None else None,
                 ),
             )
+
+    def _reset_drift(self) -> None:
+        """Drift monitors for the bundle and thresholds in force (none without a reference)."""
+        settings = self.config.drift
+        reference = (
+            DriftReference.from_calibration(
+                self.bundle.thresholds.get("calibrated"), self.thresholds.image
+            )
+            if settings is not None
+            else None
+        )
+        self._drift_alarm = {}
+        if settings is None or reference is None:
+            self.drift = {}
+            if settings is not None:
+                log.info(
+                    "drift check off: the bundle's calibration records no good scores "
+                    "(calibrate it again with this version)"
+                )
+            return
+        rules = settings.model_dump(exclude={"enabled"})
+        self.drift = {cam: DriftMonitor(reference, **rules) for cam in self.counts}
+
+    def _check_drift(self, camera: str) -> DriftState | None:
+        """The camera's drift state, its gauges set, and one log line when the alarm turns
+        on or off."""
+        monitor = self.drift.get(camera)
+        if monitor is None:
+            return None
+        state = monitor.state()
+        self.metrics.drift_alarm.labels(camera).set(1 if state.alarm else 0)
+        if state.shift is not None:
+            self.metrics.drift_shift.labels(camera).set(state.shift)
+        was = self._drift_alarm.get(camera, False)
+        if state.alarm and not was:
+            log.warning("camera %s: drift: %s", camera, state.reason)
+        elif was and not state.alarm:
+            log.info("camera %s: drift back within bounds", camera)
+        self._drift_alarm[camera] = state.alarm
+        return state
 
     def _update_sparkplug_node(self) -> None:
         assert self.sparkplug is not None

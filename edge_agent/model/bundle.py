@@ -87,6 +87,23 @@ class FeaturesSection(_Section):
 
 class BankSection(_Section):
     size: Annotated[int, Field(ge=1)] | None = None
+    # fit's coreset covering radius (teach keeps taught patches within it); absent before
+    covering_radius: Annotated[float, Field(ge=0, le=MAX_THRESHOLD)] | None = None
+
+
+class TaughtImage(_Section):
+    name: str
+    sha256: Sha256
+
+
+class HistoryEntry(_Section):
+    """One `edge-agent teach` (edge_agent/tools/teach.py): what it added to which version."""
+
+    date: str
+    action: Literal["teach"]
+    previous_model_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+    images: list[TaughtImage]
+    rows_added: Annotated[int, Field(ge=0)]
 
 
 class ScoringSection(_Section):
@@ -130,6 +147,10 @@ class ManifestModel(_Section):
     bank: BankSection | None = None
     scoring: ScoringSection
     thresholds: ThresholdsSection | None = None
+    # teach: its versions, oldest first; True when the bank changed after calibration (the
+    # thresholds still apply and run keeps them, but `edge-agent calibrate` should be re-run)
+    history: list[HistoryEntry] | None = None
+    calibration_stale: bool = False
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
@@ -453,6 +474,7 @@ def update_thresholds(bundle_dir: Path, thresholds: dict[str, Any]) -> dict[str,
     manifest = read_manifest(bundle_dir)
     verify_files(Path(bundle_dir), manifest)
     manifest["thresholds"] = thresholds
+    manifest.pop("calibration_stale", None)  # thresholds from the current bank again
     # The same schema as at load: never write a section the agent would then refuse.
     validate_manifest(Path(bundle_dir), manifest)
     return write_manifest(Path(bundle_dir), manifest)
