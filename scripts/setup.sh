@@ -12,13 +12,25 @@ command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 # A tiny RTSP relay, so the tests can serve a real RTSP stream with ffmpeg on loopback.
 command -v rtsp-server-perl >/dev/null 2>&1 || missing+=(rtsp-server-perl)
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
 if [ ${#missing[@]} -gt 0 ]; then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "setup: installing ${missing[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
     "${missing[@]}" >/dev/null
+fi
+
+# Headless Chromium for the live view's browser test (tests/test_liveview.py). Not needed to
+# run the agent, so a failed install only warns: the test then skips (and fails under CI=1).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "setup: installing chromium chromium-driver (live view browser test)"
+  if ! { $sudo apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver \
+      >/dev/null; }; then
+    echo "setup: WARNING: could not install chromium; tests/test_liveview.py's browser test" \
+      "will skip (and fail in CI)" >&2
+  fi
 fi
 
 python="${PYTHON:-python3}"

@@ -40,6 +40,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "sparkplug": cfg.SparkplugModel,
     "opcua": OpcUaModel,
     "drift": cfg.DriftModel,
+    "liveview": cfg.LiveViewModel,
 }
 
 MINIMAL = """\

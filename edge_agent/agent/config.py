@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -285,6 +286,32 @@ class DriftModel(_Section):
     ng_rate: float = Field(drift.DEFAULT_NG_RATE, gt=0, le=1)
 
 
+class LiveViewModel(_Section):
+    """The `liveview` section: the commissioning page (ops/liveview.py), off by default."""
+
+    enabled: bool = False
+    host: Text = "127.0.0.1"
+    port: int = Field(8090, ge=0, le=65535)  # 0: any free port (logged)
+    token: Secret | None = None  # required off loopback: the page shows the line's parts
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> LiveViewModel:
+        if self.enabled and self.token is None and not _is_loopback(self.host):
+            raise _problem(
+                f"required when host is not a loopback address (host {self.host!r})", "token"
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
 class ConfigModel(_Section):
     """The whole file."""
 
@@ -303,6 +330,7 @@ class ConfigModel(_Section):
     sparkplug: SparkplugModel = Field(default_factory=SparkplugModel)
     opcua: OpcUaModel = Field(default_factory=OpcUaModel)
     drift: DriftModel = Field(default_factory=DriftModel)
+    liveview: LiveViewModel = Field(default_factory=LiveViewModel)
 
     @model_validator(mode="before")
     @classmethod
@@ -348,6 +376,7 @@ class Config:
     sparkplug: SparkplugSettings | None = None  # None: Sparkplug B is off
     opcua: OpcUaModel | None = None  # None: no OPC UA server
     drift: DriftModel | None = None  # None: no drift check
+    liveview: LiveViewModel | None = None  # None: no live view
 
 
 # -- pydantic's errors as one line -----------------------------------------------------------
@@ -579,6 +608,7 @@ def _config(path: Path, base: Path, model: ConfigModel) -> Config:
         sparkplug=_sparkplug(path, model, mqtt) if model.sparkplug.enabled else None,
         opcua=model.opcua if model.opcua.enabled else None,
         drift=model.drift if model.drift.enabled else None,
+        liveview=model.liveview if model.liveview.enabled else None,
     )
 
 

@@ -49,6 +49,7 @@ from edge_agent.images import BadImage, to_bgr
 from edge_agent.model.bundle import Bundle, load_bundle
 from edge_agent.model.scorer import Scorer
 from edge_agent.model.selftest import self_test
+from edge_agent.ops.liveview import LiveStore, LiveViewServer
 from edge_agent.ops.metrics import AgentMetrics, CameraSnapshot, MetricsServer, Snapshot
 from edge_agent.ops.sdnotify import Notifier
 from edge_agent.publish.contract import health_message, verdict_message
@@ -184,6 +185,9 @@ class Agent:
         self._reset_drift()
         self.archive = RejectArchive(config.archive) if config.archive else None
         self.metrics_server: MetricsServer | None = None
+        # The live view's store: the inference thread only hands it references.
+        self.live = LiveStore(list(self.counts)) if config.liveview is not None else None
+        self.liveview_server: LiveViewServer | None = None
         self.scorer: Scorer | None = None
         self._triggers: dict[str, deque[tuple[float, str]]] = {c: deque() for c in self.counts}
         self._trigger_lock = threading.Lock()
@@ -252,6 +256,13 @@ class Agent:
             self.metrics_server = server
             cleanup.append(server.stop)
         self.metrics.watch(self._collect)
+        lv = self.config.liveview
+        if lv is not None and self.live is not None:
+            token = lv.token.get_secret_value() if lv.token is not None else None
+            viewer = LiveViewServer(self.live, lv.host, lv.port, token)
+            viewer.start()
+            self.liveview_server = viewer
+            cleanup.append(viewer.stop)
         if self.archive is not None:
             self.archive.start()
             cleanup.append(self.archive.close)
@@ -536,6 +547,8 @@ class Agent:
                 vmax=scale["high"],
                 pixel_threshold=t.pixel,
             )
+        if self.live is not None:
+            self.live.update(frame.camera, item.image, decision, msg, t)
         m.observe_stage("decide", time.perf_counter() - t0)
         m.latency_seconds.observe(max(0.0, decided_at - frame.captured_at))
         counts = self.counts[frame.camera]
@@ -560,6 +573,8 @@ class Agent:
     def _answer_error(self, item: _Item) -> None:
         frame = item.frame
         msg = self._message(item, None, time.time())
+        if self.live is not None:
+            self.live.update(frame.camera, item.image, None, msg, self.thresholds)
         counts = self.counts[frame.camera]
         counts.errors += 1
         self.metrics.bad_frames.labels(frame.camera).inc()
@@ -708,33 +723,33 @@ class Agent:
             counts = self.counts[cam]
             link = per_link.get(cam, {})
             drift_state = self._check_drift(cam)
-            self.publisher.publish_health(
-                cam,
-                health_message(
-                    camera=cam,
-                    timestamp=time.time(),
-                    fps=counts.fps(now),
-                    frames_in=stats["frames_in"],
-                    dropped=stats["dropped"],
-                    inspected=counts.inspected,
-                    ng=counts.ng,
-                    errors=counts.errors,
-                    discarded=counts.discarded,
-                    queue_depth=self.queue.depth(),
-                    spool=link.get("spooled", 0) + link.get("pending", 0),
-                    connected=stats["connected"],
-                    finished=stats["finished"],
-                    last_error=stats["last_error"],
-                    model_id=self.bundle.model_id,
-                    device=device,
-                    uptime_s=now - self._started_at,
-                    nonfinite_scores=counts.nonfinite,
-                    threshold_override_out_of_range=bool(self.thresholds.out_of_range),
-                    triggers_dropped=counts.triggers_dropped,
-                    triggers_rejected=link.get("triggers_rejected", 0),
-                    drift=drift_state.as_dict() if drift_state is not None else None,
-                ),
+            health = health_message(
+                camera=cam,
+                timestamp=time.time(),
+                fps=counts.fps(now),
+                frames_in=stats["frames_in"],
+                dropped=stats["dropped"],
+                inspected=counts.inspected,
+                ng=counts.ng,
+                errors=counts.errors,
+                discarded=counts.discarded,
+                queue_depth=self.queue.depth(),
+                spool=link.get("spooled", 0) + link.get("pending", 0),
+                connected=stats["connected"],
+                finished=stats["finished"],
+                last_error=stats["last_error"],
+                model_id=self.bundle.model_id,
+                device=device,
+                uptime_s=now - self._started_at,
+                nonfinite_scores=counts.nonfinite,
+                threshold_override_out_of_range=bool(self.thresholds.out_of_range),
+                triggers_dropped=counts.triggers_dropped,
+                triggers_rejected=link.get("triggers_rejected", 0),
+                drift=drift_state.as_dict() if drift_state is not None else None,
             )
+            self.publisher.publish_health(cam, health)
+            if self.live is not None:
+                self.live.set_health(cam, health)
 
     def _reset_drift(self) -> None:
         """Drift monitors for the bundle and thresholds in force (none without a reference)."""
