@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-3  # relative to the largest feature value
 PARITY_IMAGES = 4
+# Memory-bank augmentation (issue 13): the training images plus mirrored copies, for parts whose
+# look is symmetric; off by default (oriented parts, text, connectors).
+AUGMENTS = ("none", "flips")
 CORESET_PROJ_DIM = 128  # the reference's approximate greedy coreset works in 128 dims
 
 
@@ -55,6 +58,7 @@ class FitOptions:
     batch_size: int = 16
     threads: int | None = None
     seed: int = 0
+    augment: str = "none"
     progress: bool = True
 
 
@@ -106,6 +110,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--augment",
+        choices=AUGMENTS,
+        default=d.augment,
+        help="flips: also learn each training image mirrored left-right, top-bottom and both "
+        "(4x the patches: the bank grows with them unless --coreset is lowered; only for "
+        "parts that may appear mirrored)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -135,6 +147,7 @@ def options_from_args(args: argparse.Namespace) -> FitOptions:
         batch_size=args.batch_size,
         threads=args.threads,
         seed=args.seed,
+        augment=args.augment,
         progress=not args.no_progress,
     )
 
@@ -245,6 +258,20 @@ class FeatureStream:
                 feats = self.session.run(None, {INPUT_NAME: chunk})[0]
                 yield start * self.per_image, feats.reshape(-1, self.dim)
                 bar.update(len(chunk))
+
+
+def augmented(frames: list[np.ndarray], kind: str) -> list[np.ndarray]:
+    """The frames the bank learns from: as they are ("none"), or each followed by its left-right,
+    top-bottom and both-ways mirror ("flips"; both ways is the 180-degree rotation)."""
+    if kind == "none":
+        return frames
+    if kind != "flips":
+        raise ValueError(f"augment must be one of {AUGMENTS}, got {kind!r}")
+    out = []
+    for f in frames:
+        out += [f, np.ascontiguousarray(f[:, ::-1]), np.ascontiguousarray(f[::-1])]
+        out.append(np.ascontiguousarray(f[::-1, ::-1]))
+    return out
 
 
 def coreset_space(stream: FeatureStream, proj_dim: int, seed: int, progress: bool) -> np.ndarray:
@@ -360,6 +387,8 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
         raise UserError(f"{folder}: none of the {len(paths)} images could be read")
     if skipped:
         log.warning("%d of %d images were unreadable and skipped", skipped, len(paths))
+    n_images = len(frames)
+    frames = augmented(frames, opts.augment)
 
     model_path = out / bundle_format.MODEL_FILE
     t0 = time.perf_counter()
@@ -441,7 +470,8 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
         },
         "thresholds": {},
         "training": {
-            "n_images": len(frames),
+            "n_images": n_images,
+            "augment": opts.augment,
             "n_skipped": skipped,
             "source": str(folder),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -105,6 +105,7 @@ def test_small_bundle_manifest_records_the_fit(small_bundle: Path) -> None:
     }
     assert m["features"]["dim"] == 152 and m["features"]["grid"] == [28, 28]
     assert m["bank"]["patches"] == 60 * 784
+    assert m["training"]["augment"] == "none" and m["training"]["n_images"] == 60
     assert m["bank"]["size"] == int(np.ceil(0.05 * 60 * 784))
     assert m["training"]["onnx_parity_rel"] < 1e-3
     # Coreset rows are distinct training patches.
