@@ -22,13 +22,12 @@ import hmac
 import json
 import logging
 import math
-import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
@@ -39,6 +38,7 @@ from edge_agent.decide.decision import Decision, Thresholds
 from edge_agent.decide.overlay import heatmap_overlay
 from edge_agent.errors import UserError
 from edge_agent.images import to_bgr
+from edge_agent.ops.bounded_http import BoundedHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -248,41 +248,14 @@ def _label(out: np.ndarray, text: str) -> None:
 # -- HTTP ------------------------------------------------------------------------------------
 
 
-class _BoundedServer(ThreadingHTTPServer):
-    """MetricsServer's pattern: a fixed number of request threads, the rest refused."""
-
-    daemon_threads = True
-    request_queue_size = MAX_CONNECTIONS
+class _LiveServer(BoundedHTTPServer):
+    """The bounded server (ops/bounded_http.py) plus the stream slots and the stop flag that
+    ends open MJPEG streams."""
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.streams = threading.BoundedSemaphore(MAX_STREAMS)
-        self.refused = 0
         self.stopping = threading.Event()
-        super().__init__(address, handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.refused += 1
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A viewer closing its tab mid-stream is routine, not worth a traceback.
-        log.debug("liveview: request from %s failed", client_address[0], exc_info=True)
+        super().__init__(address, handler, max_connections=MAX_CONNECTIONS, label="liveview")
 
 
 def _handler(store: LiveStore, token: str | None) -> type[BaseHTTPRequestHandler]:
@@ -291,7 +264,7 @@ def _handler(store: LiveStore, token: str | None) -> type[BaseHTTPRequestHandler
 
     class Handler(BaseHTTPRequestHandler):
         timeout = CONNECTION_TIMEOUT_S
-        server: _BoundedServer
+        server: _LiveServer
         protocol_version = "HTTP/1.0"  # one request per connection: a slot is never idle
 
         def log_message(self, format: str, *args: Any) -> None:
@@ -397,7 +370,7 @@ class LiveViewServer:
         self.host = host
         self.port = port
         self._token = token
-        self._server: _BoundedServer | None = None
+        self._server: _LiveServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -415,7 +388,7 @@ class LiveViewServer:
 
     def start(self) -> None:
         try:
-            self._server = _BoundedServer((self.host, self.port), _handler(self.store, self._token))
+            self._server = _LiveServer((self.host, self.port), _handler(self.store, self._token))
         except OSError as exc:  # port taken, no such address, ...
             reason = exc.strerror or str(exc)
             raise UserError(

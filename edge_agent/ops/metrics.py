@@ -10,12 +10,9 @@ itself and mirrored counts keep their owners' monotonic values instead of being 
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -23,6 +20,7 @@ from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector
 
 from edge_agent.errors import UserError
+from edge_agent.ops.bounded_http import BoundedHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -277,39 +275,6 @@ CONNECTION_TIMEOUT_S = 5.0
 dropped."""
 
 
-class _BoundedServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = MAX_CONNECTIONS
-
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self.refused = 0
-        super().__init__(address, handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.refused += 1
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A scraper that hangs up early is not worth a traceback on stderr every time.
-        log.debug("metrics: request from %s failed", client_address[0], exc_info=True)
-
-
 class MetricsServer:
     """GET /metrics serves the registry from a daemon thread, from start() until stop(); at
     most MAX_CONNECTIONS at once, each bounded by CONNECTION_TIMEOUT_S."""
@@ -318,7 +283,7 @@ class MetricsServer:
         self.registry = registry
         self.host = host
         self.port = port
-        self._server: _BoundedServer | None = None
+        self._server: BoundedHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -339,7 +304,9 @@ class MetricsServer:
             "Handler", (MetricsHandler.factory(self.registry),), {"timeout": CONNECTION_TIMEOUT_S}
         )
         try:
-            self._server = _BoundedServer((self.host, self.port), handler)
+            self._server = BoundedHTTPServer(
+                (self.host, self.port), handler, max_connections=MAX_CONNECTIONS, label="metrics"
+            )
         except OSError as exc:  # port taken, no such address, ...
             reason = exc.strerror or str(exc)
             raise UserError(
