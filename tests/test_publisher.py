@@ -94,6 +94,24 @@ def retained(port: int, topic: str) -> Received | None:
     return got[0] if got else None
 
 
+def test_the_health_set_just_before_stop_is_the_retained_one(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """The agent publishes its final counts as health and stops at once: that health, not an
+    older one, must be what a SCADA reading the retained topic finds afterwards (it raced:
+    with every verdict acknowledged the link stopped before sending it)."""
+    for run in range(8):
+        pub = Publisher(make_settings(broker.port, tmp_path / f"run{run}"), ["camA"])
+        pub.start()
+        pub.publish_health("camA", {"run": run, "final": False})
+        pub.publish_verdict("camA", verdict(0))
+        assert wait_until(lambda pub=pub: pub.stats["published"] == 1)
+        pub.publish_health("camA", {"run": run, "final": True})
+        pub.stop()
+        health = retained(broker.port, f"{PREFIX}/camA/health")
+        assert health is not None and json.loads(health.payload) == {"run": run, "final": True}
+
+
 def test_verdicts_arrive_once_in_order_with_status_and_health(
     broker: Broker, tmp_path: Path
 ) -> None:

@@ -383,10 +383,12 @@ class Link:
         self._take_inbox()
         self.spool.sync_if_due()
         stopping = self._stop_deadline is not None
+        # The last health (the final counts, set just before the stop) goes out too.
+        health_due = self._health is not None and self._health is not self._health_sent
         if stopping and (
             self._state is not LinkState.UP
             or time.monotonic() >= self._stop_deadline
-            or not (self.outbox or self._inbox)
+            or not (self.outbox or self._inbox or health_due)
         ):
             return True
         if self._state is LinkState.DOWN:
