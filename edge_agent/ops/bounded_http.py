@@ -10,6 +10,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from edge_agent.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -55,3 +57,53 @@ class BoundedHTTPServer(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up early (a scraper, a closed tab) is not worth a traceback.
         log.debug("%s: request from %s failed", self.label, client_address[0], exc_info=True)
+
+
+class HTTPService:
+    """A BoundedHTTPServer on a daemon thread, from start() until stop(): the life cycle the
+    metrics endpoint and the live view share. Subclasses build the server and name the config
+    key a failed bind is reported under."""
+
+    key = "port"  # the config key in the one-line error when the address cannot be bound
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._server: BoundedHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def _make_server(self) -> BoundedHTTPServer:
+        raise NotImplementedError
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound address: the real port when 0 (any free port) was asked for."""
+        if self._server is None:
+            raise RuntimeError(f"{type(self).__name__} is not started")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def refused(self) -> int:
+        """Connections closed unanswered because the server's limit was being served."""
+        return self._server.refused if self._server is not None else 0
+
+    def start(self) -> None:
+        try:
+            self._server = self._make_server()
+        except OSError as exc:  # port taken, no such address, ...
+            reason = exc.strerror or str(exc)
+            raise UserError(
+                f"{self.key}: cannot listen on {self.host}:{self.port} ({reason})"
+            ) from None
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name=f"{self._server.label}-http", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._server = None

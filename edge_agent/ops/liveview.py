@@ -36,9 +36,8 @@ import numpy as np
 
 from edge_agent.decide.decision import Decision, Thresholds
 from edge_agent.decide.overlay import heatmap_overlay
-from edge_agent.errors import UserError
 from edge_agent.images import to_bgr
-from edge_agent.ops.bounded_http import BoundedHTTPServer
+from edge_agent.ops.bounded_http import BoundedHTTPServer, HTTPService
 
 log = logging.getLogger(__name__)
 
@@ -362,54 +361,30 @@ def _handler(store: LiveStore, token: str | None) -> type[BaseHTTPRequestHandler
     return Handler
 
 
-class LiveViewServer:
+class LiveViewServer(HTTPService):
     """The page and its endpoints from a daemon thread, from start() until stop()."""
 
+    key = "liveview.port"
+
     def __init__(self, store: LiveStore, host: str, port: int, token: str | None = None) -> None:
+        super().__init__(host, port)
         self.store = store
-        self.host = host
-        self.port = port
         self._token = token
-        self._server: _LiveServer | None = None
-        self._thread: threading.Thread | None = None
 
-    @property
-    def address(self) -> tuple[str, int]:
-        """The bound address: the real port when 0 (any free port) was asked for."""
-        if self._server is None:
-            raise RuntimeError("the live view is not started")
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
-
-    @property
-    def refused(self) -> int:
-        """Connections closed unanswered because MAX_CONNECTIONS were being served."""
-        return self._server.refused if self._server is not None else 0
+    def _make_server(self) -> _LiveServer:
+        return _LiveServer((self.host, self.port), _handler(self.store, self._token))
 
     def start(self) -> None:
-        try:
-            self._server = _LiveServer((self.host, self.port), _handler(self.store, self._token))
-        except OSError as exc:  # port taken, no such address, ...
-            reason = exc.strerror or str(exc)
-            raise UserError(
-                f"liveview.port: cannot listen on {self.host}:{self.port} ({reason})"
-            ) from None
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="liveview-http", daemon=True
-        )
-        self._thread.start()
+        super().start()
         host, port = self.address
         shown = f"[{host}]" if ":" in host else host
         auth = " (token required)" if self._token is not None else ""
         log.info("live view on http://%s:%d/%s", shown, port, auth)
 
     def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.stopping.set()  # streams end at their next frame wait
-        self._server.shutdown()
-        self._server.server_close()
-        self._server = None
+        if isinstance(self._server, _LiveServer):
+            self._server.stopping.set()  # streams end at their next frame wait
+        super().stop()
 
 
 PAGE = """<!doctype html>

@@ -10,7 +10,6 @@ itself and mirrored counts keep their owners' monotonic values instead of being 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 
@@ -19,8 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector
 
-from edge_agent.errors import UserError
-from edge_agent.ops.bounded_http import BoundedHTTPServer
+from edge_agent.ops.bounded_http import BoundedHTTPServer, HTTPService
 
 log = logging.getLogger(__name__)
 
@@ -275,53 +273,25 @@ CONNECTION_TIMEOUT_S = 5.0
 dropped."""
 
 
-class MetricsServer:
+class MetricsServer(HTTPService):
     """GET /metrics serves the registry from a daemon thread, from start() until stop(); at
     most MAX_CONNECTIONS at once, each bounded by CONNECTION_TIMEOUT_S."""
 
+    key = "metrics.port"
+
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        super().__init__(host, port)
         self.registry = registry
-        self.host = host
-        self.port = port
-        self._server: BoundedHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    @property
-    def address(self) -> tuple[str, int]:
-        """The bound address: the real port when 0 (ephemeral) was asked for."""
-        if self._server is None:
-            raise RuntimeError("the metrics server is not started")
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
-
-    @property
-    def refused(self) -> int:
-        """Connections closed unanswered because MAX_CONNECTIONS were being served."""
-        return self._server.refused if self._server is not None else 0
-
-    def start(self) -> None:
+    def _make_server(self) -> BoundedHTTPServer:
         handler = type(
             "Handler", (MetricsHandler.factory(self.registry),), {"timeout": CONNECTION_TIMEOUT_S}
         )
-        try:
-            self._server = BoundedHTTPServer(
-                (self.host, self.port), handler, max_connections=MAX_CONNECTIONS, label="metrics"
-            )
-        except OSError as exc:  # port taken, no such address, ...
-            reason = exc.strerror or str(exc)
-            raise UserError(
-                f"metrics.port: cannot listen on {self.host}:{self.port} ({reason})"
-            ) from None
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="metrics-http", daemon=True
+        return BoundedHTTPServer(
+            (self.host, self.port), handler, max_connections=MAX_CONNECTIONS, label="metrics"
         )
-        self._thread.start()
+
+    def start(self) -> None:
+        super().start()
         host, port = self.address
         log.info("metrics on http://%s:%d/metrics", host, port)
-
-    def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        self._server = None
