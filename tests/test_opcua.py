@@ -650,7 +650,11 @@ def test_the_agent_serves_results_state_and_takes_triggers(
 
                     seq = await until(lambda: read("EdgeAgent.free.LastResult.Sequence"), bool)
                     assert seq > 0
-                    assert await read("EdgeAgent.free.State") == OPERATIONAL
+                    # State follows from the agent's housekeeping pass, beside the results.
+                    state = await until(
+                        lambda: read("EdgeAgent.free.State"), lambda v: v == OPERATIONAL
+                    )
+                    assert state == OPERATIONAL
                     assert await read("EdgeAgent.free.LastResult.Verdict") in ("OK", "NG")
                     model_id = load_bundle(calibrated_bundle).model_id
                     assert await read("EdgeAgent.free.LastResult.ModelId") == model_id
