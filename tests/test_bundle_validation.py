@@ -410,7 +410,7 @@ def test_sighup_rejects_a_bundle_that_fails_the_self_test(
 ) -> None:
     from tests.brokers import Broker, Subscriber
     from tests.test_service import _config as service_config
-    from tests.test_service import _finish, _start, _verdicts, _wait
+    from tests.test_service import _finish, _reloads, _start, _verdicts, _wait
 
     bundle = tmp_path / "bundle"
     shutil.copytree(small_bundle, bundle)
@@ -433,6 +433,9 @@ def test_sighup_rejects_a_bundle_that_fails_the_self_test(
         _nan_model(bundle)  # verifies and loads; every score would be NaN
         proc.send_signal(signal.SIGHUP)
         seen = len(_verdicts(sub, "line"))
+        # The self-test runs on the reload thread, as long as it takes under load: wait for
+        # its outcome, then for frames scored after it.
+        _wait(lambda: _reloads(config, "rejected") == 1, 90, proc)
         _wait(lambda: len(_verdicts(sub, "line")) >= seen + 16, 60, proc)
         proc.send_signal(signal.SIGTERM)
         code, log = _finish(proc)

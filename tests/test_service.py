@@ -170,6 +170,15 @@ def _finish(proc: subprocess.Popen, timeout_s: float = 60.0) -> tuple[int, str]:
     return proc.returncode, out + err
 
 
+def _reloads(config: Path, result: str) -> float:
+    """`edge_agent_reloads_total{result=...}` of the agent run with `config`: a reload's outcome
+    is known only once it is counted, however long the helper thread took to build it."""
+    port = int(re.search(r"port: (\d+)\}", config.read_text()).group(1))
+    metrics = _scrape("127.0.0.1", port)
+    key = ("edge_agent_reloads_total", frozenset({("result", result)}))
+    return metrics.samples.get(key, 0.0)
+
+
 def _verdicts(sub: Subscriber, camera: str) -> list[dict]:
     return [json.loads(m.payload) for m in sub.on(f"{PREFIX}/{camera}/verdict")]
 
@@ -485,12 +494,14 @@ def test_sighup_swaps_the_bundle_and_rejects_a_broken_one(
     update_thresholds(bundle, {"image": second, "pixel": frames.pixel})
     proc.send_signal(signal.SIGHUP)
     _wait(lambda: second in thresholds()[-3:], 30, proc)
+    assert _reloads(config, "ok") == 1
 
     # A damaged bundle: the checksum no longer matches, the running model stays.
     with open(bundle / "bank.npy", "ab") as f:
         f.write(b"junk")
     seen = len(thresholds())
     proc.send_signal(signal.SIGHUP)
+    _wait(lambda: _reloads(config, "rejected") == 1, 60, proc)
     _wait(lambda: len(thresholds()) >= seen + 12, 30, proc)
     proc.send_signal(signal.SIGTERM)
     code, log = _finish(proc)

@@ -309,6 +309,8 @@ class Agent:
                 self._begin_drain(self._stop_reason)
             if self._draining and self.queue.closed and not batch and self.queue.depth() == 0:
                 break
+        if self._reloading:  # its daemon thread dies with us; say so rather than go quiet
+            log.warning("stopping with a reload still loading: the new bundle was not used")
         # A dead camera is a failure even after a clean drain: exit 1 so systemd restarts us.
         return 1 if any(c.failed for c in self.captures) else 0
 
