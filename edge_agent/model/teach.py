@@ -112,8 +112,15 @@ def estimated_covering_radius(bank: np.ndarray) -> float:
     index = faiss.IndexFlatL2(b.shape[1])
     index.add(b)
     k = min(len(b), 8)  # a few duplicates of a row must not hide its nearest other row
-    sq, _ = index.search(b, k)
-    dist = np.sqrt(np.maximum(sq.astype(np.float64), 0.0))
+    _, idx = index.search(b, k)
+    # FAISS finds the neighbours; their distances are recomputed directly in float64: its
+    # |a|^2 + |b|^2 - 2ab leaves noise of ~1e-2 on near-duplicate rows (it varied with the
+    # BLAS kernel and thread count), which would pass for the separation.
+    b64 = b.astype(np.float64)
+    dist = np.stack(
+        [np.linalg.norm(b64 - b64[np.clip(idx[:, j], 0, len(b) - 1)], axis=1) for j in range(k)],
+        axis=1,
+    )
     scale = float(np.sqrt(np.einsum("ij,ij->i", b, b).max())) or 1.0
     positive = dist[dist > 1e-6 * scale]
     if positive.size == 0:
