@@ -144,6 +144,15 @@ class PatchFeatureExtractor(nn.Module):
         return feats
 
     @torch.no_grad()
+    def strides(self) -> tuple[int, int]:
+        """(pixels per patch cell, the deepest layer's stride): input sides must be multiples
+        of the second for every layer's map to cover whole cells of the first."""
+        probe = 512
+        maps = self._trunk(torch.zeros(1, 3, probe, probe))
+        steps = [probe // int(maps[name].shape[-1]) for name in self.layers]
+        return steps[0], max(steps)
+
+    @torch.no_grad()
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
         maps = self._trunk(torch.zeros(1, 3, height, width))
         h, w = maps[self.layers[0]].shape[-2:]

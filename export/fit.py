@@ -11,6 +11,7 @@ import resource
 import shutil
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,11 @@ from edge_agent.export.coreset import approximate_greedy_coreset
 from edge_agent.export.extractor import PROJECTIONS, PatchFeatureExtractor
 from edge_agent.export.onnx_export import INPUT_NAME, export_onnx, parity
 from edge_agent.fileio import fsync_directory, fsync_tree
-from edge_agent.images import BadImage, decode_image, list_images, resize
+from edge_agent.images import BadImage, declared_size, decode_image, list_images, resize
 from edge_agent.model import bundle as bundle_format
+from edge_agent.model.geometry import ASPECT_TOLERANCE, SizeChoice, auto_input_size, one_aspect
 from edge_agent.model.teach import bank_neighbours
+from edge_agent.model.tiling import DEFAULT_OVERLAP, TILES_PER_RUN, Tiling, default_overlap
 from edge_agent.tools.dataset import train_folder
 
 log = logging.getLogger(__name__)
@@ -45,8 +48,12 @@ class FitOptions:
     backbone: str = "efficientnet_lite0"
     weights: Path | None = None
     layers: list[str] | None = None  # None: the backbone's default
-    # 288: measured best on MTD for image AUROC, pixel AUROC and PRO alike (BENCHMARKS.md).
-    image_size: tuple[int, int] = (288, 288)
+    # None: auto (model/geometry.py): the training images' aspect ratio where they share one,
+    # else 288x288, measured best on MTD for image AUROC, pixel AUROC and PRO (BENCHMARKS.md).
+    # With `tile`: the frame size tiles are cut from (None: the training images' own size).
+    image_size: tuple[int, int] | None = None
+    tile: tuple[int, int] | None = None  # (height, width) of a tile (model/tiling.py)
+    overlap: int | None = None  # None: tiling.default_overlap
     # 2%: at 1% MTD's pixel AUROC varied 0.743-0.752 with the coreset seed; 2% is above the
     # anomalib figure for every seed tried (BENCHMARKS.md), at 1.5x the fit time.
     coreset: float = 0.02
@@ -78,11 +85,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--image-size",
-        type=int,
         nargs="+",
         metavar="PX",
-        default=list(d.image_size),
-        help="model input HEIGHT [WIDTH] (non-square keeps a camera's aspect ratio)",
+        default=["auto"],
+        help="model input HEIGHT [WIDTH], or auto: the training images' aspect ratio where "
+        f"they share one (within {ASPECT_TOLERANCE:.0%}) at about 288x288's patch count, "
+        "else 288x288 (default: auto). With --tile: the frame size tiles are cut from "
+        "(auto: the training images' own size)",
+    )
+    p.add_argument(
+        "--tile",
+        type=int,
+        nargs=2,
+        metavar=("HEIGHT", "WIDTH"),
+        help="learn and score HEIGHT x WIDTH tiles at native resolution, for frames much "
+        "larger than a model input (sides: multiples of the backbone's stride, 16 px for the "
+        "default layers)",
+    )
+    p.add_argument(
+        "--overlap",
+        type=int,
+        metavar="PX",
+        help="pixels neighbouring tiles share, a multiple of 8; features are blended across "
+        f"it (default: {DEFAULT_OVERLAP}, at most half the tile)",
     )
     p.add_argument("--coreset", type=float, default=d.coreset, help="fraction of patches kept")
     p.add_argument(
@@ -121,10 +146,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def options_from_args(args: argparse.Namespace) -> FitOptions:
-    size = args.image_size
+def parse_image_size(values: list[str]) -> tuple[int, int] | None:
+    if values == ["auto"]:
+        return None
+    try:
+        size = [int(v) for v in values]
+    except ValueError:
+        size = []
     if len(size) not in (1, 2) or min(size) < 32:
-        raise UserError("--image-size takes HEIGHT [WIDTH], each at least 32 pixels")
+        raise UserError("--image-size takes auto or HEIGHT [WIDTH], each at least 32 pixels")
+    return size[0], size[-1]
+
+
+def options_from_args(args: argparse.Namespace) -> FitOptions:
+    size = parse_image_size([str(v) for v in args.image_size])
+    if args.tile is not None and min(args.tile) < 32:
+        raise UserError("--tile takes HEIGHT WIDTH, each at least 32 pixels")
+    if args.overlap is not None and args.overlap < 0:
+        raise UserError(f"--overlap must be at least 0 pixels, got {args.overlap}")
     if not 0.0 < args.coreset <= 1.0:
         raise UserError(f"--coreset must be a fraction in (0, 1], got {args.coreset}")
     if args.projection in ("adaptive", "random", "pca") and not args.embed_dim:
@@ -137,7 +176,9 @@ def options_from_args(args: argparse.Namespace) -> FitOptions:
         backbone=args.backbone,
         weights=args.weights,
         layers=args.layers,
-        image_size=(size[0], size[-1]),
+        image_size=size,
+        tile=tuple(args.tile) if args.tile else None,
+        overlap=args.overlap,
         coreset=args.coreset,
         projection=args.projection,
         embed_dim=args.embed_dim,
@@ -161,6 +202,13 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--device cuda: ONNX Runtime has no CUDA provider (onnxruntime-gpu)")
     manifest = fit(args.data, args.out, opts, force=args.force, device=args.device)
     t = manifest["training"]
+    inp = manifest["input"]
+    tiling = manifest.get("tiling")
+    tiles = ""
+    if tiling:
+        th, tw = tiling["tile"]
+        tiles = f" as {tw}x{th} tiles (overlap {tiling['overlap']} px)"
+    print(f"input {inp['width']}x{inp['height']}{tiles}: {inp['size_choice']}")
     print(
         f"bundle {args.out}: {manifest['bank']['size']} of {manifest['bank']['patches']} patches "
         f"from {manifest['training']['n_images']} images "
@@ -201,6 +249,76 @@ def fit(
     return manifest
 
 
+def training_shapes(paths: list[Path]) -> list[tuple[int, int]]:
+    """(height, width) each image's header declares, without decoding; unreadable files are
+    left out here (the decoding pass skips and reports them)."""
+    shapes = []
+    for path in paths:
+        try:
+            _, width, height = declared_size(path.read_bytes())
+        except (OSError, BadImage):
+            continue
+        shapes.append((height, width))
+    return shapes
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The input fit uses: frames resized to `size`, cut into tiles where `tiling` is set."""
+
+    size: tuple[int, int]
+    tiling: Tiling | None
+    reason: str
+    aspect_range: tuple[float, float]
+
+
+def plan_geometry(
+    opts: FitOptions, shapes: list[tuple[int, int]], cell: int, multiple: int
+) -> Geometry:
+    """The input size (and tiling) for training images of `shapes`: an explicit --image-size,
+    else auto (model/geometry.py); with --tile, the frame size the tiles are cut from.
+    `cell`: pixels per patch cell; `multiple`: the deepest layer's stride."""
+    if not shapes:
+        shapes = [(opts.image_size or (288, 288))]
+    aspects = sorted(w / h for h, w in shapes)
+    spread = (aspects[0], aspects[-1])
+    if opts.tile is None:
+        if opts.image_size is not None:
+            return Geometry(opts.image_size, None, "set by --image-size", spread)
+        choice: SizeChoice = auto_input_size(shapes, multiple)
+        return Geometry(choice.size, None, f"auto: {choice.reason}", choice.aspect_range)
+    th, tw = opts.tile
+    if th % multiple or tw % multiple:
+        raise UserError(
+            f"--tile {th} {tw}: sides must be multiples of {multiple} px (the deepest "
+            "layer's stride)"
+        )
+    overlap = default_overlap((th, tw), cell) if opts.overlap is None else opts.overlap
+    if overlap % cell:
+        raise UserError(f"--overlap {overlap}: must be a multiple of {cell} px (a patch cell)")
+    if opts.image_size is not None:
+        frame, reason = opts.image_size, "frame size set by --image-size"
+    else:
+        (h, w), n = Counter(shapes).most_common(1)[0]
+        frame = (max(th, round(h / multiple) * multiple), max(tw, round(w / multiple) * multiple))
+        reason = f"tiles at native resolution of the training images' {w}x{h} frames"
+        if n < len(shapes):
+            reason += f" (the most common size: {n} of {len(shapes)}; the others are resized)"
+        if not one_aspect(*spread):
+            log.warning(
+                "the training images' aspect ratios vary (%.2f:1 to %.2f:1): tiled at %dx%d, "
+                "the others squeezed to it",
+                *spread,
+                frame[1],
+                frame[0],
+            )
+    try:
+        tiling = Tiling(frame, (th, tw), overlap, cell)
+    except ValueError as exc:
+        raise UserError(f"--tile: {exc}") from None
+    return Geometry(frame, tiling, reason, spread)
+
+
 def _read_training_images(
     paths: list[Path], size: tuple[int, int]
 ) -> tuple[list[np.ndarray], list[str], int]:
@@ -231,6 +349,7 @@ class FeatureStream:
         batch_size: int,
         device: str,
         threads: int | None,
+        tiling: Tiling | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -243,11 +362,17 @@ class FeatureStream:
         self.session = ort.InferenceSession(str(model_path), opts, providers=providers)
         self.frames = frames
         self.batch_size = batch_size
+        self.tiling = tiling
         shape = self.session.get_outputs()[0].shape
         self.per_image, self.dim = int(shape[1]), int(shape[2])
+        if tiling is not None:  # the graph sees tiles; the bank learns stitched frames
+            self.per_image = tiling.grid[0] * tiling.grid[1]
 
     def __len__(self) -> int:
         return len(self.frames) * self.per_image
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {INPUT_NAME: batch})[0]
 
     def batches(self, desc: str, progress: bool, limit: int | None = None):
         """Yield (first row index, [rows, D] float32) per batch of images."""
@@ -255,7 +380,10 @@ class FeatureStream:
         with tqdm(total=len(frames), desc=desc, unit="img", disable=not progress) as bar:
             for start in range(0, len(frames), self.batch_size):
                 chunk = np.stack(frames[start : start + self.batch_size])
-                feats = self.session.run(None, {INPUT_NAME: chunk})[0]
+                if self.tiling is None:
+                    feats = self._run(chunk)
+                else:  # as the Scorer does at run time
+                    feats = self.tiling.features(chunk, self._run, TILES_PER_RUN)
                 yield start * self.per_image, feats.reshape(-1, self.dim)
                 bar.update(len(chunk))
 
@@ -373,8 +501,13 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
         ).eval()
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    height, width = opts.image_size
-    grid = extractor.grid_for(height, width)
+    cell, multiple = extractor.strides()
+    geometry = plan_geometry(opts, training_shapes(paths), cell, multiple)
+    tiling = geometry.tiling
+    height, width = geometry.size
+    log.info("input %dx%d: %s", width, height, geometry.reason)
+    model_h, model_w = tiling.tile if tiling is not None else (height, width)
+    grid = tiling.grid if tiling is not None else extractor.grid_for(height, width)
     if grid[0] * grid[1] * len(paths) > 3_000_000:
         log.warning(
             "%d images x %d patches is a lot of memory; consider a smaller --image-size",
@@ -392,17 +525,20 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
 
     model_path = out / bundle_format.MODEL_FILE
     t0 = time.perf_counter()
-    export_onnx(extractor, model_path, height, width)
+    export_onnx(extractor, model_path, model_h, model_w)
     if opts.projection in ("random", "pca"):
         assert opts.embed_dim is not None
-        stream = FeatureStream(model_path, frames, opts.batch_size, device, opts.threads)
+        stream = FeatureStream(model_path, frames, opts.batch_size, device, opts.threads, tiling)
         extractor.set_output_projection(
             output_projection(stream, opts.projection, opts.embed_dim, opts.seed)
         )
-        export_onnx(extractor, model_path, height, width)
+        export_onnx(extractor, model_path, model_h, model_w)
 
     # Check the graph the agent will run before spending time on the coreset.
-    diff, rel = parity(extractor, model_path, np.stack(frames[:PARITY_IMAGES]))
+    probe = np.stack(frames[:PARITY_IMAGES])
+    if tiling is not None:
+        probe = tiling.cut(probe[:1])[:PARITY_IMAGES]
+    diff, rel = parity(extractor, model_path, probe)
     log.info(
         "ONNX vs torch on %d real images: max |diff| %.2e (%.2e relative)",
         min(len(frames), PARITY_IMAGES),
@@ -414,7 +550,7 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
             f"ONNX Runtime and torch disagree on real images: max difference {diff:.3g} "
             f"({rel:.3g} relative, tolerance {PARITY_TOLERANCE}); the bundle is not usable"
         )
-    stream = FeatureStream(model_path, frames, opts.batch_size, device, opts.threads)
+    stream = FeatureStream(model_path, frames, opts.batch_size, device, opts.threads, tiling)
     projected = coreset_space(stream, CORESET_PROJ_DIM, opts.seed, opts.progress)
     feature_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -445,6 +581,8 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
             "layout": "NHWC",
             "color": "BGR",
             "resize": "straight (no crop): area filter when shrinking, bilinear when enlarging",
+            "size_choice": geometry.reason,
+            "training_aspect": [round(v, 4) for v in geometry.aspect_range],
             "normalisation": "inside the graph: /255, RGB, ImageNet mean/std",
         },
         "features": {
@@ -462,6 +600,7 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
             "coreset_fraction": opts.coreset,
             "covering_radius": radius,
         },
+        **({"tiling": tiling.as_manifest()} if tiling is not None else {}),
         "scoring": {
             "k": opts.knn_k,
             "reweight": bool(opts.reweight_k),

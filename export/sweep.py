@@ -16,7 +16,7 @@ from typing import Any
 
 from edge_agent.errors import UserError
 from edge_agent.export.backbones import BACKBONES, DEFAULT_LAYERS
-from edge_agent.export.fit import FitOptions, fit
+from edge_agent.export.fit import FitOptions, fit, parse_image_size
 from edge_agent.tools.evaluate import evaluate
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch-size", nargs="+", type=int, default=[d.patch_size])
     p.add_argument("--coreset", nargs="+", type=float, default=[d.coreset])
     p.add_argument("--reweight-k", nargs="+", type=int, default=[0, d.reweight_k])
-    p.add_argument("--image-size", type=int, nargs="+", default=list(d.image_size))
+    p.add_argument(
+        "--image-size", nargs="+", default=["auto"], help="as fit's: auto or HEIGHT [WIDTH]"
+    )
     p.add_argument("--backbone", choices=BACKBONES, default=d.backbone)
     p.add_argument("--keep-bundles", action="store_true", help="keep every fitted bundle")
 
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.data}: sweep needs an MVTec-layout dataset with test/")
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "sweep.jsonl"
-    size = (args.image_size[0], args.image_size[-1])
+    size = parse_image_size([str(v) for v in args.image_size])
     rows = []
     grid = itertools.product(args.layers, args.projection, args.patch_size, args.coreset)
     max_k = max(args.reweight_k)
@@ -138,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
                 "patch_size": patch,
                 "coreset": coreset,
                 "reweight_k": k,
-                "image_size": list(size),
+                "image_size": [manifest["input"]["height"], manifest["input"]["width"]],
             }
             row = _row(config, manifest, result)
             rows.append(row)

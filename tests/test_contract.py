@@ -98,6 +98,7 @@ def test_health_message_fields() -> None:
     assert msg["fps"] == 12.35 and msg["uptime_s"] == 12.3
     # Added within v1: present (and false/zero) even when the caller does not know them.
     assert msg["nonfinite_scores"] == 0 and msg["threshold_override_out_of_range"] is False
+    assert msg["aspect_mismatch"] is None
     json.loads(encode_json(msg))
 
 

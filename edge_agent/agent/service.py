@@ -47,6 +47,7 @@ from edge_agent.decide.drift import DriftMonitor, DriftReference, DriftState
 from edge_agent.errors import UserError
 from edge_agent.images import BadImage, to_bgr
 from edge_agent.model.bundle import Bundle, load_bundle
+from edge_agent.model.geometry import aspect_mismatch
 from edge_agent.model.scorer import Scorer
 from edge_agent.model.selftest import self_test
 from edge_agent.ops.liveview import LiveStore, LiveViewServer
@@ -123,6 +124,11 @@ class CameraCounts:
     discarded: int = 0  # trigger mode: frames with no pending trigger
     nonfinite: int = 0  # answered ERROR because the score was NaN or infinite (also in errors)
     triggers_dropped: int = 0  # trigger mode: triggers beyond MAX_PENDING_TRIGGERS (network thread)
+    # The latest frame's geometry against the model's (model/geometry.aspect_mismatch): why
+    # its aspect ratio is not the training images', or None; checked when the shape changes.
+    aspect_mismatch: str | None = None
+    shape: tuple[int, int] | None = None
+    aspect_warned: bool = False
     window: deque[float] = field(default_factory=lambda: deque(maxlen=512))  # answer times
 
     def fps(self, now: float, span_s: float = 10.0) -> float:
@@ -482,6 +488,7 @@ class Agent:
             if error is None:
                 try:
                     item.image = to_bgr(item.frame.image)
+                    self._check_aspect(item.frame.camera, item.image.shape[:2])
                     item.prepared = scorer.prepare(item.image)
                 except BadImage as exc:
                     error = str(exc)
@@ -525,6 +532,20 @@ class Agent:
         if failure is not None and self._failed_batches >= MAX_FAILED_BATCHES:
             # Likely permanent (GPU lost, out of memory): exit 1 so systemd restarts us.
             raise RuntimeError(f"inference failed {self._failed_batches} times in a row")
+
+    def _check_aspect(self, camera: str, shape: tuple[int, int]) -> None:
+        """A frame of another aspect ratio than the training images' is still scored (a
+        squeezed part is a worse inspection, not a reason to stop the line), with one warning
+        per camera and `aspect_mismatch` in its health until its frames fit again."""
+        counts = self.counts[camera]
+        if shape == counts.shape:
+            return
+        counts.shape = shape
+        fitted = self.bundle.fitted_aspect
+        counts.aspect_mismatch = aspect_mismatch(shape, fitted) if fitted else None
+        if counts.aspect_mismatch is not None and not counts.aspect_warned:
+            counts.aspect_warned = True
+            log.warning("camera %s: %s", camera, counts.aspect_mismatch)
 
     def _answer(
         self, item: _Item, image_scores: np.ndarray, patch_scores: np.ndarray, i: int
@@ -669,6 +690,8 @@ class Agent:
             )
             self.metrics.reloads.labels("ok").inc()
             self._reset_drift()  # a new model: a new reference and fresh windows
+            for counts in self.counts.values():  # and maybe another geometry
+                counts.shape, counts.aspect_mismatch, counts.aspect_warned = None, None, False
             if self.opcua is not None:
                 self.opcua.set_model_id(result.bundle.model_id)
             _warn_out_of_range(result.thresholds)
@@ -748,6 +771,7 @@ class Agent:
                 triggers_dropped=counts.triggers_dropped,
                 triggers_rejected=link.get("triggers_rejected", 0),
                 drift=drift_state.as_dict() if drift_state is not None else None,
+                aspect_mismatch=counts.aspect_mismatch,
             )
             self.publisher.publish_health(cam, health)
             if self.live is not None:

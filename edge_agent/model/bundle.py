@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from edge_agent.errors import UserError
 from edge_agent.fileio import atomic_write
+from edge_agent.model.tiling import Tiling
 
 FORMAT = "edge-agent-bundle"
 FORMAT_VERSION = 1
@@ -78,6 +79,15 @@ class InputSection(_Section):
     dtype: Literal["uint8"] = "uint8"
     layout: Literal["NHWC"] = "NHWC"
     color: Literal["BGR"] = "BGR"
+
+
+class TilingSection(_Section):
+    """fit --tile: the graph takes `tile` (height, width) tiles cut from frames of the input
+    size, sharing `overlap` pixels; `cell` pixels per patch cell (model/tiling.py)."""
+
+    tile: Annotated[list[Side], Field(min_length=2, max_length=2)]
+    overlap: Annotated[int, Field(ge=0, le=MAX_INPUT_SIDE)]
+    cell: Annotated[int, Field(ge=1, le=MAX_INPUT_SIDE)]
 
 
 class FeaturesSection(_Section):
@@ -145,6 +155,7 @@ class ManifestModel(_Section):
     input: InputSection
     features: FeaturesSection
     bank: BankSection | None = None
+    tiling: TilingSection | None = None
     scoring: ScoringSection
     thresholds: ThresholdsSection | None = None
     # teach: its versions, oldest first; True when the bank changed after calibration (the
@@ -206,8 +217,25 @@ class Bundle:
         return int(inp["height"]), int(inp["width"])
 
     @property
+    def tiling(self) -> Tiling | None:
+        """How frames are cut into the graph's tiles; None: the graph takes whole frames."""
+        return tiling_of(self.manifest)
+
+    @property
+    def model_input_size(self) -> tuple[int, int]:
+        """(height, width) of what the ONNX graph takes: a tile, or the whole frame."""
+        tiling = self.tiling
+        return tiling.tile if tiling is not None else self.input_size
+
+    @property
+    def fitted_aspect(self) -> tuple[float, float] | None:
+        """(min, max) w / h of the training images, where fit recorded it."""
+        value = self.manifest["input"].get("training_aspect")
+        return (float(value[0]), float(value[1])) if value else None
+
+    @property
     def grid(self) -> tuple[int, int]:
-        """(h, w) of the patch-feature grid."""
+        """(h, w) of the patch-feature grid (of the whole frame, stitched, when tiled)."""
         h, w = self.manifest["features"]["grid"]
         return int(h), int(w)
 
@@ -232,6 +260,16 @@ class Bundle:
         if not path.is_file():
             return set()
         return set(json.loads(path.read_text())["sha256"])
+
+
+def tiling_of(manifest: dict[str, Any]) -> Tiling | None:
+    """The manifest's tiling (ValueError where it cannot cut its own input size)."""
+    section = manifest.get("tiling")
+    if not section:
+        return None
+    frame = (int(manifest["input"]["height"]), int(manifest["input"]["width"]))
+    tile = (int(section["tile"][0]), int(section["tile"][1]))
+    return Tiling(frame, tile, int(section["overlap"]), int(section["cell"]))
 
 
 def _fail(bundle_dir: Path, problem: str) -> UserError:
@@ -404,9 +442,21 @@ def load_bundle(bundle_dir: str | os.PathLike[str], *, check_model: bool = True)
         raise _fail(
             bundle_dir, f"scoring.k={scoring['k']} neighbours, but {BANK_FILE} has only {rows} rows"
         )
+    try:
+        tiling = tiling_of(manifest)
+    except ValueError as exc:
+        raise _fail(bundle_dir, f"tiling: {exc}") from None
+    gh, gw = manifest["features"]["grid"]
+    if tiling is not None and tiling.grid != (gh, gw):
+        raise _fail(
+            bundle_dir,
+            f"features.grid {gh}x{gw} is not the tiled frame's {tiling.grid[0]}x"
+            f"{tiling.grid[1]} patch cells",
+        )
     if check_model:
-        gh, gw = manifest["features"]["grid"]
         input_size = (manifest["input"]["height"], manifest["input"]["width"])
+        if tiling is not None:  # the graph takes tiles and outputs a tile's patches
+            input_size, (gh, gw) = tiling.tile, tiling.tile_grid
         patches, width = _onnx_shape(bundle_dir / MODEL_FILE, input_size)
         if width != dim:
             raise _fail(
@@ -417,8 +467,9 @@ def load_bundle(bundle_dir: str | os.PathLike[str], *, check_model: bool = True)
         if patches != gh * gw:
             raise _fail(
                 bundle_dir,
-                f"features.grid {gh}x{gw} is {gh * gw} patches but {MODEL_FILE} outputs "
-                f"{patches} at the input size {input_size[0]}x{input_size[1]}",
+                f"{'a tile' if tiling else 'features.grid'} {gh}x{gw} is {gh * gw} patches "
+                f"but {MODEL_FILE} outputs {patches} at the input size "
+                f"{input_size[0]}x{input_size[1]}",
             )
     bank_knn = None
     if BANK_KNN_FILE in manifest["files"]:

@@ -29,6 +29,7 @@ from edge_agent.images import resize, to_bgr
 from edge_agent.model import devicemem, scoring
 from edge_agent.model.bundle import Bundle
 from edge_agent.model.knn import DEFAULT_INDEX, DEFAULT_NPROBE, MemoryBankIndex
+from edge_agent.model.tiling import TILES_PER_RUN
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +112,14 @@ class Scorer:
         # output stays where ORT wrote it and FAISS reads it by pointer, so features never
         # visit the host; Eq. 7 copies back one row per image. On the CPU it is the same code
         # on host memory (tests run it there); ivf-exact keeps features for its re-checks.
+        # A tiled bundle's features are stitched on the host (model/tiling.py).
+        self.tiling = bundle.tiling
         gpu_both = self._onnx_device == "cuda" and self.index.device == "cuda"
-        self.bind_io = gpu_both if bind_io is None else bind_io
+        self.bind_io = gpu_both and self.tiling is None if bind_io is None else bind_io
         if self.bind_io and self.index.rechecks:
             raise ValueError("I/O binding needs an index that is searched once (not ivf-exact)")
+        if self.bind_io and self.tiling is not None:
+            raise ValueError("I/O binding needs an untiled bundle (tiles are stitched on the host)")
         self._io = self.session.io_binding() if self.bind_io else None
         self.input_size = bundle.input_size
         self.grid = bundle.grid
@@ -142,7 +147,13 @@ class Scorer:
         return resize(bgr, self.input_size)
 
     def features(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 [B, H, W, 3] -> float32 [B, h*w, D]."""
+        """uint8 [B, H, W, 3] -> float32 [B, h*w, D]; a tiled bundle's B frames are cut into
+        tiles that run together (TILES_PER_RUN at a time) and are stitched back."""
+        if self.tiling is None:
+            return self._run(batch)
+        return self.tiling.features(batch, self._run, TILES_PER_RUN)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: batch})[0]
 
     def score(self, batch: np.ndarray, stage_s: dict[str, float] | None = None) -> BatchScores:

@@ -123,6 +123,7 @@ def health_message(
     triggers_dropped: int = 0,
     triggers_rejected: int = 0,
     drift: dict[str, Any] | None = None,
+    aspect_mismatch: str | None = None,
 ) -> dict[str, Any]:
     """The retained health payload (``edge-agent/health/v1``) of one camera.
 
@@ -131,8 +132,9 @@ def health_message(
     bundle's calibrated score range. `triggers_dropped`: triggers discarded because too many
     were waiting for a frame; `triggers_rejected`: trigger messages without a usable part id.
     `drift`: the drift check's window (decide/drift.py DriftState.as_dict: frames,
-    ok_median, shift, ng_rate, alarm, reason), null without calibrated good scores. All five
-    were added within v1.
+    ok_median, shift, ng_rate, alarm, reason), null without calibrated good scores.
+    `aspect_mismatch`: why the camera's frames have another aspect ratio than the images the
+    model was fitted on (they are still scored), else null. All six were added within v1.
     """
     return {
         "schema": HEALTH_SCHEMA,
@@ -158,6 +160,7 @@ def health_message(
         "triggers_dropped": triggers_dropped,
         "triggers_rejected": triggers_rejected,
         "drift": drift,
+        "aspect_mismatch": aspect_mismatch,
     }
 
 
