@@ -176,3 +176,29 @@ def test_evaluate_bad_input(small_bundle: Path, tmp_path: Path) -> None:
         cli("evaluate", "--bundle", str(small_bundle), "--data", str(tmp_path)),
         "not an MVTec-layout dataset",
     )
+
+
+def test_readme_fit_table_states_the_parser_defaults() -> None:
+    import argparse
+    import re
+
+    from edge_agent.export.fit import add_arguments
+    from edge_agent.model.tiling import DEFAULT_OVERLAP
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = {a.option_strings[0]: a.default for a in parser._actions if a.option_strings}
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Fit", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| `(--[a-z-]+)[^`]*` \| `?([^`|]+?)`? \|", section, re.M))
+    assert set(rows) <= set(defaults), set(rows) - set(defaults)
+    expected = {"--weights": "packaged", "--layers": "blocks.2,blocks.4", "--tile": "off"}
+    expected["--overlap"] = str(DEFAULT_OVERLAP)
+    for option, default in defaults.items():
+        if option not in rows or option in ("-h",):
+            continue
+        want = expected.get(option)
+        if want is None:
+            want = " ".join(default) if isinstance(default, list) else str(default)
+        assert rows[option] == want, (option, rows[option], want)
+    assert {"--image-size", "--tile", "--overlap", "--coreset", "--augment"} <= set(rows)
