@@ -224,6 +224,25 @@ def test_input_size_must_match_the_model(bundle_copy: Path) -> None:
     _refused(bundle_copy, "model.onnx takes frames of shape", "256x224")
 
 
+@pytest.mark.parametrize(
+    ("tiling", "problem"),
+    [
+        ({"tile": [448, 448], "overlap": 16, "cell": 8}, "larger than the 224x224 frame"),
+        ({"tile": [112, 112], "overlap": 12, "cell": 8}, "multiples of the 8 px patch cell"),
+        ({"tile": [112, 112], "overlap": 112, "cell": 8}, "overlap 112 px"),
+        ({"tile": [112, 112], "overlap": 16, "cell": 16}, "features.grid 28x28 is not the tiled"),
+        # consistent on paper, but this graph takes 224x224 frames, not 112x112 tiles
+        ({"tile": [112, 112], "overlap": 16, "cell": 8}, "do not belong together"),
+        ({"tile": [112], "overlap": 16, "cell": 8}, "tiling.tile"),
+    ],
+)
+def test_a_tiling_that_does_not_fit_the_bundle_is_refused(
+    bundle_copy: Path, tiling: dict[str, Any], problem: str
+) -> None:
+    _edit(bundle_copy, _set("tiling", tiling))
+    _refused(bundle_copy, problem)
+
+
 def test_k_above_the_bank_size_is_refused(bundle_copy: Path) -> None:
     # FAISS answers missing neighbours with -1 and infinite distances: refuse it up front.
     m = _manifest(bundle_copy)
