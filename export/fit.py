@@ -278,7 +278,7 @@ def plan_geometry(
     """The input size (and tiling) for training images of `shapes`: an explicit --image-size,
     else auto (model/geometry.py); with --tile, the frame size the tiles are cut from.
     `cell`: pixels per patch cell; `multiple`: the deepest layer's stride."""
-    if not shapes:
+    if not shapes:  # no readable header: reading the images says so, with the reason
         shapes = [(opts.image_size or (288, 288))]
     aspects = sorted(w / h for h, w in shapes)
     spread = (aspects[0], aspects[-1])

@@ -25,7 +25,7 @@ normalised to sum 1 (2-D: the product of the two axes' weights). The features th
 continuously from one tile into the next. Measured on a constant frame (the largest step
 between neighbouring cells away from the frame's edges, relative to the score): a hard cut
 at 0 px overlap 21-27%, blended at 32 px 8.7%, at 96 px 2.1-4.8% (192 px tiles) and at 64 px
-6.9% (128 px tiles: too small for the padding's reach to fit), the untiled model's own
+3.0-6.9% (128 px tiles: too small for the padding's reach to fit), the untiled model's own
 variation about 1%. On good parts the blended seams score within 1.2% of the rest of the
 frame, a hard cut's 12% apart (tests/test_tiling.py). fit stitches training frames the same
 way, so the bank holds what blended good parts look like. Frame, tile and overlap are
