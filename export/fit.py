@@ -28,7 +28,13 @@ from edge_agent.export.onnx_export import INPUT_NAME, export_onnx, parity
 from edge_agent.fileio import fsync_directory, fsync_tree
 from edge_agent.images import BadImage, declared_size, decode_image, list_images, resize
 from edge_agent.model import bundle as bundle_format
-from edge_agent.model.geometry import ASPECT_TOLERANCE, SizeChoice, auto_input_size, one_aspect
+from edge_agent.model.geometry import (
+    ASPECT_TOLERANCE,
+    DEFAULT_SIDE,
+    SizeChoice,
+    auto_input_size,
+    one_aspect,
+)
 from edge_agent.model.teach import bank_neighbours
 from edge_agent.model.tiling import DEFAULT_OVERLAP, TILES_PER_RUN, Tiling, default_overlap
 from edge_agent.tools.dataset import train_folder
@@ -71,6 +77,7 @@ class FitOptions:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = FitOptions()
+    S = DEFAULT_SIDE
     p.add_argument("data", type=Path, help="folder of good images, or an MVTec-layout dataset")
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing bundle folder")
@@ -89,8 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PX",
         default=["auto"],
         help="model input HEIGHT [WIDTH], or auto: the training images' aspect ratio where "
-        f"they share one (within {ASPECT_TOLERANCE:.0%}) at about 288x288's patch count, "
-        "else 288x288 (default: auto). With --tile: the frame size tiles are cut from "
+        f"they share one (within {ASPECT_TOLERANCE:.0%}) at about {S}x{S}'s patch count, "
+        f"else {S}x{S} (default: auto). With --tile: the frame size tiles are cut from "
         "(auto: the training images' own size)",
     )
     p.add_argument(
@@ -279,7 +286,7 @@ def plan_geometry(
     else auto (model/geometry.py); with --tile, the frame size the tiles are cut from.
     `cell`: pixels per patch cell; `multiple`: the deepest layer's stride."""
     if not shapes:  # no readable header: reading the images says so, with the reason
-        shapes = [(opts.image_size or (288, 288))]
+        shapes = [(opts.image_size or (DEFAULT_SIDE, DEFAULT_SIDE))]
     aspects = sorted(w / h for h, w in shapes)
     spread = (aspects[0], aspects[-1])
     if opts.tile is None:
