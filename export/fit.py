@@ -94,11 +94,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--image-size",
         nargs="+",
         metavar="PX",
-        default=["auto"],
+        default="auto",
         help="model input HEIGHT [WIDTH], or auto: the training images' aspect ratio where "
-        f"they share one (within {ASPECT_TOLERANCE:.0%}) at about {S}x{S}'s patch count, "
-        f"else {S}x{S} (default: auto). With --tile: the frame size tiles are cut from "
-        "(auto: the training images' own size)",
+        f"they share one (within {ASPECT_TOLERANCE * 100:.0f}%%) at about {S}x{S}'s patch count, "
+        f"else {S}x{S}. With --tile: the frame size tiles are cut from (auto: the training "
+        "images' own size)",
     )
     p.add_argument(
         "--tile",
@@ -153,7 +153,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def parse_image_size(values: list[str]) -> tuple[int, int] | None:
+def parse_image_size(values: str | list[str]) -> tuple[int, int] | None:
+    """--image-size: None for auto (the default is the string "auto"), else (height, width)."""
+    if isinstance(values, str):
+        values = [values]
     if values == ["auto"]:
         return None
     try:
@@ -166,7 +169,7 @@ def parse_image_size(values: list[str]) -> tuple[int, int] | None:
 
 
 def options_from_args(args: argparse.Namespace) -> FitOptions:
-    size = parse_image_size([str(v) for v in args.image_size])
+    size = parse_image_size(args.image_size)
     if args.tile is not None and min(args.tile) < 32:
         raise UserError("--tile takes HEIGHT WIDTH, each at least 32 pixels")
     if args.overlap is not None and args.overlap < 0:

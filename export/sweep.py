@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coreset", nargs="+", type=float, default=[d.coreset])
     p.add_argument("--reweight-k", nargs="+", type=int, default=[0, d.reweight_k])
     p.add_argument(
-        "--image-size", nargs="+", default=["auto"], help="as fit's: auto or HEIGHT [WIDTH]"
+        "--image-size", nargs="+", default="auto", help="as fit's: auto or HEIGHT [WIDTH]"
     )
     p.add_argument("--backbone", choices=BACKBONES, default=d.backbone)
     p.add_argument("--keep-bundles", action="store_true", help="keep every fitted bundle")
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.data}: sweep needs an MVTec-layout dataset with test/")
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "sweep.jsonl"
-    size = parse_image_size([str(v) for v in args.image_size])
+    size = parse_image_size(args.image_size)
     rows = []
     grid = itertools.product(args.layers, args.projection, args.patch_size, args.coreset)
     max_k = max(args.reweight_k)

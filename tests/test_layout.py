@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tomllib
+
+from edge_agent.cli import SUBCOMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 MAPPED = {"export": "edge_agent.export", "calibrate": "edge_agent.calibrate"}
@@ -84,3 +87,16 @@ def test_run_time_packages_do_not_import_torch() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
+def test_every_subcommand_prints_its_help(command: str) -> None:
+    # argparse formats help texts with %: a stray one crashes --help (it did for fit).
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_agent", command, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "usage: edge-agent" in proc.stdout, proc.stderr[-2000:]
