@@ -30,7 +30,6 @@ import contextlib
 import enum
 import logging
 import random
-import socket
 import ssl
 import threading
 import time
@@ -129,10 +128,7 @@ class Link:
         self._lock = threading.Lock()
         self._inbox: deque[SpoolRecord] = deque()
         self._closed = False
-        self._wake_pending = False
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._wakeup = pump.Wakeup()
         self._health: bytes | None = None
         self._handler: TriggerHandler | None = None
         self._stop_deadline: float | None = None
@@ -215,12 +211,7 @@ class Link:
         }
 
     def _wake(self) -> None:
-        if self._wake_pending:
-            return
-        self._wake_pending = True
-        # A full buffer (BlockingIOError) means the thread is being woken anyway.
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
+        self._wakeup.set()
 
     # ------------------------------------------------------------------ paho client
 
@@ -539,22 +530,15 @@ class Link:
             self.first_event.set()
 
     def _io(self, timeout: float) -> None:
-        if not pump.pump(self.client, self._wake_r, timeout, self._drain_wake):
+        if not pump.pump(self.client, self._wakeup, timeout):
             self._force_down()
 
     def _wait(self, timeout: float) -> None:
-        pump.wait(self._wake_r, timeout, self._drain_wake)
-
-    def _drain_wake(self) -> None:
-        pump.drain(self._wake_r)
-        self._wake_pending = False
+        pump.wait(self._wakeup, timeout)
 
     def _force_down(self) -> None:
         """Drop the connection after an unexpected state; the FIFO is kept."""
-        sock = self.client.socket()
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.close()
+        pump.drop_socket(self.client)
         if self._state is not LinkState.DOWN:
             self._on_disconnect(self.client, None, None, "connection reset", None)
 
@@ -577,8 +561,7 @@ class Link:
                 left,
                 self.spool.directory,
             )
-        self._wake_r.close()
-        self._wake_w.close()
+        self._wakeup.close()
 
     def _say_offline(self) -> None:
         """Publish retained ``offline``, wait for its PUBACK briefly, then DISCONNECT."""

@@ -43,7 +43,6 @@ import dataclasses
 import enum
 import json
 import logging
-import socket
 import ssl
 import threading
 import time
@@ -432,10 +431,7 @@ class SparkplugNode:
         self._lock = threading.Lock()
         self._inbox: deque[_Verdict | _CameraState] = deque()
         self._closed = False
-        self._wake_pending = False
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._wakeup = pump.Wakeup()
         self._node: dict[str, Any] = {"Properties/Agent Version": version}
         self._node_due = False
         self._stop_deadline: float | None = None
@@ -538,11 +534,7 @@ class SparkplugNode:
         self._wake()
 
     def _wake(self) -> None:
-        if self._wake_pending:
-            return
-        self._wake_pending = True
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
+        self._wakeup.set()
 
     # ------------------------------------------------------------------ paho client
 
@@ -817,22 +809,15 @@ class SparkplugNode:
 
     def _io(self, timeout: float) -> None:
         assert self.client is not None
-        if not pump.pump(self.client, self._wake_r, timeout, self._drain_wake):
+        if not pump.pump(self.client, self._wakeup, timeout):
             self._force_down()
 
     def _wait(self, timeout: float) -> None:
-        pump.wait(self._wake_r, timeout, self._drain_wake)
-
-    def _drain_wake(self) -> None:
-        pump.drain(self._wake_r)
-        self._wake_pending = False
+        pump.wait(self._wakeup, timeout)
 
     def _force_down(self) -> None:
         assert self.client is not None
-        sock = self.client.socket()
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.close()
+        pump.drop_socket(self.client)
         if self._state is not NodeState.DOWN:
             self._on_disconnect(self.client, None, None, "connection reset", None)
 
@@ -877,8 +862,7 @@ class SparkplugNode:
                 left,
                 self.spool.directory,
             )
-        self._wake_r.close()
-        self._wake_w.close()
+        self._wakeup.close()
 
 
 def resolve_settings(
