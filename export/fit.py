@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-3  # relative to the largest feature value
 PARITY_IMAGES = 4
+HEADER_BYTES = 1 << 16  # where an image's size is, for all but JPEGs with huge metadata
 # Memory-bank augmentation (issue 13): the training images plus mirrored copies, for parts whose
 # look is symmetric; off by default (oriented parts, text, connectors).
 AUGMENTS = ("none", "flips")
@@ -265,7 +266,12 @@ def training_shapes(paths: list[Path]) -> list[tuple[int, int]]:
     shapes = []
     for path in paths:
         try:
-            _, width, height = declared_size(path.read_bytes())
+            with open(path, "rb") as f:
+                head = f.read(HEADER_BYTES)
+            try:
+                _, width, height = declared_size(head)
+            except BadImage:  # a header beyond the first bytes (a large EXIF block)
+                _, width, height = declared_size(path.read_bytes())
         except (OSError, BadImage):
             continue
         shapes.append((height, width))

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -216,16 +217,10 @@ class Bundle:
         inp = self.manifest["input"]
         return int(inp["height"]), int(inp["width"])
 
-    @property
+    @cached_property
     def tiling(self) -> Tiling | None:
         """How frames are cut into the graph's tiles; None: the graph takes whole frames."""
         return tiling_of(self.manifest)
-
-    @property
-    def model_input_size(self) -> tuple[int, int]:
-        """(height, width) of what the ONNX graph takes: a tile, or the whole frame."""
-        tiling = self.tiling
-        return tiling.tile if tiling is not None else self.input_size
 
     @property
     def fitted_aspect(self) -> tuple[float, float] | None:

@@ -65,6 +65,14 @@ def _providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def _add_stages(stage_s: dict[str, float] | None, t0: float, t1: float, t2: float) -> None:
+    """Add the seconds of score()'s stages (ONNX t0-t1, kNN t1-t2, scoring t2-now)."""
+    if stage_s is not None:
+        t3 = time.perf_counter()
+        for stage, seconds in (("onnx", t1 - t0), ("knn", t2 - t1), ("score", t3 - t2)):
+            stage_s[stage] = stage_s.get(stage, 0.0) + seconds
+
+
 class Scorer:
     def __init__(
         self,
@@ -192,10 +200,7 @@ class Scorer:
             rechecked,
         )
         self.last = result
-        if stage_s is not None:
-            t3 = time.perf_counter()
-            for stage, seconds in (("onnx", t1 - t0), ("knn", t2 - t1), ("score", t3 - t2)):
-                stage_s[stage] = stage_s.get(stage, 0.0) + seconds
+        _add_stages(stage_s, t0, t1, t2)
         return result
 
     def _score_bound(self, batch: np.ndarray, stage_s: dict[str, float] | None) -> BatchScores:
@@ -231,10 +236,7 @@ class Scorer:
         io.clear_binding_outputs()
         result = BatchScores(image.astype(np.float32), patch.reshape(b, *self.grid))
         self.last = result
-        if stage_s is not None:
-            t3 = time.perf_counter()
-            for stage, seconds in (("onnx", t1 - t0), ("knn", t2 - t1), ("score", t3 - t2)):
-                stage_s[stage] = stage_s.get(stage, 0.0) + seconds
+        _add_stages(stage_s, t0, t1, t2)
         return result
 
     def score_frames(self, frames: Sequence[np.ndarray]) -> BatchScores:

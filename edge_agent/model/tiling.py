@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -130,7 +131,7 @@ class Tiling:
         object.__setattr__(self, "_gather", np.stack(gather))
         object.__setattr__(self, "_weight", np.stack(weight).astype(np.float32))
 
-    @property
+    @cached_property
     def positions(self) -> list[tuple[int, int]]:
         """(y, x) pixel offsets of the tiles, row by row: the order cut() emits them in."""
         ys = starts(self.frame[0], self.tile[0], self.overlap)
