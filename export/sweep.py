@@ -50,7 +50,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--patch-size", nargs="+", type=int, default=[d.patch_size])
     p.add_argument("--coreset", nargs="+", type=float, default=[d.coreset])
-    p.add_argument("--reweight-k", nargs="+", type=int, default=[0, d.reweight_k])
+    p.add_argument("--reweight-k", nargs="+", type=int, default=[d.reweight_k])
+    p.add_argument(
+        "--image-sigma",
+        nargs="+",
+        type=float,
+        default=[0.0, d.image_sigma],
+        help="image-score smoothing in patch cells (fit's --image-sigma); a --reweight-k of 2 "
+        "or more is scored with 0, as fit requires",
+    )
     p.add_argument(
         "--image-size", nargs="+", default="auto", help="as fit's: auto or HEIGHT [WIDTH]"
     )
@@ -90,7 +98,7 @@ def ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
     head = (
-        f"{'layers':<18}{'proj':<14}{'p':>2}{'core':>6}{'rw':>3}{'D':>6}{'M':>7}"
+        f"{'layers':<18}{'proj':<14}{'p':>2}{'core':>6}{'rw':>3}{'sig':>4}{'D':>6}{'M':>7}"
         f"{'R@1%':>7}{'image':>7}{'pixel':>7}{'PRO':>7}{'fit s':>7}{'img/s':>7}"
     )
     print("ranked by recall at 1% false rejects (R@1%), then image AUROC")
@@ -99,7 +107,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         proj = r["projection"] + (f":{r['embed_dim']}" if r["embed_dim"] else "")
         print(
             f"{r['layers']:<18}{proj:<14}{r['patch_size']:>2}{r['coreset']:>6.3f}"
-            f"{r['reweight_k']:>3}{r['dim']:>6}{r['bank_size']:>7}"
+            f"{r['reweight_k']:>3}{r['image_sigma']:>4g}{r['dim']:>6}{r['bank_size']:>7}"
             f"{r['recall_at_frr'][RANK_RATE]:>7.3f}{r['image_auroc']:>7.3f}"
             f"{r['pixel_auroc']:>7.3f}{r['pro']:>7.3f}{r['fit_seconds']:>7.0f}"
             f"{r['images_per_second']:>7.1f}"
@@ -115,6 +123,12 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     grid = itertools.product(args.layers, args.projection, args.patch_size, args.coreset)
     max_k = max(args.reweight_k)
+    # Each scoring choice once, in the order asked: Eq. 7 and smoothing are alternatives.
+    choices = list(
+        dict.fromkeys(
+            (k, 0.0 if k >= 2 else sigma) for k in args.reweight_k for sigma in args.image_sigma
+        )
+    )
     for n, (layers, (projection, dim), patch, coreset) in enumerate(grid):
         bundle = args.out / f"bundle-{n}"
         opts = FitOptions(
@@ -126,12 +140,13 @@ def run(args: argparse.Namespace) -> int:
             embed_dim=dim,
             patch_size=patch,
             reweight_k=max_k if max_k >= 2 else 0,
+            image_sigma=0.0 if max_k >= 2 else max(args.image_sigma),
             progress=False,
         )
         log.info("fitting %s %s p=%d coreset=%g", layers, projection, patch, coreset)
         manifest = fit(args.data, bundle, opts, force=True)
-        for k in args.reweight_k:
-            scoring = {"reweight": k >= 2, "reweight_k": k}
+        for k, sigma in choices:
+            scoring = {"reweight": k >= 2, "reweight_k": k, "image_sigma": sigma}
             result, _ = evaluate(bundle, args.data, scoring_overrides=scoring)
             config = {
                 "layers": layers,
@@ -140,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
                 "patch_size": patch,
                 "coreset": coreset,
                 "reweight_k": k,
+                "image_sigma": sigma,
                 "image_size": [manifest["input"]["height"], manifest["input"]["width"]],
             }
             row = _row(config, manifest, result)

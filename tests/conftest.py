@@ -58,11 +58,21 @@ def mtd_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def small_bundle(mtd_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real bundle (ONNX + coreset bank), fitted once per test session at 224x224 (smaller
-    than the default input, to keep the suite fast)."""
+    than the default input, to keep the suite fast) with the fast backbone, Lite0, and Eq. 7
+    reweighting, so the tests that read its figures and its bank_knn table keep them; the
+    default image score (smoothed, image_sigma) is tested on it through scoring_overrides."""
     from edge_agent.export.fit import FitOptions, fit
 
     out = tmp_path_factory.mktemp("bundles") / "small"
-    fit(mtd_small, out, FitOptions(image_size=(224, 224), coreset=0.05, progress=False))
+    opts = FitOptions(
+        backbone="efficientnet_lite0",
+        image_size=(224, 224),
+        coreset=0.05,
+        image_sigma=0.0,
+        reweight_k=9,
+        progress=False,
+    )
+    fit(mtd_small, out, opts)
     return out
 
 

@@ -42,14 +42,18 @@ def test_sweep_fits_each_embedding_once_and_scores_each_choice(
 ) -> None:
     out = tmp_path / "sweep"
     code = main(["sweep", str(mtd_small), "--out", str(out), "--image-size", "128",
+                 "--backbone", "efficientnet_lite0",
                  "--projection", "none", "pca:32", "--coreset", "0.02",
-                 "--reweight-k", "0", "4"])  # fmt: skip
+                 "--reweight-k", "0", "4", "--image-sigma", "0", "1"])  # fmt: skip
     assert code == 0
     rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
-    assert [(r["projection"], r["reweight_k"]) for r in rows] == [
-        ("none", 0), ("none", 4), ("pca", 0), ("pca", 4)
+    # Eq. 7 (k 4) is scored without smoothing only: fit refuses both at once.
+    assert [(r["projection"], r["reweight_k"], r["image_sigma"]) for r in rows] == [
+        ("none", 0, 0), ("none", 0, 1), ("none", 4, 0),
+        ("pca", 0, 0), ("pca", 0, 1), ("pca", 4, 0),
     ]  # fmt: skip
-    assert [r["dim"] for r in rows] == [152, 152, 32, 32]
+    assert [r["dim"] for r in rows] == [152, 152, 152, 32, 32, 32]
+    assert rows[0]["image_auroc"] != rows[1]["image_auroc"]  # the smoothing was applied
     for r in rows:
         assert 0.0 <= r["image_auroc"] <= 1.0 and 0.0 <= r["pro"] <= 1.0
         assert set(r["per_type"]) == {"blowhole", "break", "crack", "fray", "uneven"}

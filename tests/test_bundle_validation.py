@@ -172,6 +172,9 @@ def _check(config: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
         (_set("scoring.reweight_k", -1), "scoring.reweight_k"),
         (_set("scoring.mask_sigma", math.nan), "scoring.mask_sigma"),
         (_set("scoring.reweight", "yes"), "scoring.reweight"),
+        (_set("scoring.image_sigma", -1.0), "scoring.image_sigma"),
+        (_set("scoring.image_sigma", math.inf), "scoring.image_sigma"),
+        (_set("scoring.image_sigma", 1.0), "alternatives"),  # beside Eq. 7 (the bundle's)
         (_set("input.height", 0), "input.height"),
         (_set("input.width", 100000), "input.width"),
         (_set("input.height", "224"), "input.height"),
@@ -311,6 +314,20 @@ def test_reweighting_without_bank_knn_is_refused(bundle_copy: Path) -> None:
     del m["files"][bf.BANK_KNN_FILE]
     bf.write_manifest(bundle_copy, m)
     _refused(bundle_copy, "scoring.reweight needs bank_knn.npy")
+
+
+def test_a_bundle_from_before_image_sigma_keeps_its_image_score(bundle_copy: Path) -> None:
+    """Bundles fitted before the smoothed score existed have no scoring.image_sigma: they load
+    and score by their own rule (here Eq. 7), not by the new default."""
+    before = Scorer(bf.load_bundle(bundle_copy), device="cpu", threads=2, index="flat")
+    _edit(bundle_copy, _set("scoring.image_sigma", DELETE))
+    after = Scorer(bf.load_bundle(bundle_copy), device="cpu", threads=2, index="flat")
+    assert "image_sigma" not in after.bundle.scoring
+    assert after.image_sigma == 0.0 and after.reweight
+    frames = np.random.default_rng(0).integers(0, 255, (2, *after.input_size, 3), np.uint8)
+    np.testing.assert_array_equal(
+        before.score(frames).image_scores, after.score(frames).image_scores
+    )
 
 
 # -- item 3: the smoke test ----------------------------------------------------------------

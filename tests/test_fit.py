@@ -53,6 +53,9 @@ def test_fit_bad_options(tmp_path: Path) -> None:
     _one_line_error(
         cli("fit", str(tmp_path), "--out", "b", "--projection", "pca"), "needs --embed-dim"
     )
+    # Eq. 7 and the smoothed image score are alternatives; the default smooths.
+    _one_line_error(cli("fit", str(tmp_path), "--out", "b", "--reweight-k", "9"), "--image-sigma 0")
+    _one_line_error(cli("fit", str(tmp_path), "--out", "b", "--image-sigma", "-1"), "--image-sigma")
 
 
 def test_fit_unknown_layer(mtd_small: Path, tmp_path: Path) -> None:

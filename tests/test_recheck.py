@@ -73,6 +73,77 @@ def test_recheck_max_stops_early_on_tight_bounds() -> None:
     assert known.sum(axis=1).max() <= 4 and len(calls) <= 2
 
 
+# --------------------------------------------------------------------------- smoothed max
+
+
+def _smooth_by_hand(grid: np.ndarray, sigma: float) -> np.ndarray:
+    """smooth_grid's formula written out: truncated normalised Gaussian, reflected border."""
+    r = scoring.score_radius(sigma)
+    taps = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    h, w = grid.shape
+
+    def reflect(i: int, n: int) -> int:  # BORDER_REFLECT: fedcba|abcdef|fedcba
+        while not 0 <= i < n:
+            i = -i - 1 if i < 0 else 2 * n - i - 1
+        return i
+
+    out = np.zeros((h, w))
+    for y in range(h):
+        for x in range(w):
+            out[y, x] = sum(
+                taps[dy + r] * taps[dx + r] * grid[reflect(y + dy, h), reflect(x + dx, w)]
+                for dy in range(-r, r + 1)
+                for dx in range(-r, r + 1)
+            )
+    return out
+
+
+@pytest.mark.parametrize(("sigma", "shape"), [(1.0, (7, 9)), (0.5, (4, 5)), (1.5, (3, 12))])
+def test_smooth_grid_is_the_formula(sigma: float, shape: tuple[int, int]) -> None:
+    grid = np.random.default_rng(1).random(shape).astype(np.float32) * 30
+    np.testing.assert_allclose(
+        scoring.smooth_grid(grid, sigma), _smooth_by_hand(grid, sigma), rtol=1e-5
+    )
+    np.testing.assert_array_equal(scoring.smooth_grid(grid, 0.0), grid)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_recheck_smoothed_max_equals_the_full_smoothed_max(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, h, w = int(rng.integers(1, 5)), int(rng.integers(1, 12)), int(rng.integers(1, 12))
+    sigma = float(rng.choice([0.5, 1.0, 1.5, 2.0]))
+    exact = rng.integers(0, 8, (n, h, w)).astype(np.float32)  # ties, as in recheck_max's test
+    bounds = exact + (rng.integers(0, 5, (n, h, w)) * (rng.random((n, h, w)) < 0.7))
+    bounds = bounds.astype(np.float32)
+    known = rng.random((n, h, w)) < 0.1
+    bounds[known] = exact[known]
+    asked: list[tuple[int, int]] = []
+
+    def recheck(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+        asked.extend(zip(r.tolist(), c.tolist(), strict=True))
+        return exact.reshape(n, -1)[r, c]
+
+    values, known_after, scores = scoring.recheck_smoothed_max(bounds, recheck, sigma, known=known)
+    np.testing.assert_allclose(scores, scoring.smoothed_max(exact, sigma), rtol=1e-6)
+    assert len(asked) == len(set(asked)) and not any(known.reshape(n, -1)[r, c] for r, c in asked)
+    np.testing.assert_array_equal(values[known_after], exact[known_after])
+    np.testing.assert_array_equal(values[~known_after], bounds[~known_after])
+
+
+def test_recheck_smoothed_max_reads_one_window_on_tight_bounds() -> None:
+    exact = np.random.default_rng(0).random((3, 36, 36)).astype(np.float32) * 30
+    calls: list[int] = []
+
+    def recheck(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+        calls.append(r.size)
+        return exact.reshape(3, -1)[r, c]
+
+    _, known, _ = scoring.recheck_smoothed_max(exact + 1e-3, recheck, 1.0)
+    window = (2 * scoring.score_radius(1.0) + 1) ** 2
+    assert known.sum(axis=(1, 2)).max() <= 2 * window and len(calls) <= 2
+
+
 # --------------------------------------------------------------------------- map support
 
 
@@ -174,11 +245,17 @@ def _scorers(bundle: Path, **overrides: object) -> tuple[Scorer, Scorer, Scorer]
     )
 
 
-@pytest.mark.parametrize("k", [1, 3])
+# The default image score smooths the patch grid (image_sigma 1, without Eq. 7); the small
+# bundle reweights (Eq. 7), so both are checked on it.
+SMOOTHED = {"image_sigma": 1.0, "reweight": False}
+
+
+@pytest.mark.parametrize("overrides", [{"k": 1}, {"k": 3}, SMOOTHED, {**SMOOTHED, "k": 3}], ids=str)
 def test_image_scores_equal_flat_on_mtd(
-    small_bundle: Path, mtd_batches: list[np.ndarray], k: int
+    small_bundle: Path, mtd_batches: list[np.ndarray], overrides: dict
 ) -> None:
-    flat, exact, ivf = _scorers(small_bundle, scoring_overrides={"k": k})
+    flat, exact, ivf = _scorers(small_bundle, scoring_overrides=overrides)
+    k = overrides.get("k", 1)
     assert exact.device.endswith("faiss:cpu/ivf-exact")
     worst, ivf_worst, rechecked = 0.0, 0.0, 0
     for batch in mtd_batches:

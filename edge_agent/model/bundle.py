@@ -44,6 +44,7 @@ MAX_INPUT_SIDE = 4096  # a 4096x4096 frame is already ~260k patches to search pe
 MAX_DIM = 65536
 MAX_K = 1024  # neighbours per patch (scoring.k) or per bank row (reweight_k)
 MAX_MASK_SIGMA = 64.0  # the blur kernel is 8 sigma wide: beyond this it costs seconds per map
+MAX_IMAGE_SIGMA = 8.0  # cells; the image score's kernel reaches 2 sigma, 33x33 cells at most
 # Scores are distances between feature vectors: tens for every backbone fit exports. A
 # threshold beyond this can never be reached by a real frame, so it would pass every part.
 MAX_THRESHOLD = 1e6
@@ -122,6 +123,14 @@ class ScoringSection(_Section):
     reweight: bool
     reweight_k: Annotated[int, Field(ge=0, le=MAX_K)]
     mask_sigma: Annotated[float, Field(ge=0, le=MAX_MASK_SIGMA)]
+    # Absent in bundles fitted before it existed: the plain (or Eq. 7) maximum.
+    image_sigma: Annotated[float, Field(ge=0, le=MAX_IMAGE_SIGMA)] = 0.0
+
+    @model_validator(mode="after")
+    def _one_image_score(self) -> ScoringSection:
+        if self.image_sigma > 0 and self.reweight and self.reweight_k >= 2:
+            raise ValueError("image_sigma and Eq. 7 reweighting are alternatives: set one")
+        return self
 
 
 class Normalization(_Section):

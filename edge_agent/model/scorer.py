@@ -110,12 +110,16 @@ class Scorer:
         cfg = {**bundle.scoring, **(scoring_overrides or {})}
         self.k = int(cfg.get("k", 1))
         self.sigma = float(cfg.get("mask_sigma", 4.0))
+        # Bundles fitted before image_sigma existed score by the plain (or Eq. 7) maximum.
+        self.image_sigma = float(cfg.get("image_sigma", 0.0))
         self.bank_knn: np.ndarray | None = None
         if cfg.get("reweight") and int(cfg.get("reweight_k", 0)) >= 2:
             if bundle.bank_knn is None or bundle.bank_knn.shape[1] < int(cfg["reweight_k"]):
                 raise ValueError("reweighting needs bank_knn.npy with at least reweight_k columns")
             self.bank_knn = bundle.bank_knn[:, : int(cfg["reweight_k"])]
         self.reweight = self.bank_knn is not None
+        if self.reweight and self.image_sigma > 0:
+            raise ValueError("image_sigma and Eq. 7 reweighting are alternatives: set one")
         # I/O binding (None: auto, where ONNX Runtime and FAISS both run on the GPU): the ONNX
         # output stays where ORT wrote it and FAISS reads it by pointer, so features never
         # visit the host; Eq. 7 copies back one row per image. On the CPU it is the same code
@@ -176,8 +180,9 @@ class Scorer:
         feats = self.features(batch)
         t1 = time.perf_counter()
         b, p, d = feats.shape
+        smoothed: np.ndarray | None = None
         if self.index.rechecks:
-            patch, nearest, exact, rechecked = self._bounded_search(feats)
+            patch, nearest, exact, rechecked, smoothed = self._bounded_search(feats)
         else:
             dist, idx = self.index.search(feats.reshape(b * p, d), self.k)
             patch = (dist[:, 0] if self.k == 1 else dist.mean(axis=1)).reshape(b, p)
@@ -186,7 +191,11 @@ class Scorer:
         # Eq. 7 only reads the argmax patch, its feature and its nearest row: with ivf-exact
         # those are flat's (recheck_max's rule takes the same first argmax).
         masked = patch if exact is None else np.where(exact, patch, -np.inf)
-        if self.reweight:
+        if self.image_sigma > 0:
+            if smoothed is None:
+                smoothed = scoring.smoothed_max(patch.reshape(b, *self.grid), self.image_sigma)
+            image = smoothed
+        elif self.reweight:
             image = scoring.reweighted_scores(
                 feats, masked, nearest, self.bundle.bank, self.bank_knn
             )
@@ -219,7 +228,9 @@ class Scorer:
         patch = (dist[:, 0] if self.k == 1 else dist.mean(axis=1)).reshape(b, p)
         nearest = idx[:, 0].reshape(b, p)
         t2 = time.perf_counter()
-        if self.reweight:
+        if self.image_sigma > 0:
+            image = scoring.smoothed_max(patch.reshape(b, *self.grid), self.image_sigma)
+        elif self.reweight:
             assert self.bank_knn is not None
             rows = np.arange(b)
             worst = patch.argmax(axis=1)
@@ -308,10 +319,11 @@ class Scorer:
 
     def _bounded_search(
         self, feats: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         """ivf-exact: approximate search of every patch, exact search of those that decide the
         image scores. (patch scores [B, P], nearest bank rows [B, P], exact [B, P],
-        re-checked per image [B]); nearest rows are flat's where exact."""
+        re-checked per image [B], smoothed image scores [B] when image_sigma > 0, else None);
+        nearest rows are flat's where exact."""
         b, p, d = feats.shape
         queries = feats.reshape(b * p, d)
         bounds, idx = self.index.search_bounds(queries, self.k)
@@ -331,11 +343,21 @@ class Scorer:
             rows, cols = np.nonzero(missing)
             patch[rows, cols] = recheck(rows, cols)
             found[rows, cols] = True
-        patch, exact, _ = scoring.recheck_max(patch, recheck, known=found)
+        smoothed = None
+        if self.image_sigma > 0:
+            grid_bounds, grid_known, smoothed = scoring.recheck_smoothed_max(
+                patch.reshape(b, *self.grid),
+                recheck,
+                self.image_sigma,
+                known=found.reshape(b, *self.grid),
+            )
+            patch, exact = grid_bounds.reshape(b, p), grid_known.reshape(b, p)
+        else:
+            patch, exact, _ = scoring.recheck_max(patch, recheck, known=found)
         rechecked = exact.sum(axis=1)
         self.recheck_stats["images"] += b
         self.recheck_stats["score_patches"] += int(rechecked.sum())
-        return patch.astype(np.float32), nearest, exact, rechecked
+        return patch.astype(np.float32), nearest, exact, rechecked, smoothed
 
     def _recheck_cells(self, scores: BatchScores, i: int, cells: np.ndarray) -> None:
         """Search the patches `cells` [h, w] of image i exactly; bounds become exact in place."""

@@ -1,13 +1,16 @@
 """From nearest-neighbour distances to scores, maps and regions (PatchCore's scoring).
 
 - patch score: distance to the nearest bank feature (mean of the k nearest if k > 1);
-- image score: the largest patch score, optionally reweighted as in the paper's Eq. 7;
+- image score: the largest patch score, optionally reweighted as in the paper's Eq. 7, or
+  (``image_sigma`` > 0) the largest value of the patch grid smoothed by a Gaussian of that many
+  cells (`smoothed_max`): one spurious patch on a good part no longer sets the score alone;
 - anomaly map: the patch grid upsampled bilinearly, then Gaussian-smoothed (sigma 4);
 - regions: connected components of the thresholded map.
 
 With an approximate index (knn.py, ivf-exact) patch scores start as upper bounds of the exact
-ones; `recheck_max` finds exact image maxima from them and `map_support`/`cells_for` tell
-which patches a part of the map depends on, so only those are searched exactly.
+ones; `recheck_max` and `recheck_smoothed_max` find exact image scores from them and
+`map_support`/`cells_for` tell which patches a part of the map depends on, so only those are
+searched exactly.
 """
 
 from __future__ import annotations
@@ -144,6 +147,87 @@ def recheck_max(
         np.maximum.at(best, r, exact)
     argmax = np.where(known, values, -np.inf).argmax(axis=1)
     return values, known, argmax
+
+
+SCORE_TRUNCATE = 2.0  # the image score's kernel reaches 2 sigma: 5x5 cells at sigma 1
+
+
+def score_radius(sigma: float) -> int:
+    """Cells the image score's kernel reaches from its centre, per axis."""
+    return int(SCORE_TRUNCATE * sigma + 0.5)
+
+
+def smooth_grid(grid: np.ndarray, sigma: float) -> np.ndarray:
+    """[h, w] patch scores -> [h, w] float32, Gaussian-smoothed on the patch grid:
+
+        g'[y, x] = sum_{|dy|, |dx| <= r} K[dy] K[dx] g[reflect(y + dy), reflect(x + dx)]
+
+    K the normalised Gaussian of `sigma` cells truncated at r = score_radius(sigma), reflect
+    OpenCV's BORDER_REFLECT (scipy's 'reflect'). Weights are non-negative and sum to 1, so
+    smoothing upper bounds gives upper bounds, and g' <= max g.
+    """
+    g = np.ascontiguousarray(grid, dtype=np.float32)
+    if sigma <= 0:
+        return g
+    k = 2 * score_radius(sigma) + 1
+    return cv2.GaussianBlur(g, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+
+
+def smoothed_max(grids: np.ndarray, sigma: float) -> np.ndarray:
+    """[B, h, w] patch scores -> [B] image scores: max over cells of smooth_grid."""
+    return np.array([smooth_grid(g, sigma).max() for g in grids], dtype=np.float32)
+
+
+def recheck_smoothed_max(
+    bounds: np.ndarray,
+    recheck: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    sigma: float,
+    *,
+    known: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """smoothed_max of values v [B, h, w] known through upper bounds, with few look-ups.
+
+    bounds >= v (finite); where known, bounds is v itself. recheck(rows, flat cells) returns
+    v there (one call per round, every unfinished image at once).
+
+    Rule, per image: smooth the current values (exact where known, bounds elsewhere); that
+    is an upper bound of the smoothed exact grid at every cell (non-negative weights). At its
+    argmax c, if every cell c's kernel reads is known, smooth(v)[c] is this value, and every
+    other cell's smoothed exact value is at most its bound, hence at most this: the max.
+    Otherwise re-check the unknown cells of c's window and repeat. With reflection the cells
+    a kernel reads near a border lie inside its window clipped to the grid.
+
+    Returns (values with exact values where visited, known after, image scores [B] float32).
+    """
+    values = np.array(bounds, dtype=np.float32, copy=True)
+    n, h, w = values.shape
+    known = np.zeros(values.shape, bool) if known is None else np.array(known, copy=True)
+    r = score_radius(sigma)
+    scores = np.zeros(n, dtype=np.float32)
+    active = list(range(n))
+    while active:
+        rows: list[np.ndarray] = []
+        cols: list[np.ndarray] = []
+        still: list[int] = []
+        for b in active:
+            smooth = smooth_grid(values[b], sigma)
+            y, x = np.unravel_index(int(np.argmax(smooth)), smooth.shape)
+            window = np.zeros((h, w), dtype=bool)
+            window[max(0, y - r) : y + r + 1, max(0, x - r) : x + r + 1] = True
+            todo = np.flatnonzero(window & ~known[b])
+            if todo.size == 0:
+                scores[b] = smooth[y, x]
+                continue
+            rows.append(np.full(todo.size, b))
+            cols.append(todo)
+            still.append(b)
+        if rows:
+            r_idx, c_idx = np.concatenate(rows), np.concatenate(cols)
+            exact = recheck(r_idx, c_idx)
+            values.reshape(n, -1)[r_idx, c_idx] = exact
+            known.reshape(n, -1)[r_idx, c_idx] = True
+        active = still
+    return values, known, scores
 
 
 def reweighted_scores(
