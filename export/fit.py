@@ -54,8 +54,8 @@ CORESET_PROJ_DIM = 128  # the reference's approximate greedy coreset works in 12
 @dataclass
 class FitOptions:
     # Lite2 over Lite0 on MTD: image AUROC +0.012, PRO +0.03, recall at 5% false rejects +3.5
-    # points, for ~20% of the engine's speed (BENCHMARKS.md, "Recall at a fixed false-reject
-    # rate"); Lite0 stays the fast choice.
+    # points, for ~20% of the engine's speed (BENCHMARKS.md, "New defaults: Lite2 and a
+    # smoothed image score"); Lite0 stays the fast choice.
     backbone: str = "efficientnet_lite2"
     weights: Path | None = None
     layers: list[str] | None = None  # None: the backbone's default
@@ -73,8 +73,9 @@ class FitOptions:
     patch_size: int = 3
     knn_k: int = 1
     # The image score. image_sigma > 0: max of the patch grid smoothed over that many cells
-    # (scoring.smooth_grid); on MTD sigma 1 raised recall at 1% false rejects by 4-7 points and
-    # image AUROC by ~0.012 over the plain max, where Eq. 7 moved nothing (BENCHMARKS.md).
+    # (scoring.smooth_grid); on MTD sigma 1 raised recall at 1% false rejects by 3.6 (Lite0)
+    # and 7.1 (Lite2) points and image AUROC by ~0.012 over the plain max, where Eq. 7 moved
+    # nothing (BENCHMARKS.md).
     # reweight_k >= 2: Eq. 7 with that many bank neighbours instead. Both 0: the plain max
     # (the reference's).
     image_sigma: float = 1.0
