@@ -22,7 +22,7 @@ def _run_demo_and_check(out: Path, capsys: pytest.CaptureFixture[str]) -> str:
     assert rejects and len(rejects) == len(sidecars)
     assert (out / "calibration.png").stat().st_size > 10_000
     # The sample holds 10 good and 10 defective parts; the demo must separate them better
-    # than chance (measured: 7 of 10 defects rejected, 0 of 10 good parts).
+    # than chance (measured: 8 of 10 defects rejected, 0 of 10 good parts; 7 of 10 with Lite0).
     caught = int(text.split(" defective parts rejected")[0].split(": ")[-1].split(" of ")[0])
     false_alarms = int(text.split(" good parts rejected")[0].split(", ")[-1].split(" of ")[0])
     assert caught >= 5 and false_alarms <= 2
