@@ -16,7 +16,12 @@ from edge_agent.decide.decision import Thresholds, decide, frame_map
 from edge_agent.images import list_images, read_image
 from edge_agent.model import scoring
 from edge_agent.model.bundle import load_bundle
-from edge_agent.model.knn import INDEX_KINDS, MemoryBankIndex, resolve_kind
+from edge_agent.model.knn import (
+    INDEX_KINDS,
+    RECHECK_PRODUCT_BELOW,
+    MemoryBankIndex,
+    resolve_kind,
+)
 from edge_agent.model.scorer import BatchScores, Scorer
 from edge_agent.tools.prefetch import score_items
 
@@ -199,12 +204,16 @@ def test_ivf_bounds_are_above_flat_distances() -> None:
     flat, _ = MemoryBankIndex(bank, kind="flat", device="cpu").search(queries, 3)
     assert (bounds.mean(axis=1) >= flat.mean(axis=1)).all()
     assert (bounds[:, 0] > flat[:, 0] * 1.001).mean() > 0.2  # nprobe 1 is often wrong
-    # The re-check ranks rows by a matrix product and sums the best candidates' distances
-    # directly, as flat does: the same rows, the same distances up to summation order.
-    exact, rows = index.search_exact(queries, 3)
+    # Small re-checks rank rows by a matrix product and sum the best candidates' distances
+    # directly, as flat does: the same rows, the same distances up to summation order. Large
+    # ones are flat's own search.
     flat_rows = MemoryBankIndex(bank, kind="flat", device="cpu").search(queries, 3)[1]
-    np.testing.assert_array_equal(rows, flat_rows)
-    np.testing.assert_allclose(exact, flat, rtol=1e-6)
+    small = RECHECK_PRODUCT_BELOW - 1
+    assert len(queries) >= RECHECK_PRODUCT_BELOW > small
+    for n in (small, len(queries)):
+        exact, rows = index.search_exact(queries[:n], 3)
+        np.testing.assert_array_equal(rows, flat_rows[:n])
+        np.testing.assert_allclose(exact, flat[:n], rtol=1e-6)
 
 
 def test_missing_ivf_results_are_infinite_bounds() -> None:

@@ -41,12 +41,15 @@ DEFAULT_NPROBE = 4
 # numbers and not only the true ones.
 ROUNDING_MARGIN = 100.0 * float(np.finfo(np.float32).eps)
 
-# ivf-exact's re-checks: a few hundred queries at a time, where FAISS's flat search takes its
-# direct-sum path (below its BLAS threshold), ~0.4 ms a query on 19k x 168 on 2 cores. One
-# matrix product ranks the rows instead (2.6x faster, BENCHMARKS.md), and the distance of
-# each query's RECHECK_CANDIDATES best rows is summed directly: float32 rounding of the
-# product cannot reorder rows further apart than its noise, and the direct sums are what
-# flat reports (equal to 2.4e-7 relative, measured).
+# ivf-exact's re-checks: up to a few hundred queries at a time (an image score's window, an NG
+# frame's mask), where FAISS's flat search runs at 0.3-0.9 ms a query on 19k x 168 on 2 cores,
+# against ~0.09 ms from about 770 queries up (measured, BENCHMARKS.md). Below
+# RECHECK_PRODUCT_BELOW queries one matrix product ranks the rows instead (2.5-2.8x faster
+# there), and the distance of each query's RECHECK_CANDIDATES best rows is summed directly:
+# float32 rounding of the product cannot reorder rows further apart than its noise, and the
+# direct sums are what flat reports (equal to 2.4e-7 relative, measured). Whole maps
+# (evaluate's exact pixel metrics: ~1,300 queries an image) stay with FAISS.
+RECHECK_PRODUCT_BELOW = 768
 RECHECK_CANDIDATES = 8
 RECHECK_CHUNK = 256  # queries per product: 256 x 19k float32 is 20 MB
 
@@ -102,7 +105,7 @@ class MemoryBankIndex:
                 self._bank = bank
                 self._bank_sq = np.einsum("ij,ij->i", bank, bank)
                 self._margin = ROUNDING_MARGIN * math.sqrt(dim / 152.0)
-                self._bank_sq_max = float(np.einsum("ij,ij->i", bank, bank).max())
+                self._bank_sq_max = float(self._bank_sq.max())
         else:
             index = faiss.IndexFlatL2(dim)
             index.add(bank)
@@ -150,10 +153,12 @@ class MemoryBankIndex:
         return np.sqrt(np.maximum(sq, 0.0, out=sq), out=sq), idx
 
     def search_exact(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Exact k nearest rows: flat search; for ivf-exact's re-checks, rows ranked by one
-        matrix product and the best RECHECK_CANDIDATES (at least k) measured directly."""
+        """Exact k nearest rows: flat search; for ivf-exact's smaller re-checks, rows ranked
+        by one matrix product and the best RECHECK_CANDIDATES (at least k) measured directly."""
         if self.exact_index is None:
             return _search(self.index, queries, k)
+        if len(queries) >= RECHECK_PRODUCT_BELOW:
+            return _search(self.exact_index, queries, k)
         q = np.ascontiguousarray(queries, dtype=np.float32)
         dist = np.empty((len(q), k), dtype=np.float32)
         rows = np.empty((len(q), k), dtype=np.int64)
@@ -164,8 +169,9 @@ class MemoryBankIndex:
             rank = chunk @ self._bank.T
             rank *= -2.0
             rank += self._bank_sq
-            cand = np.argpartition(rank, c - 1, axis=1)[:, :c] if c < self.size else None
-            if cand is None:
+            if c < self.size:
+                cand = np.argpartition(rank, c - 1, axis=1)[:, :c]
+            else:  # a bank this small: every row is a candidate
                 cand = np.broadcast_to(np.arange(self.size), (len(chunk), self.size))
             diff = self._bank[cand] - chunk[:, None, :]
             sq = np.einsum("ncd,ncd->nc", diff, diff)
