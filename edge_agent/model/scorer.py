@@ -188,19 +188,20 @@ class Scorer:
             patch = (dist[:, 0] if self.k == 1 else dist.mean(axis=1)).reshape(b, p)
             nearest, exact, rechecked = idx[:, 0].reshape(b, p), None, None
         t2 = time.perf_counter()
-        # Eq. 7 only reads the argmax patch, its feature and its nearest row: with ivf-exact
-        # those are flat's (recheck_max's rule takes the same first argmax).
-        masked = patch if exact is None else np.where(exact, patch, -np.inf)
         if self.image_sigma > 0:
             if smoothed is None:
                 smoothed = scoring.smoothed_max(patch.reshape(b, *self.grid), self.image_sigma)
             image = smoothed
-        elif self.reweight:
-            image = scoring.reweighted_scores(
-                feats, masked, nearest, self.bundle.bank, self.bank_knn
-            )
         else:
-            image = masked.max(axis=1)
+            # Eq. 7 only reads the argmax patch, its feature and its nearest row: with
+            # ivf-exact those are flat's (recheck_max's rule takes the same first argmax).
+            masked = patch if exact is None else np.where(exact, patch, -np.inf)
+            if self.reweight:
+                image = scoring.reweighted_scores(
+                    feats, masked, nearest, self.bundle.bank, self.bank_knn
+                )
+            else:
+                image = masked.max(axis=1)
         result = BatchScores(
             image.astype(np.float32),
             patch.reshape(b, *self.grid),
