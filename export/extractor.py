@@ -106,7 +106,13 @@ class PatchFeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def _probe_channels(self) -> list[int]:
-        maps = self._trunk(torch.zeros(1, 3, 64, 64))
+        # In eval mode: a pass in training mode (a new module's) would move every BatchNorm's
+        # running statistics 10% towards this zero batch's, i.e. change the pretrained weights.
+        training = self.stages.training
+        self.stages.eval()
+        with torch.no_grad():
+            maps = self._trunk(torch.zeros(1, 3, 64, 64))
+        self.stages.train(training)
         return [int(maps[name].shape[1]) for name in self.layers]
 
     def _trunk(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

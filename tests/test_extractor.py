@@ -44,6 +44,18 @@ def test_patch_feature_shapes(trunk, layers, size, grid, dim) -> None:
     assert out.shape == (2, grid[0] * grid[1], dim)
 
 
+def test_building_the_extractor_leaves_the_pretrained_weights_as_they_are() -> None:
+    # Its channel probe once ran in training mode and moved every BatchNorm's running
+    # statistics towards a zero batch's: features 33-40% off the pretrained network's.
+    trunk = load_trunk("efficientnet_lite0")
+    before = {k: v.clone() for k, v in trunk.stages.state_dict().items()}
+    assert any("running_mean" in k for k in before)
+    ex = PatchFeatureExtractor(trunk, ["blocks.2", "blocks.4"])
+    for key, value in trunk.stages.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert ex.stages.training  # a new module's mode, as before the probe
+
+
 def test_patch_pooling_averages_the_3x3_neighbourhood(trunk) -> None:
     ex = PatchFeatureExtractor(trunk, ["blocks.2"], patch_size=3).eval()
     frames = torch.from_numpy(_frames(1))
