@@ -214,6 +214,26 @@ def test_ivf_bounds_are_above_flat_distances() -> None:
         exact, rows = index.search_exact(queries[:n], 3)
         np.testing.assert_array_equal(rows, flat_rows[:n])
         np.testing.assert_allclose(exact, flat[:n], rtol=1e-6)
+        nearest, row = index.search_exact(queries[:n], 1)
+        np.testing.assert_array_equal(row[:, 0], flat_rows[:n, 0])
+        np.testing.assert_allclose(nearest[:, 0], flat[:n, 0], rtol=1e-6)
+
+
+def test_small_re_checks_find_the_nearest_row_where_the_product_rounds_it_away() -> None:
+    # Rows of norm ~1e3 in near-equal pairs: ||y||^2 - 2 q.y is ~1e6, so the product's
+    # float32 rounding (~0.1) swamps the pairs' true gap of squared distance (~0.01). The
+    # k = 1 re-check must then measure both rows directly, not trust the product's argmin.
+    rng = np.random.default_rng(8)
+    centre = rng.standard_normal(16).astype(np.float32) * 250.0
+    base = centre + rng.standard_normal((200, 16)).astype(np.float32)
+    bank = np.concatenate([base, base + rng.standard_normal((200, 16)).astype(np.float32) * 3e-3])
+    queries = base[rng.integers(0, 200, 500)] + rng.standard_normal((500, 16)).astype(np.float32)
+    index = MemoryBankIndex(bank, kind="ivf-exact", device="cpu", ivf_nprobe=1)
+    assert len(queries) < RECHECK_PRODUCT_BELOW
+    exact, rows = index.search_exact(queries, 1)
+    true = ((queries[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(axis=2)
+    np.testing.assert_array_equal(rows[:, 0], true.argmin(axis=1))
+    np.testing.assert_allclose(exact[:, 0] ** 2, true.min(axis=1), rtol=1e-5)
 
 
 def test_missing_ivf_results_are_infinite_bounds() -> None:

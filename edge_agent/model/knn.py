@@ -45,10 +45,11 @@ ROUNDING_MARGIN = 100.0 * float(np.finfo(np.float32).eps)
 # frame's mask), where FAISS's flat search runs at 0.3-0.9 ms a query on 19k x 168 on 2 cores,
 # against ~0.09 ms from about 770 queries up (measured, BENCHMARKS.md). Below
 # RECHECK_PRODUCT_BELOW queries one matrix product ranks the rows instead (2.5-2.8x faster
-# there), and the distance of each query's RECHECK_CANDIDATES best rows is summed directly:
-# float32 rounding of the product cannot reorder rows further apart than its noise, and the
-# direct sums are what flat reports (equal to 2.4e-7 relative, measured). Whole maps
-# (evaluate's exact pixel metrics: ~1,300 queries an image) stay with FAISS.
+# there): ||y||^2 - 2 q.y, with ||y||^2 folded into the product as one more column. For k = 1
+# the row of the smallest rank is the nearest unless another row ranks within twice the
+# product's rounding of it (then the RECHECK_CANDIDATES best are measured, as for k > 1); the
+# distance is then summed directly, as flat reports it (equal to 2.4e-7 relative, measured).
+# Whole maps (evaluate's exact pixel metrics: ~1,300 queries an image) stay with FAISS.
 RECHECK_PRODUCT_BELOW = 768
 RECHECK_CANDIDATES = 8
 RECHECK_CHUNK = 256  # queries per product: 256 x 19k float32 is 20 MB
@@ -104,6 +105,10 @@ class MemoryBankIndex:
                 self.exact_index.add(bank)
                 self._bank = bank
                 self._bank_sq = np.einsum("ij,ij->i", bank, bank)
+                # The re-checks' ranking matrix [-2 y, ||y||^2] (search_exact).
+                self._ranker = np.ascontiguousarray(
+                    np.hstack([-2.0 * bank, self._bank_sq[:, None]]), dtype=np.float32
+                )
                 self._margin = ROUNDING_MARGIN * math.sqrt(dim / 152.0)
                 self._bank_sq_max = float(self._bank_sq.max())
         else:
@@ -154,7 +159,7 @@ class MemoryBankIndex:
 
     def search_exact(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Exact k nearest rows: flat search; for ivf-exact's smaller re-checks, rows ranked
-        by one matrix product and the best RECHECK_CANDIDATES (at least k) measured directly."""
+        by one matrix product, the candidates' distances summed directly (RECHECK_*)."""
         if self.exact_index is None:
             return _search(self.index, queries, k)
         if len(queries) >= RECHECK_PRODUCT_BELOW:
@@ -165,20 +170,46 @@ class MemoryBankIndex:
         c = min(max(k, RECHECK_CANDIDATES), self.size)
         for start in range(0, len(q), RECHECK_CHUNK):
             chunk = q[start : start + RECHECK_CHUNK]
-            # ||q - y||^2 - ||q||^2 ranks rows like the distance itself.
-            rank = chunk @ self._bank.T
-            rank *= -2.0
-            rank += self._bank_sq
-            if c < self.size:
-                cand = np.argpartition(rank, c - 1, axis=1)[:, :c]
-            else:  # a bank this small: every row is a candidate
+            part = slice(start, start + len(chunk))
+            # [q, 1] . [-2 y, ||y||^2] = ||q - y||^2 - ||q||^2: ranks rows like the distance.
+            rank = np.hstack([chunk, np.ones((len(chunk), 1), np.float32)]) @ self._ranker.T
+            if c == self.size:  # a bank this small: every row is a candidate
                 cand = np.broadcast_to(np.arange(self.size), (len(chunk), self.size))
-            diff = self._bank[cand] - chunk[:, None, :]
-            sq = np.einsum("ncd,ncd->nc", diff, diff)
-            order = np.argsort(sq, axis=1, kind="stable")[:, :k]
-            dist[start : start + len(chunk)] = np.take_along_axis(sq, order, axis=1)
-            rows[start : start + len(chunk)] = np.take_along_axis(cand, order, axis=1)
+                dist[part], rows[part] = self._measure(chunk, cand, k)
+                continue
+            if k > 1:
+                cand = np.argpartition(rank, c - 1, axis=1)[:, :c]
+                dist[part], rows[part] = self._measure(chunk, cand, k)
+                continue
+            # k = 1: the smallest rank is the nearest row unless the second smallest is
+            # within twice the product's rounding of it; only those queries measure c rows.
+            n = np.arange(len(chunk))
+            best = rank.argmin(axis=1)
+            low = rank[n, best]
+            rank[n, best] = np.inf
+            close = rank.min(axis=1) - low <= 2.0 * self._rank_noise(chunk)
+            rank[n, best] = low
+            d, r = self._measure(chunk, best[:, None], 1)
+            if close.any():
+                cand = np.argpartition(rank[close], c - 1, axis=1)[:, :c]
+                d[close], r[close] = self._measure(chunk[close], cand, 1)
+            dist[part], rows[part] = d, r
         return np.sqrt(dist, out=dist), rows
+
+    def _measure(
+        self, queries: np.ndarray, cand: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(squared distances [n, k], rows [n, k]): the k nearest of each query's candidate
+        rows `cand` [n, c], distances summed directly as flat's search reports them."""
+        diff = self._bank[cand] - queries[:, None, :]
+        sq = np.einsum("ncd,ncd->nc", diff, diff)
+        order = np.argsort(sq, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(sq, order, axis=1), np.take_along_axis(cand, order, axis=1)
+
+    def _rank_noise(self, queries: np.ndarray) -> np.ndarray:
+        """A bound of the product's float32 rounding of each query's ranks: the bounds'
+        margin over the sum of its terms' sizes, |2 q.y| + ||y||^2 <= ||q||^2 + 2 max ||y||^2."""
+        return self._margin * (np.einsum("ij,ij->i", queries, queries) + 2.0 * self._bank_sq_max)
 
     def search_bounds(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """ivf-exact: (bounds [n, k], rows [n, k]) from the ivf search, with
