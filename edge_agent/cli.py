@@ -81,7 +81,8 @@ def add_scorer_options(
     """The run-time scoring options that evaluate, bench and calibrate share, with their
     defaults and choices taken from the modules that implement them."""
     from edge_agent.model.knn import DEFAULT_INDEX, DEFAULT_NPROBE, INDEX_KINDS
-    from edge_agent.model.scorer import DEVICES, MAX_DEFAULT_THREADS
+    from edge_agent.model.scorer import DEVICES
+    from edge_agent.ops.threads import MAX_DEFAULT_THREADS
 
     if batch_size:
         p.add_argument("--batch-size", type=int, default=8, help="images per inference batch")

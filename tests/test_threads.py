@@ -22,9 +22,12 @@ def _doctor_env(extra: dict[str, str]) -> str:
 
 
 def test_command_line_quiets_thread_pools_and_user_values_win() -> None:
-    assert _doctor_env({}) == "OMP_WAIT_POLICY=PASSIVE OPENBLAS_NUM_THREADS=1"
-    assert _doctor_env({"OPENBLAS_NUM_THREADS": "2"}) == (
-        "OMP_WAIT_POLICY=PASSIVE OPENBLAS_NUM_THREADS=2"
+    cores = threads.default_threads()
+    assert _doctor_env({}) == (
+        f"OMP_WAIT_POLICY=PASSIVE OPENBLAS_NUM_THREADS={cores} OPENBLAS_THREAD_TIMEOUT=4"
+    )
+    assert _doctor_env({"OPENBLAS_NUM_THREADS": "1"}) == (
+        "OMP_WAIT_POLICY=PASSIVE OPENBLAS_NUM_THREADS=1 OPENBLAS_THREAD_TIMEOUT=4"
     )
 
 
@@ -32,7 +35,8 @@ def test_quiet_thread_pools_only_fills_gaps() -> None:
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert threads.quiet_thread_pools(env) == {
         "OMP_WAIT_POLICY": "ACTIVE",
-        "OPENBLAS_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": str(threads.default_threads()),
+        "OPENBLAS_THREAD_TIMEOUT": "4",
     }
 
 

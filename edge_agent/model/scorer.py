@@ -16,7 +16,6 @@ bound of its exact score, and only the patches that decide are searched exactly 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,11 +29,11 @@ from edge_agent.model import devicemem, scoring
 from edge_agent.model.bundle import Bundle
 from edge_agent.model.knn import DEFAULT_INDEX, DEFAULT_NPROBE, MemoryBankIndex
 from edge_agent.model.tiling import TILES_PER_RUN
+from edge_agent.ops.threads import default_threads
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
-MAX_DEFAULT_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -48,12 +47,6 @@ class BatchScores:
     exact: np.ndarray | None = None  # [B, h, w] bool
     features: np.ndarray | None = None  # [B, h*w, D] float32
     rechecked: np.ndarray | None = None  # [B] int: patches searched exactly, score + maps
-
-
-def default_threads() -> int:
-    """ONNX Runtime's intra-op threads when none are asked for: every core, at most
-    MAX_DEFAULT_THREADS (a big server need not give one agent all of its cores)."""
-    return min(os.cpu_count() or 1, MAX_DEFAULT_THREADS)
 
 
 def _providers(device: str) -> list[str]:
