@@ -27,7 +27,9 @@ between neighbouring cells away from the frame's edges, relative to the score): 
 at 0 px overlap 21-27%, blended at 32 px 8.7%, at 96 px 2.1-4.8% (192 px tiles) and at 64 px
 3.0-6.9% (128 px tiles: too small for the padding's reach to fit), the untiled model's own
 variation about 1%. On good parts the blended seams score within 1.2% of the rest of the
-frame, a hard cut's 12% apart (tests/test_tiling.py). fit stitches training frames the same
+frame, a hard cut's 12% apart (tests/test_tiling.py). Those figures predate fit's BatchNorm fix
+(BENCHMARKS.md); with it, 128 px tiles: a cut's largest step 16.5%, the blend's 7.1%, seams on
+good parts 13% and 1.5% off the rest. fit stitches training frames the same
 way, so the bank holds what blended good parts look like. Frame, tile and overlap are
 multiples of the patch cell c.
 """
