@@ -1,4 +1,5 @@
-"""The ivf-exact index: approximate search, then exact re-checks of the patches that decide.
+"""The re-checked indexes (ivf-exact, hnsw-exact): approximate search, then exact re-checks of
+the patches that decide.
 
 Pure parts against brute force (the max rule, the map's support, the bound property), then
 real MTD images: image scores, thresholded masks and regions, and map maxima equal the flat
@@ -245,9 +246,23 @@ def test_missing_ivf_results_are_infinite_bounds() -> None:
     assert np.isinf(bounds[rows < 0]).all() and np.isfinite(bounds[rows >= 0]).all()
 
 
-def test_auto_is_ivf_exact_without_a_gpu() -> None:
-    assert "auto" in INDEX_KINDS and "ivf-exact" in INDEX_KINDS
-    assert resolve_kind("auto", "cpu") == "ivf-exact"
+def test_hnsw_bounds_are_above_flat_distances() -> None:
+    rng = np.random.default_rng(4)
+    bank = rng.standard_normal((3000, 32)).astype(np.float32) + 5.0
+    queries = rng.standard_normal((2000, 32)).astype(np.float32) + 5.0
+    index = MemoryBankIndex(bank, kind="hnsw-exact", device="cpu", hnsw_ef_search=1)
+    bounds, _ = index.search_bounds(queries, 3)
+    flat, flat_rows = MemoryBankIndex(bank, kind="flat", device="cpu").search(queries, 3)
+    assert (bounds.mean(axis=1) >= flat.mean(axis=1)).all()
+    assert (bounds[:, 0] > flat[:, 0] * 1.001).mean() > 0.2  # a greedy walk is often wrong
+    exact, exact_rows = index.search_exact(queries, 3)
+    np.testing.assert_array_equal(exact_rows, flat_rows)
+    np.testing.assert_allclose(exact, flat, rtol=1e-6)
+
+
+def test_auto_is_hnsw_exact_without_a_gpu() -> None:
+    assert "auto" in INDEX_KINDS and "hnsw-exact" in INDEX_KINDS
+    assert resolve_kind("auto", "cpu") == "hnsw-exact"
     assert resolve_kind("flat", "cpu") == "flat"
     with pytest.raises(ValueError, match="index kind"):
         resolve_kind("lsh", "cpu")
@@ -264,14 +279,22 @@ def mtd_batches(mtd_small: Path, small_bundle: Path) -> list[np.ndarray]:
     return [images[i : i + 8] for i in range(0, len(images), 8)]
 
 
-def _scorers(bundle: Path, **overrides: object) -> tuple[Scorer, Scorer, Scorer]:
+def _scorers(
+    bundle: Path, kind: str = "ivf-exact", **overrides: object
+) -> tuple[Scorer, Scorer, Scorer]:
+    """flat, the re-checked `kind` and its approximate search alone, the latter two made
+    to be often wrong (one ivf cell, or a graph search two candidates wide)."""
     b = load_bundle(bundle)
-    common: dict = {"device": "cpu", "threads": 2, "ivf_nprobe": NPROBE, **overrides}
+    common: dict = {"device": "cpu", "threads": 2, "ivf_nprobe": NPROBE, "hnsw_ef_search": 2}
+    common |= overrides
     return (
         Scorer(b, index="flat", **common),
-        Scorer(b, index="ivf-exact", **common),
-        Scorer(b, index="ivf", **common),
+        Scorer(b, index=kind, **common),
+        Scorer(b, index=kind.removesuffix("-exact"), **common),
     )
+
+
+RECHECKED = ["ivf-exact", "hnsw-exact"]
 
 
 # The default image score smooths the patch grid (image_sigma 1, without Eq. 7); the small
@@ -279,13 +302,14 @@ def _scorers(bundle: Path, **overrides: object) -> tuple[Scorer, Scorer, Scorer]
 SMOOTHED = {"image_sigma": 1.0, "reweight": False}
 
 
+@pytest.mark.parametrize("kind", RECHECKED)
 @pytest.mark.parametrize("overrides", [{"k": 1}, {"k": 3}, SMOOTHED, {**SMOOTHED, "k": 3}], ids=str)
 def test_image_scores_equal_flat_on_mtd(
-    small_bundle: Path, mtd_batches: list[np.ndarray], overrides: dict
+    small_bundle: Path, mtd_batches: list[np.ndarray], overrides: dict, kind: str
 ) -> None:
-    flat, exact, ivf = _scorers(small_bundle, scoring_overrides=overrides)
+    flat, exact, ivf = _scorers(small_bundle, kind, scoring_overrides=overrides)
     k = overrides.get("k", 1)
-    assert exact.device.endswith("faiss:cpu/ivf-exact")
+    assert exact.device.endswith(f"faiss:cpu/{kind}")
     worst, ivf_worst, rechecked = 0.0, 0.0, 0
     for batch in mtd_batches:
         f, e, a = flat.score(batch), exact.score(batch), ivf.score(batch)
@@ -297,7 +321,7 @@ def test_image_scores_equal_flat_on_mtd(
         assert (e.patch_scores >= f.patch_scores * (1 - REL)).all()
         np.testing.assert_allclose(e.patch_scores[e.exact], f.patch_scores[e.exact], rtol=REL)
     n = sum(len(b) for b in mtd_batches)
-    print(f"k={k}: ivf-exact vs flat max rel {worst:.1e}; plain ivf {ivf_worst:.1e}; "
+    print(f"k={k}: {kind} vs flat max rel {worst:.1e}; approximate alone {ivf_worst:.1e}; "
           f"{rechecked / n:.1f} patches re-checked per image")  # fmt: skip
     assert worst <= REL
     assert ivf_worst > 1e-3  # without the re-check this nprobe gets images wrong
@@ -314,10 +338,11 @@ def _clear_threshold(amap: np.ndarray, frame_hw: tuple[int, int], start: float) 
     return pixel
 
 
+@pytest.mark.parametrize("kind", RECHECKED)
 def test_masks_regions_and_maxima_equal_flat_on_mtd(
-    small_bundle: Path, mtd_batches: list[np.ndarray]
+    small_bundle: Path, mtd_batches: list[np.ndarray], kind: str
 ) -> None:
-    flat, exact, _ = _scorers(small_bundle)
+    flat, exact, _ = _scorers(small_bundle, kind)
     flat_scores = [flat.score(b) for b in mtd_batches]
     frame_hw = (300, 451)  # not the input size: decide() resizes the map to the frame
     maxima = [flat.anomaly_map(g).max() for s in flat_scores for g in s.patch_scores]

@@ -9,9 +9,12 @@ one), or an index for slow CPU boxes:
   the Scorer re-checks patches exactly (search_exact) in descending order of bound until no
   bound can beat the best exact score (scorer.py). Image scores, thresholded masks and map
   maxima are then flat's, at close to ivf's cost;
-- hnsw: a proximity graph; fast for single queries, slower than batched flat search at the
-  bank sizes PatchCore uses;
-- auto (the default): flat when FAISS has a GPU, else ivf-exact.
+- hnsw: a proximity graph; at its default search breadth slower than batched flat search at
+  the bank sizes PatchCore uses;
+- hnsw-exact: a sparse graph searched narrowly (HNSW_EXACT_*) for the bounds, then ivf-exact's
+  re-checks. Its answers, too, are exact distances to some bank row, tighter than ivf's at
+  less cost; the results are flat's, as ivf-exact's;
+- auto (the default): flat when FAISS has a GPU, else hnsw-exact.
 """
 
 from __future__ import annotations
@@ -24,8 +27,15 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-INDEX_KINDS = ("auto", "flat", "ivf", "ivf-exact", "hnsw")
+INDEX_KINDS = ("auto", "flat", "ivf", "ivf-exact", "hnsw", "hnsw-exact")
+RECHECKED_KINDS = ("ivf-exact", "hnsw-exact")
 DEFAULT_INDEX = "auto"
+# hnsw-exact's graph: 12 links a row, 8 candidates a search. On MTD's default bundle (19,415 x
+# 168, a batch of 8 frames) 36 ms a batch with 86% of the bounds already exact, against ivf's
+# 59 ms and 87% at nprobe 4 (M 16: 36-42 ms, 89%; ef 4: 24 ms, 73%); the engine with NG maps
+# 51.5 / 46.8 img/s against 44.7 / 42.5 for ivf-exact, alternated (BENCHMARKS.md).
+HNSW_EXACT_M = 12
+HNSW_EXACT_EF = 8
 # ivf-exact's results are exact at any nprobe; nprobe only sets its cost: the ivf search grows
 # with it, the re-checks shrink. On MTD (default bundle, calibrated, 2 cores) the agent gave
 # 64-67 verdicts/s at 4, 58 at 6, 46 at 12, and 66-76 at 2 and 66 at 1 (within run-to-run
@@ -62,12 +72,12 @@ def gpu_count() -> int:
 
 def resolve_kind(kind: str, device: str) -> str:
     """The index `kind` names on this machine: auto -> flat where FAISS runs on a GPU (exact
-    search is cheap there), else ivf-exact."""
+    search is cheap there), else hnsw-exact."""
     if kind not in INDEX_KINDS:
         raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
     if kind != "auto":
         return kind
-    return "flat" if device in ("auto", "cuda") and gpu_count() > 0 else "ivf-exact"
+    return "flat" if device in ("auto", "cuda") and gpu_count() > 0 else "hnsw-exact"
 
 
 class MemoryBankIndex:
@@ -79,19 +89,23 @@ class MemoryBankIndex:
         *,
         kind: str = DEFAULT_INDEX,
         device: str = "auto",
-        hnsw_m: int = 32,
-        hnsw_ef_search: int = 64,
+        hnsw_m: int | None = None,
+        hnsw_ef_search: int | None = None,
         ivf_nprobe: int = DEFAULT_NPROBE,
     ) -> None:
+        """hnsw_m / hnsw_ef_search: the graph's links a row and search breadth (None: 32 / 64
+        for hnsw, HNSW_EXACT_M / HNSW_EXACT_EF for hnsw-exact)."""
         kind = resolve_kind(kind, device)
         bank = np.ascontiguousarray(bank, dtype=np.float32)
         dim = bank.shape[1]
-        self.exact_index: faiss.Index | None = None  # ivf-exact's flat twin for re-checks
-        if kind == "hnsw":
-            index = faiss.IndexHNSWFlat(dim, hnsw_m)
-            index.hnsw.efConstruction = 2 * hnsw_m
+        self.exact_index: faiss.Index | None = None  # the flat twin for re-checks
+        if kind in ("hnsw", "hnsw-exact"):
+            narrow = kind == "hnsw-exact"
+            m = hnsw_m or (HNSW_EXACT_M if narrow else 32)
+            index = faiss.IndexHNSWFlat(dim, m)
+            index.hnsw.efConstruction = 2 * m
             index.add(bank)
-            index.hnsw.efSearch = hnsw_ef_search
+            index.hnsw.efSearch = hnsw_ef_search or (HNSW_EXACT_EF if narrow else 64)
         elif kind in ("ivf", "ivf-exact"):
             nlist = max(1, int(np.sqrt(len(bank))))
             quantizer = faiss.IndexFlatL2(dim)
@@ -100,20 +114,20 @@ class MemoryBankIndex:
             index.train(bank)
             index.add(bank)
             index.nprobe = min(ivf_nprobe, nlist)
-            if kind == "ivf-exact":
-                self.exact_index = faiss.IndexFlatL2(dim)
-                self.exact_index.add(bank)
-                self._bank = bank
-                self._bank_sq = np.einsum("ij,ij->i", bank, bank)
-                # The re-checks' ranking matrix [-2 y, ||y||^2] (search_exact).
-                self._ranker = np.ascontiguousarray(
-                    np.hstack([-2.0 * bank, self._bank_sq[:, None]]), dtype=np.float32
-                )
-                self._margin = ROUNDING_MARGIN * math.sqrt(dim / 152.0)
-                self._bank_sq_max = float(self._bank_sq.max())
         else:
             index = faiss.IndexFlatL2(dim)
             index.add(bank)
+        if kind in RECHECKED_KINDS:
+            self.exact_index = faiss.IndexFlatL2(dim)
+            self.exact_index.add(bank)
+            self._bank = bank
+            self._bank_sq = np.einsum("ij,ij->i", bank, bank)
+            # The re-checks' ranking matrix [-2 y, ||y||^2] (search_exact).
+            self._ranker = np.ascontiguousarray(
+                np.hstack([-2.0 * bank, self._bank_sq[:, None]]), dtype=np.float32
+            )
+            self._margin = ROUNDING_MARGIN * math.sqrt(dim / 152.0)
+            self._bank_sq_max = float(self._bank_sq.max())
         self.device = "cpu"
         # Only the exact index goes to the GPU: there it is fast enough that approximation
         # buys nothing.
@@ -130,7 +144,7 @@ class MemoryBankIndex:
 
     @property
     def rechecks(self) -> bool:
-        """Whether search_bounds + search_exact is the way to use this index (ivf-exact)."""
+        """Whether search_bounds + search_exact is the way to use this index (RECHECKED_KINDS)."""
         return self.exact_index is not None
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +159,9 @@ class MemoryBankIndex:
         index is on the GPU (FAISS GPU indexes take device pointers, as its contrib helpers
         pass them); the distances and rows come back in host arrays."""
         if self.exact_index is not None:
-            raise ValueError("ivf-exact re-checks on the host: search its features, not a pointer")
+            raise ValueError(
+                f"{self.kind} re-checks on the host: search its features, not a pointer"
+            )
         sq = np.empty((n, k), dtype=np.float32)
         idx = np.empty((n, k), dtype=np.int64)
         self.index.search_c(
@@ -212,13 +228,13 @@ class MemoryBankIndex:
         return self._margin * (np.einsum("ij,ij->i", queries, queries) + 2.0 * self._bank_sq_max)
 
     def search_bounds(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """ivf-exact: (bounds [n, k], rows [n, k]) from the ivf search, with
+        """ivf-exact / hnsw-exact: (bounds [n, k], rows [n, k]) from the approximate search,
             bound_j = sqrt(d_j^2 + margin * (||q||^2 + max_y ||y||^2)) >= flat's d_j
-        (d_j: ivf's j-th distance, an exact distance to some row; the margin covers flat's
+        (d_j: its j-th distance, summed directly to some row; the margin covers flat's
         rounding). The mean of a row's bounds bounds the mean of the k exact nearest, since
-        ivf's k rows are distinct bank rows. inf where ivf found fewer than k rows."""
+        the k rows are distinct bank rows. inf where the search found fewer than k rows."""
         if self.exact_index is None:
-            raise ValueError(f"search_bounds needs an ivf-exact index, this is {self.kind}")
+            raise ValueError(f"search_bounds needs one of {RECHECKED_KINDS}, this is {self.kind}")
         q = np.ascontiguousarray(queries, dtype=np.float32)
         sq, idx = self.index.search(q, k)
         slack = self._margin * (np.einsum("ij,ij->i", q, q) + self._bank_sq_max)

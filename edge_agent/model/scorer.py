@@ -1,7 +1,8 @@
 """The inference engine: uint8 frames -> ONNX Runtime features -> FAISS kNN -> patch and image
 scores. One Scorer owns one ORT session and one index; it is used from one thread.
 
-With the ivf-exact index (knn.py) every patch is searched approximately, which gives an upper
+With a re-checked index (knn.py: hnsw-exact, the CPU default, or ivf-exact) every patch is
+searched approximately, which gives an upper
 bound of its exact score, and only the patches that decide are searched exactly again:
 
 - image scores: per image the patches in descending order of bound until no bound can beat
@@ -74,7 +75,7 @@ class Scorer:
         device: str = "auto",
         threads: int | None = None,
         index: str = DEFAULT_INDEX,
-        hnsw_ef_search: int = 64,
+        hnsw_ef_search: int | None = None,
         ivf_nprobe: int = DEFAULT_NPROBE,
         scoring_overrides: dict[str, Any] | None = None,
         bind_io: bool | None = None,
