@@ -2,8 +2,8 @@
 scores. One Scorer owns one ORT session and one index; it is used from one thread.
 
 With a re-checked index (knn.py: hnsw-exact, the CPU default, or ivf-exact) every patch is
-searched approximately, which gives an upper
-bound of its exact score, and only the patches that decide are searched exactly again:
+searched approximately, which gives an upper bound of its exact score, and only the patches
+that decide are searched exactly again:
 
 - image scores: per image the patches in descending order of bound until no bound can beat
   the best exact score (scoring.recheck_max), so the max patch, its nearest bank row and the
