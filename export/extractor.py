@@ -110,8 +110,7 @@ class PatchFeatureExtractor(nn.Module):
         # running statistics 10% towards this zero batch's, i.e. change the pretrained weights.
         training = self.stages.training
         self.stages.eval()
-        with torch.no_grad():
-            maps = self._trunk(torch.zeros(1, 3, 64, 64))
+        maps = self._trunk(torch.zeros(1, 3, 64, 64))
         self.stages.train(training)
         return [int(maps[name].shape[1]) for name in self.layers]
 

@@ -121,13 +121,13 @@ class MemoryBankIndex:
             self.exact_index = faiss.IndexFlatL2(dim)
             self.exact_index.add(bank)
             self._bank = bank
-            self._bank_sq = np.einsum("ij,ij->i", bank, bank)
+            bank_sq = np.einsum("ij,ij->i", bank, bank)
             # The re-checks' ranking matrix [-2 y, ||y||^2] (search_exact).
             self._ranker = np.ascontiguousarray(
-                np.hstack([-2.0 * bank, self._bank_sq[:, None]]), dtype=np.float32
+                np.hstack([-2.0 * bank, bank_sq[:, None]]), dtype=np.float32
             )
             self._margin = ROUNDING_MARGIN * math.sqrt(dim / 152.0)
-            self._bank_sq_max = float(self._bank_sq.max())
+            self._bank_sq_max = float(bank_sq.max())
         self.device = "cpu"
         # Only the exact index goes to the GPU: there it is fast enough that approximation
         # buys nothing.
@@ -189,12 +189,12 @@ class MemoryBankIndex:
             part = slice(start, start + len(chunk))
             # [q, 1] . [-2 y, ||y||^2] = ||q - y||^2 - ||q||^2: ranks rows like the distance.
             rank = np.hstack([chunk, np.ones((len(chunk), 1), np.float32)]) @ self._ranker.T
-            if c == self.size:  # a bank this small: every row is a candidate
-                cand = np.broadcast_to(np.arange(self.size), (len(chunk), self.size))
-                dist[part], rows[part] = self._measure(chunk, cand, k)
-                continue
-            if k > 1:
-                cand = np.argpartition(rank, c - 1, axis=1)[:, :c]
+            if c == self.size or k > 1:
+                cand = (
+                    np.broadcast_to(np.arange(self.size), (len(chunk), self.size))
+                    if c == self.size  # a bank this small: every row is a candidate
+                    else np.argpartition(rank, c - 1, axis=1)[:, :c]
+                )
                 dist[part], rows[part] = self._measure(chunk, cand, k)
                 continue
             # k = 1: the smallest rank is the nearest row unless the second smallest is
