@@ -10,6 +10,14 @@ without slowing ONNX Runtime beside them: the engine ran 47.2 / 48.8 img/s again
 with one thread (default bundle, MTD, alternated; with two spinning threads ONNX took 1.5x as
 long and the engine lost). FAISS's big searches parallelise with OpenMP.
 
+OpenBLAS picks its kernels by CPU model, and a build older than the CPU does not know it: the
+OpenBLAS 0.3.15 inside faiss-cpu 1.15 runs its generic "Prescott" kernels on a 2023 Xeon
+(family 6, model 207), where NumPy's newer OpenBLAS picks "SkylakeX". Its flat searches
+(evaluate's exact maps, the agent's re-checks of many patches) then took 3-4x as long: 1,296
+queries x 19,415 rows x 168 dims, 213 / 307 ms against 69 / 71 ms with SkylakeX's (alternated).
+On a CPU with the AVX-512 subsets SkylakeX's kernels use, OPENBLAS_CORETYPE names them for
+both builds. Machines without AVX-512 are left to OpenBLAS's own choice (not measured here).
+
 The settings are environment variables read when the libraries load, so they are set before
 anything imports NumPy; a value already in the environment wins. ONNX Runtime's own spinning
 is turned off in its session options (model/scorer.py).
@@ -38,13 +46,45 @@ SETTINGS: dict[str, str] = {
 }
 
 
-def quiet_thread_pools(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Set SETTINGS in `environ` (os.environ) where not set already; return what is in force.
+# Every variable this module may set, for `doctor` to show.
+KEYS = (*SETTINGS, "OPENBLAS_CORETYPE")
+# What OpenBLAS's SkylakeX kernels need (its own check, dynamic.c: support_avx512).
+SKYLAKEX_FLAGS = frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The first CPU's feature flags (Linux x86); empty where there is no such file."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def openblas_coretype(flags: frozenset[str]) -> str | None:
+    """OPENBLAS_CORETYPE for a CPU with these flags: SkylakeX with AVX-512, else None."""
+    return "SkylakeX" if flags >= SKYLAKEX_FLAGS else None
+
+
+def settings(flags: frozenset[str] | None = None) -> dict[str, str]:
+    """SETTINGS, plus OPENBLAS_CORETYPE where this CPU (or `flags`) calls for one."""
+    coretype = openblas_coretype(cpu_flags() if flags is None else flags)
+    return SETTINGS | ({"OPENBLAS_CORETYPE": coretype} if coretype else {})
+
+
+def quiet_thread_pools(
+    environ: MutableMapping[str, str] | None = None, flags: frozenset[str] | None = None
+) -> dict[str, str]:
+    """Set settings() in `environ` (os.environ) where not set already; return what is in force.
 
     Too late once NumPy is imported (its OpenBLAS has read the variables): the caller is the
     command line's entry, before any subcommand module loads.
     """
     env = os.environ if environ is None else environ
-    for key, value in SETTINGS.items():
+    wanted = settings(flags)
+    for key, value in wanted.items():
         env.setdefault(key, value)
-    return {key: env[key] for key in SETTINGS}
+    return {key: env[key] for key in wanted}

@@ -41,7 +41,7 @@ def environment() -> dict[str, Any]:
         "faiss": faiss.__version__,
         "faiss_build": faiss.get_compile_options().strip(),
         "faiss_gpus": gpu_count(),
-        "thread_pools": " ".join(f"{k}={os.environ.get(k, '-')}" for k in threads.SETTINGS),
+        "thread_pools": " ".join(f"{k}={os.environ.get(k, '-')}" for k in threads.KEYS),
     }
 
 
