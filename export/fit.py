@@ -24,11 +24,18 @@ from edge_agent.errors import CheckFailed, UserError
 from edge_agent.export.backbones import BACKBONES, DEFAULT_LAYERS, load_trunk
 from edge_agent.export.coreset import approximate_greedy_coreset
 from edge_agent.export.extractor import PROJECTIONS, PatchFeatureExtractor
-from edge_agent.export.onnx_export import INPUT_NAME, export_onnx, parity
+from edge_agent.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, parity
+from edge_agent.export.quantize import (
+    CALIBRATION_BATCH,
+    MAX_DEVIATION,
+    calibration_subset,
+    deviation,
+    quantize_trunk,
+)
 from edge_agent.fileio import fsync_directory, fsync_tree
 from edge_agent.images import BadImage, declared_size, decode_image, list_images, resize
 from edge_agent.model import bundle as bundle_format
-from edge_agent.model.bundle import MAX_IMAGE_SIGMA
+from edge_agent.model.bundle import MAX_IMAGE_SIGMA, PRECISIONS
 from edge_agent.model.geometry import (
     ASPECT_TOLERANCE,
     DEFAULT_SIDE,
@@ -84,6 +91,9 @@ class FitOptions:
     threads: int | None = None
     seed: int = 0
     augment: str = "none"
+    # int8: the trunk in 8-bit integers (export/quantize.py): on MTD the float graph's
+    # accuracy within one test image, ONNX in about half the time on a CPU (BENCHMARKS.md).
+    precision: str = "int8"
     progress: bool = True
 
 
@@ -170,6 +180,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(4x the patches: the bank grows with them unless --coreset is lowered; only for "
         "parts that may appear mirrored)",
     )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help="the backbone's arithmetic: int8 quantizes its convolutions with ranges from the "
+        "training images (about half the CPU time); float32 keeps the exported graph as is",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -229,6 +246,7 @@ def options_from_args(args: argparse.Namespace) -> FitOptions:
         threads=args.threads,
         seed=args.seed,
         augment=args.augment,
+        precision=args.precision,
         progress=not args.no_progress,
     )
 
@@ -433,6 +451,42 @@ class FeatureStream:
                 bar.update(len(chunk))
 
 
+def quantize_graph(
+    model_path: Path, frames: list[np.ndarray], tiling: Tiling | None, probe: np.ndarray
+) -> float:
+    """Replace the float graph at `model_path` by its int8 trunk (export/quantize.py), with
+    activation ranges from an even spread of the training images; returns the int8
+    features' deviation from the float graph's on `probe` (CheckFailed above MAX_DEVIATION).
+    """
+    import onnxruntime as ort
+
+    float_path = model_path.with_name("model.float32.onnx")
+    model_path.rename(float_path)
+    chosen = [frames[i] for i in calibration_subset(len(frames))]
+
+    def batches():
+        for start in range(0, len(chosen), CALIBRATION_BATCH):
+            chunk = np.stack(chosen[start : start + CALIBRATION_BATCH])
+            yield chunk if tiling is None else tiling.cut(chunk)
+
+    log.info("int8: calibrating activation ranges on %d training images", len(chosen))
+    quantize_trunk(float_path, model_path, batches, INPUT_NAME)
+    outputs = []
+    for path in (float_path, model_path):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs.append(sess.run([OUTPUT_NAME], {INPUT_NAME: probe})[0])
+    float_path.unlink()
+    dev = deviation(*outputs)
+    log.info("int8 vs float32 features on %d real images: %.3f RMS deviation", len(probe), dev)
+    if not dev <= MAX_DEVIATION:
+        raise CheckFailed(
+            f"the int8 graph's features deviate from the float graph's by {dev:.3g} RMS "
+            f"(at most {MAX_DEVIATION}): this backbone does not quantize well; fit with "
+            "--precision float32"
+        )
+    return round(dev, 4)
+
+
 def augmented(frames: list[np.ndarray], kind: str) -> list[np.ndarray]:
     """The frames the bank learns from: as they are ("none"), or each followed by its left-right,
     top-bottom and both-ways mirror ("flips"; both ways is the 180-degree rotation)."""
@@ -595,6 +649,9 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
             f"ONNX Runtime and torch disagree on real images: max difference {diff:.3g} "
             f"({rel:.3g} relative, tolerance {PARITY_TOLERANCE}); the bundle is not usable"
         )
+    int8_deviation = None
+    if opts.precision == "int8":
+        int8_deviation = quantize_graph(model_path, frames, tiling, probe)
     stream = FeatureStream(model_path, frames, opts.batch_size, device, opts.threads, tiling)
     projected = coreset_space(stream, CORESET_PROJ_DIM, opts.seed, opts.progress)
     feature_s = time.perf_counter() - t0
@@ -638,6 +695,8 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
             "embed_dim": opts.embed_dim,
             "onnx_input": "frames",
             "onnx_output": "features",
+            "precision": opts.precision,
+            **({"int8_deviation": int8_deviation} if int8_deviation is not None else {}),
         },
         "bank": {
             "size": len(bank),

@@ -17,6 +17,7 @@ from typing import Any
 from edge_agent.errors import UserError
 from edge_agent.export.backbones import BACKBONES, DEFAULT_LAYERS
 from edge_agent.export.fit import FitOptions, fit, parse_image_size
+from edge_agent.model.bundle import PRECISIONS
 from edge_agent.tools.evaluate import evaluate
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--image-size", nargs="+", default="auto", help="as fit's: auto or HEIGHT [WIDTH]"
     )
     p.add_argument("--backbone", choices=BACKBONES, default=d.backbone)
+    p.add_argument(
+        "--precision", nargs="+", choices=PRECISIONS, default=[d.precision], help="as fit's"
+    )
     p.add_argument("--keep-bundles", action="store_true", help="keep every fitted bundle")
 
 
@@ -98,7 +102,7 @@ def ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
     head = (
-        f"{'layers':<18}{'proj':<14}{'p':>2}{'core':>6}{'rw':>3}{'sig':>4}{'D':>6}{'M':>7}"
+        f"{'layers':<18}{'proj':<14}{'p':>2}{'core':>6}{'prec':>8}{'rw':>3}{'sig':>4}{'D':>6}{'M':>7}"
         f"{'R@1%':>7}{'image':>7}{'pixel':>7}{'PRO':>7}{'fit s':>7}{'img/s':>7}"
     )
     print("ranked by recall at 1% false rejects (R@1%), then image AUROC")
@@ -107,6 +111,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         proj = r["projection"] + (f":{r['embed_dim']}" if r["embed_dim"] else "")
         print(
             f"{r['layers']:<18}{proj:<14}{r['patch_size']:>2}{r['coreset']:>6.3f}"
+            f"{r['precision']:>8}"
             f"{r['reweight_k']:>3}{r['image_sigma']:>4g}{r['dim']:>6}{r['bank_size']:>7}"
             f"{r['recall_at_frr'][RANK_RATE]:>7.3f}{r['image_auroc']:>7.3f}"
             f"{r['pixel_auroc']:>7.3f}{r['pro']:>7.3f}{r['fit_seconds']:>7.0f}"
@@ -121,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
     results_file = args.out / "sweep.jsonl"
     size = parse_image_size(args.image_size)
     rows = []
-    grid = itertools.product(args.layers, args.projection, args.patch_size, args.coreset)
+    grid = itertools.product(
+        args.layers, args.projection, args.patch_size, args.coreset, args.precision
+    )
     max_k = max(args.reweight_k)
     # Each scoring choice once, in the order asked: Eq. 7 and smoothing are alternatives.
     choices = list(
@@ -129,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             (k, 0.0 if k >= 2 else sigma) for k in args.reweight_k for sigma in args.image_sigma
         )
     )
-    for n, (layers, (projection, dim), patch, coreset) in enumerate(grid):
+    for n, (layers, (projection, dim), patch, coreset, precision) in enumerate(grid):
         bundle = args.out / f"bundle-{n}"
         opts = FitOptions(
             backbone=args.backbone,
@@ -141,9 +148,10 @@ def run(args: argparse.Namespace) -> int:
             patch_size=patch,
             reweight_k=max_k if max_k >= 2 else 0,
             image_sigma=0.0 if max_k >= 2 else max(args.image_sigma),
+            precision=precision,
             progress=False,
         )
-        log.info("fitting %s %s p=%d coreset=%g", layers, projection, patch, coreset)
+        log.info("fitting %s %s p=%d coreset=%g %s", layers, projection, patch, coreset, precision)
         manifest = fit(args.data, bundle, opts, force=True)
         for k, sigma in choices:
             scoring = {"reweight": k >= 2, "reweight_k": k, "image_sigma": sigma}
@@ -154,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
                 "embed_dim": dim,
                 "patch_size": patch,
                 "coreset": coreset,
+                "precision": precision,
                 "reweight_k": k,
                 "image_sigma": sigma,
                 "image_size": [manifest["input"]["height"], manifest["input"]["width"]],

@@ -60,7 +60,9 @@ def small_bundle(mtd_small: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """A real bundle (ONNX + coreset bank), fitted once per test session at 224x224 (smaller
     than the default input, to keep the suite fast) with the fast backbone, Lite0, and Eq. 7
     reweighting, so the tests that read its figures and its bank_knn table keep them; the
-    default image score (smoothed, image_sigma) is tested on it through scoring_overrides."""
+    default image score (smoothed, image_sigma) is tested on it through scoring_overrides.
+    Float32, as those figures were measured; the default int8 trunk has its own bundle
+    (test_quantize.py)."""
     from edge_agent.export.fit import FitOptions, fit
 
     out = tmp_path_factory.mktemp("bundles") / "small"
@@ -70,6 +72,7 @@ def small_bundle(mtd_small: Path, tmp_path_factory: pytest.TempPathFactory) -> P
         coreset=0.05,
         image_sigma=0.0,
         reweight_k=9,
+        precision="float32",
         progress=False,
     )
     fit(mtd_small, out, opts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edge_agent.cli import main
@@ -62,6 +63,21 @@ def test_sweep_fits_each_embedding_once_and_scores_each_choice(
     table = capsys.readouterr().out
     assert "pca:32" in table and table.count("\n") >= 5
     assert not list(out.glob("bundle-*")), "bundles are removed unless --keep-bundles"
+
+
+@pytest.mark.slow
+def test_sweep_varies_the_precision(mtd_small: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    code = main(["sweep", str(mtd_small), "--out", str(out), "--image-size", "128",
+                 "--backbone", "efficientnet_lite0", "--coreset", "0.02", "--image-sigma", "1",
+                 "--precision", "float32", "int8", "--keep-bundles"])  # fmt: skip
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+    assert [r["precision"] for r in rows] == ["float32", "int8"]
+    manifests = [json.loads((out / f"bundle-{n}/manifest.json").read_text()) for n in (0, 1)]
+    assert [m["features"]["precision"] for m in manifests] == ["float32", "int8"]
+    banks = [np.load(out / f"bundle-{n}/bank.npy") for n in (0, 1)]
+    assert banks[0].shape == banks[1].shape and not np.allclose(*banks)  # two graphs' features
 
 
 def test_sweep_needs_an_mvtec_dataset(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -92,9 +92,16 @@ class TilingSection(_Section):
     cell: Annotated[int, Field(ge=1, le=MAX_INPUT_SIDE)]
 
 
+Precision = Literal["float32", "int8"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
 class FeaturesSection(_Section):
     grid: Annotated[list[GridSide], Field(min_length=2, max_length=2)]
     dim: Annotated[int, Field(ge=1, le=MAX_DIM)]
+    # fit --precision (export/quantize.py); absent in bundles fitted before it: float32. The
+    # graph runs either way; this says which arithmetic the bank was learnt with.
+    precision: Precision = "float32"
 
 
 class BankSection(_Section):

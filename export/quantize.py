@@ -1,0 +1,138 @@
+"""The backbone graph in 8-bit integers: the same features at about half the CPU time.
+
+EfficientNet-Lite was designed for post-training quantization (ReLU6, no squeeze-excite), and
+on MTD an int8 trunk gives the float graph's accuracy to within one test image at every
+figure BENCHMARKS.md reports, while ONNX Runtime runs it in about half the time on an x86 CPU
+(BENCHMARKS.md, "An 8-bit backbone").
+
+What is quantized: the trunk's convolutions and residual adds only, as QDQ pairs (int8
+weights per output channel, uint8 activations with ranges from the training images). The
+normalisation in front and the patch aggregation behind stay float, so the features keep
+their float scale and the bank is the same kind of data as before.
+
+The bank is built from the int8 graph's own features (`fit` streams them through the graph it
+writes), so scores compare like with like; the int8 features' deviation from the float
+graph's on real images is measured here and recorded in the manifest.
+
+`reduce_range` (7-bit weights) is on: x86 CPUs without VNNI multiply uint8 by int8 with
+an instruction that saturates 16-bit pair sums (ONNX Runtime's quantization docs), so with
+full-range weights an older edge box could compute slightly different features from the
+machine that fitted the bank. 7-bit weights keep every pair sum in range
+(2 x 255 x 64 < 2^15), so every CPU computes the same integers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_IMAGES = 64
+CALIBRATION_BATCH = 8
+# The int8 features' RMS deviation from the float graph's, relative to the features' RMS,
+# above which fit refuses: Lite2 on MTD measures 0.16 (BENCHMARKS.md); a graph that
+# quantization breaks (an op whose range calibration cannot capture) measures far above it.
+MAX_DEVIATION = 0.3
+TRUNK_PREFIX = "/stages."  # the extractor's trunk module: export names its nodes after it
+
+
+def calibration_subset(n: int, limit: int = CALIBRATION_IMAGES) -> np.ndarray:
+    """Indices of `limit` images spread evenly over `n` (all when n <= limit): the order of a
+    training folder often follows time, and ranges should see all of it."""
+    if n <= limit:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
+
+
+def trunk_nodes(model_path: Path) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(model_path))
+    return [n.name for n in model.graph.node if n.name.startswith(TRUNK_PREFIX)]
+
+
+def quantize_trunk(
+    src: Path, dst: Path, inputs: Callable[[], Iterator[np.ndarray]], input_name: str
+) -> None:
+    """Write `src` with its trunk quantized to `dst`. `inputs()` yields the calibration
+    batches exactly as the graph takes them (uint8 NHWC, the graph's input size)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    nodes = trunk_nodes(src)
+    if not nodes:
+        raise ValueError(f"{src}: no trunk nodes (named {TRUNK_PREFIX}*) to quantize")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = inputs()
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {input_name: batch}
+
+    root = logging.getLogger()  # the quantizer warns on the root logger and prints to stdout
+    root.addFilter(_no_preprocessing_advice)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                str(src),
+                str(dst),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                # Min/max over percentile (99.999%): on MTD it kept the 0.1% false-reject
+                # point that percentile ranges lost (BENCHMARKS.md), and needs no histograms.
+                calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_quantize=nodes,
+                extra_options={"CalibTensorRangeSymmetric": False},
+                calibration_providers=["CPUExecutionProvider"],
+            )
+    finally:
+        root.removeFilter(_no_preprocessing_advice)
+    _drop_unused_constants(dst)
+
+
+def _drop_unused_constants(path: Path) -> None:
+    """The quantizer folds each ReLU6 (Clip) into its activation's range and leaves the Clip's
+    bounds behind; ONNX Runtime would warn about each of them (60 for Lite2) every time the
+    agent loads the bundle."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for node in [n for n in graph.node if n.op_type == "Constant"]:
+        if not any(out in used for out in node.output):
+            graph.node.remove(node)
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
+    # Its symbolic shape inference and graph optimisation are for graphs with dynamic shapes
+    # and unfused ops; ours is exported with static sides and BatchNorm already folded.
+    return "pre-processing before quantization" not in record.getMessage()
+
+
+def deviation(reference: np.ndarray, quantized: np.ndarray) -> float:
+    """RMS of (quantized - reference) over RMS of reference: 0 for equal features."""
+    ref = reference.astype(np.float64)
+    diff = quantized.astype(np.float64) - ref
+    return float(np.sqrt((diff**2).mean() / max((ref**2).mean(), 1e-30)))
