@@ -92,7 +92,7 @@ class FitOptions:
     seed: int = 0
     augment: str = "none"
     # int8: the trunk in 8-bit integers (export/quantize.py): on MTD the float graph's
-    # accuracy within one test image, ONNX in about half the time on a CPU (BENCHMARKS.md).
+    # accuracy, ONNX 1.8-1.9x as fast on an AVX-512 CPU (BENCHMARKS.md).
     precision: str = "int8"
     progress: bool = True
 
@@ -185,7 +185,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=PRECISIONS,
         default=d.precision,
         help="the backbone's arithmetic: int8 quantizes its convolutions with ranges from the "
-        "training images (about half the CPU time); float32 keeps the exported graph as is",
+        "training images (faster on a CPU); float32 keeps the exported graph as is (for a GPU)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
