@@ -465,9 +465,12 @@ def quantize_graph(
     chosen = [frames[i] for i in calibration_subset(len(frames))]
 
     def batches():
-        for start in range(0, len(chosen), CALIBRATION_BATCH):
-            chunk = np.stack(chosen[start : start + CALIBRATION_BATCH])
-            yield chunk if tiling is None else tiling.cut(chunk)
+        # The graph's own inputs: for a tiled bundle, CALIBRATION_IMAGES tiles spread over
+        # the chosen frames' (all of them: a frame's tile count times the calibrator's memory).
+        inputs = np.stack(chosen) if tiling is None else tiling.cut(np.stack(chosen))
+        inputs = inputs[calibration_subset(len(inputs))]
+        for start in range(0, len(inputs), CALIBRATION_BATCH):
+            yield inputs[start : start + CALIBRATION_BATCH]
 
     log.info("int8: calibrating activation ranges on %d training images", len(chosen))
     quantize_trunk(float_path, model_path, batches, INPUT_NAME)

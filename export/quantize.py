@@ -12,8 +12,8 @@ normalisation in front and the patch aggregation behind stay float, so the featu
 their float scale and the bank is the same kind of data as before.
 
 The bank is built from the int8 graph's own features (`fit` streams them through the graph it
-writes), so scores compare like with like; the int8 features' deviation from the float
-graph's on real images is measured here and recorded in the manifest.
+writes), so scores compare like with like; fit measures the int8 features' deviation from
+the float graph's on real images (`deviation`) and records it in the manifest.
 
 `reduce_range` (7-bit weights) is on: x86 CPUs without VNNI multiply uint8 by int8 with
 an instruction that saturates 16-bit pair sums (ONNX Runtime's quantization docs), so with
@@ -62,7 +62,10 @@ def quantize_trunk(
     src: Path, dst: Path, inputs: Callable[[], Iterator[np.ndarray]], input_name: str
 ) -> None:
     """Write `src` with its trunk quantized to `dst`. `inputs()` yields the calibration
-    batches exactly as the graph takes them (uint8 NHWC, the graph's input size)."""
+    batches exactly as the graph takes them (uint8 NHWC, the graph's input size). The
+    calibrator keeps every tensor of every run until the end (2.0 GB for 64 MTD images at
+    288 px; its CalibMaxIntermediateOutputs option drops the runs instead of folding them in,
+    onnxruntime 1.32), so the caller bounds the inputs, not only the batch."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,

@@ -130,3 +130,41 @@ def test_fit_refuses_a_graph_that_does_not_quantize(
             FitOptions(backbone="efficientnet_lite0", image_size=(64, 64), progress=False),
         )
     assert not (tmp_path / "b").exists()
+
+
+def test_tiled_calibration_sees_at_most_calibration_images_tiles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The calibrator holds every run's tensors until the end, so a tiled fit calibrates on
+    CALIBRATION_IMAGES tiles, not on every tile of CALIBRATION_IMAGES frames."""
+    import cv2
+
+    from edge_agent.export import quantize
+
+    good = tmp_path / "good"
+    good.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):  # 12 frames x 8 tiles of 64 px: 96 tiles
+        cv2.imwrite(str(good / f"{i}.png"), rng.integers(0, 256, (128, 256, 3), dtype=np.uint8))
+    # 40 inputs at most (the product: CALIBRATION_IMAGES, 64), fewer than the 96 tiles
+    monkeypatch.setattr(
+        fit_module, "calibration_subset", lambda n: quantize.calibration_subset(n, 40)
+    )
+    seen: list[tuple[int, ...]] = []
+    real = fit_module.quantize_trunk
+
+    def counting(src, dst, inputs, name):  # type: ignore[no-untyped-def]
+        def spy():
+            for batch in inputs():
+                seen.append(batch.shape)
+                yield batch
+
+        real(src, dst, spy, name)
+
+    monkeypatch.setattr(fit_module, "quantize_trunk", counting)
+    opts = FitOptions(
+        backbone="efficientnet_lite0", image_size=(128, 256), tile=(64, 64), overlap=0,
+        coreset=0.1, progress=False,
+    )  # fmt: skip
+    fit(good, tmp_path / "b", opts)
+    assert sum(s[0] for s in seen) == 40 and all(s[1:3] == (64, 64) for s in seen), seen
