@@ -87,6 +87,47 @@ def test_protocols_run_sparkplug_and_opcua_in_the_benched_agent(
     assert r["frames"] == r["verdicts"] == 8 and r["all_answered"]
 
 
+def test_against_flat_checks_every_published_score_against_exact_search(
+    small_bundle: Path, mtd_small: Path, own_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _require_mosquitto()
+    code, r, out = _bench(
+        capsys, "--bundle", str(small_bundle), "--data", str(mtd_small / "test"),
+        "--limit", "8", "--max-batch", "4", "--warmup", "0", "--against-flat",
+    )  # fmt: skip
+    assert code == 0, out
+    assert "faiss:cpu/hnsw-exact" in r["device"], "the agent ran the re-checked default"
+    against = r["against_flat"]
+    assert against["engine"]["images"] == 8 and "faiss:cpu/flat" in against["engine"]["device"]
+    assert against["compared"] == against["within"] == against["verdicts_equal"] == 8
+    assert against["equal"] and against["unscored"] == 0 and against["max_relative"] < 1e-3
+    assert "equal to flat search: 8 of 8 scores" in out
+    assert not list(own_tmp.iterdir())
+
+
+def _arrival(source: str, score: float | None, verdict: str, sequence: int) -> agent_bench.Arrival:
+    return agent_bench.Arrival(
+        0.0,
+        {"camera": "cam1", "sequence": sequence, "source": source, "score": score,
+         "verdict": verdict},
+    )  # fmt: skip
+
+
+def test_compare_with_flat_counts_scores_off_by_more_than_rtol_and_other_verdicts() -> None:
+    flat = [10.0, 20.0, 30.0, 40.0]
+    arrivals = [
+        _arrival("000000.png", 10.0, "OK", 0),
+        _arrival("000001.png", 20.0 * (1 + 2e-3), "NG", 1),  # off by 2e-3: outside 1e-3
+        _arrival("000001.png", 20.0 * (1 + 2e-3), "NG", 1),  # a duplicate: counted once
+        _arrival("000002.png", 30.0 * (1 - 5e-4), "OK", 2),  # within, but flat says NG
+        _arrival("000003.png", None, "ERROR", 3),
+    ]
+    got = agent_bench.compare_with_flat(arrivals, flat, image_threshold=15.0)
+    assert got["compared"] == 3 and got["unscored"] == 1
+    assert got["within"] == 2 and got["verdicts_equal"] == 2
+    assert got["max_relative"] == pytest.approx(2e-3)
+
+
 def test_live_camera_mode_paces_frames_and_answers_every_captured_one(
     small_bundle: Path, mtd_small: Path, own_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -140,6 +181,8 @@ def test_an_agent_that_fails_is_one_line_with_its_log_tail_and_nothing_left(
         (["--fps", "5"], "--fps needs --agent"),
         (["--max-batch", "4"], "--max-batch needs --agent"),
         (["--protocols"], "--protocols needs --agent"),
+        (["--against-flat"], "--against-flat needs --agent"),
+        (["--agent", "--fps", "5", "--against-flat"], "--against-flat needs a folder run"),
         (["--agent", "--batch", "4"], "--max-batch"),
         (["--agent", "--max-batch", "0"], "--max-batch: "),
         (["--agent", "--max-wait-ms", "-1"], "--max-wait-ms: "),
