@@ -122,9 +122,11 @@ class MemoryBankIndex:
             self.exact_index.add(bank)
             self._bank = bank
             bank_sq = np.einsum("ij,ij->i", bank, bank)
-            # The re-checks' ranking matrix [-2 y, ||y||^2] (search_exact).
-            self._ranker = np.ascontiguousarray(
-                np.hstack([-2.0 * bank, bank_sq[:, None]]), dtype=np.float32
+            # The re-checks' ranking matrix [-2 y, ||y||^2] (search_exact), stored transposed
+            # [D + 1, M]: OpenBLAS multiplies a few dozen queries by it 1.2-1.35x as fast as
+            # by the [M, D + 1] matrix's transposed view (19,415 rows, 32-90 queries, measured).
+            self._ranker_t = np.ascontiguousarray(
+                np.hstack([-2.0 * bank, bank_sq[:, None]]).T, dtype=np.float32
             )
             self._margin = ROUNDING_MARGIN * math.sqrt(dim / 152.0)
             self._bank_sq_max = float(bank_sq.max())
@@ -188,7 +190,7 @@ class MemoryBankIndex:
             chunk = q[start : start + RECHECK_CHUNK]
             part = slice(start, start + len(chunk))
             # [q, 1] . [-2 y, ||y||^2] = ||q - y||^2 - ||q||^2: ranks rows like the distance.
-            rank = np.hstack([chunk, np.ones((len(chunk), 1), np.float32)]) @ self._ranker.T
+            rank = np.hstack([chunk, np.ones((len(chunk), 1), np.float32)]) @ self._ranker_t
             if c == self.size or k > 1:
                 cand = (
                     np.broadcast_to(np.arange(self.size), (len(chunk), self.size))
