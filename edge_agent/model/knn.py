@@ -30,12 +30,14 @@ log = logging.getLogger(__name__)
 INDEX_KINDS = ("auto", "flat", "ivf", "ivf-exact", "hnsw", "hnsw-exact")
 RECHECKED_KINDS = ("ivf-exact", "hnsw-exact")
 DEFAULT_INDEX = "auto"
-# hnsw-exact's graph: 12 links a row, 8 candidates a search. On MTD's default bundle (19,415 x
-# 168, a batch of 8 frames) 36 ms a batch with 86% of the bounds already exact, against ivf's
-# 59 ms and 87% at nprobe 4 (M 16: 36-42 ms, 89%; ef 4: 24 ms, 73%); the engine with NG maps
-# 51.5 / 46.8 img/s against 44.7 / 42.5 for ivf-exact, alternated (BENCHMARKS.md).
-HNSW_EXACT_M = 12
-HNSW_EXACT_EF = 8
+# hnsw-exact's graph: 16 links a row, 4 candidates a search. The graph only bounds; the
+# re-checks make the answers flat's, so its breadth trades search time against re-checks. On
+# MTD's default bundle (19,415 x 168, int8 trunk, batches of 8, NG maps as the agent makes them)
+# the engine did 66.8 img/s (64.8-68.9, six rounds) against 62.7 (61.2-63.6) for the former
+# 12 links and 8 candidates, alternated; 16/3, 16/5, 20/4 and 24/3 were within 2% of it, and
+# 12/2 re-checked 2.5x as many patches per image score and was slower (BENCHMARKS.md).
+HNSW_EXACT_M = 16
+HNSW_EXACT_EF = 4
 # ivf-exact's results are exact at any nprobe; nprobe only sets its cost: the ivf search grows
 # with it, the re-checks shrink. On MTD (default bundle, calibrated, 2 cores) the agent gave
 # 64-67 verdicts/s at 4, 58 at 6, 46 at 12, and 66-76 at 2 and 66 at 1 (within run-to-run
