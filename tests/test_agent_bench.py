@@ -33,6 +33,17 @@ def _bench(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[st
     return code, json.loads(out.strip().splitlines()[-1]), out
 
 
+def _bench_eight(
+    capsys: pytest.CaptureFixture[str], bundle: Path, mtd: Path, *extra: str
+) -> tuple[int, dict[str, Any], str]:
+    """_bench on 8 MTD test frames in batches of 4, none left out as warm-up."""
+    _require_mosquitto()
+    return _bench(
+        capsys, "--bundle", str(bundle), "--data", str(mtd / "test"),
+        "--limit", "8", "--max-batch", "4", "--warmup", "0", *extra,
+    )  # fmt: skip
+
+
 def _ordered(p: dict[str, float]) -> bool:
     return 0 < p["p50"] <= p["p99"]
 
@@ -77,11 +88,7 @@ def test_every_frame_gets_a_verdict_and_the_ratio_is_agent_over_engine(
 def test_protocols_run_sparkplug_and_opcua_in_the_benched_agent(
     small_bundle: Path, mtd_small: Path, own_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _require_mosquitto()
-    code, r, out = _bench(
-        capsys, "--bundle", str(small_bundle), "--data", str(mtd_small / "test"),
-        "--limit", "8", "--max-batch", "4", "--warmup", "0", "--protocols",
-    )  # fmt: skip
+    code, r, out = _bench_eight(capsys, small_bundle, mtd_small, "--protocols")
     assert code == 0, out
     assert r["protocols"] and "Sparkplug B and OPC UA on" in out
     assert r["frames"] == r["verdicts"] == 8 and r["all_answered"]
@@ -90,11 +97,7 @@ def test_protocols_run_sparkplug_and_opcua_in_the_benched_agent(
 def test_against_flat_checks_every_published_score_against_exact_search(
     small_bundle: Path, mtd_small: Path, own_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _require_mosquitto()
-    code, r, out = _bench(
-        capsys, "--bundle", str(small_bundle), "--data", str(mtd_small / "test"),
-        "--limit", "8", "--max-batch", "4", "--warmup", "0", "--against-flat",
-    )  # fmt: skip
+    code, r, out = _bench_eight(capsys, small_bundle, mtd_small, "--against-flat")
     assert code == 0, out
     assert "faiss:cpu/hnsw-exact" in r["device"], "the agent ran the re-checked default"
     against = r["against_flat"]
