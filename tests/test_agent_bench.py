@@ -18,6 +18,7 @@ import pytest
 
 from edge_agent.agent.config import Batching
 from edge_agent.cli import main
+from edge_agent.decide.decision import Thresholds
 from edge_agent.tools import agent_bench, broker
 from tests.conftest import ROOT, unavailable
 
@@ -125,7 +126,7 @@ def test_compare_with_flat_counts_scores_off_by_more_than_rtol_and_other_verdict
         _arrival("000002.png", 30.0 * (1 - 5e-4), "OK", 2),  # within, but flat says NG
         _arrival("000003.png", None, "ERROR", 3),
     ]
-    got = agent_bench.compare_with_flat(arrivals, flat, image_threshold=15.0)
+    got = agent_bench.compare_with_flat(arrivals, flat, Thresholds(image=15.0, pixel=15.0))
     assert got["compared"] == 3 and got["unscored"] == 1
     assert got["within"] == 2 and got["verdicts_equal"] == 2
     assert got["max_relative"] == pytest.approx(2e-3)

@@ -65,7 +65,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge_agent.decide.decision import NG, OK
+from edge_agent.decide.decision import Thresholds, resolve_thresholds, verdict_for
 from edge_agent.errors import UserError
 from edge_agent.images import read_image
 from edge_agent.model.bundle import Bundle, load_bundle
@@ -243,18 +243,13 @@ def engine_reference(plan: Plan, bundle: Bundle) -> tuple[dict[str, Any], list[f
     return result, scores
 
 
-def flat_reference(plan: Plan, bundle: Bundle) -> tuple[dict[str, Any], list[float]]:
-    """engine_reference with exact flat search: its figures and every file's image score."""
-    return engine_reference(replace(plan, index="flat"), bundle)
-
-
 def compare_with_flat(
-    arrivals: list[Arrival], flat: list[float], image_threshold: float, rtol: float = FLAT_RTOL
+    arrivals: list[Arrival], flat: list[float], thresholds: Thresholds, rtol: float = FLAT_RTOL
 ) -> dict[str, Any]:
     """Each verdict against flat search's score of its file (link_frames names the files by
     their place in `flat`): how many have a score within `rtol` of flat's,
         |score - flat| <= rtol |flat|,
-    and the verdict flat's score gives (NG when >= image_threshold). ERROR verdicts have no
+    and the verdict flat's score gives under `thresholds` (verdict_for). ERROR verdicts have no
     score to compare: counted apart, as is a verdict whose source names no file of the run."""
     seen: set[tuple[str, int]] = set()
     compared = within = same_verdict = unscored = 0
@@ -274,7 +269,7 @@ def compare_with_flat(
         compared += 1
         within += difference <= rtol * abs(exact)
         largest = max(largest, difference / max(abs(exact), 1e-12))
-        same_verdict += v["verdict"] == (NG if exact >= image_threshold else OK)
+        same_verdict += v["verdict"] == verdict_for(exact, thresholds)
     return {
         "compared": compared,
         "within": within,
@@ -696,8 +691,10 @@ def run_agent_bench(args: argparse.Namespace) -> int:
     flat: tuple[dict[str, Any], list[float]] | None = None
     if plan.against_flat:
         print(f"engine with flat search: {frames_label}, batch {plan.max_batch}", flush=True)
-        flat = flat_reference(plan, bundle)
-    image_threshold = float((thresholds or bundle.thresholds)["image"])
+        flat = engine_reference(replace(plan, index="flat"), bundle)
+    # The thresholds the agent decides by: the bench's config overrides, else the bundle's.
+    written = thresholds or {}
+    decided_by = resolve_thresholds(bundle.thresholds, written.get("image"), written.get("pixel"))
     del bundle
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edge-agent-bench-")))
@@ -740,7 +737,8 @@ def run_agent_bench(args: argparse.Namespace) -> int:
         sent = camera.sent if camera is not None else None
     against = None
     if flat is not None:
-        against = {"engine": flat[0], **compare_with_flat(arrivals, flat[1], image_threshold)}
+        assert decided_by is not None  # an uncalibrated bundle got thresholds_for_bench's
+        against = {"engine": flat[0], **compare_with_flat(arrivals, flat[1], decided_by)}
     return _report(
         args, plan, broker.name, engine, figures, captured, dropped, sent, summary, against
     )
