@@ -36,7 +36,7 @@ from edge_agent.ops.metrics import (
     Snapshot,
 )
 from edge_agent.ops.sdnotify import Notifier
-from tests.brokers import Broker, Subscriber, free_port
+from tests.brokers import Broker, Gate, Subscriber, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "edge-agent/line1"
@@ -86,7 +86,7 @@ def mqtt(tmp_path: Path) -> Iterator[tuple[Broker, Subscriber]]:
 def _config(
     tmp_path: Path,
     bundle: Path,
-    broker: Broker,
+    broker: Broker | Gate,
     cameras: str,
     *,
     thresholds: tuple[float, float] | None,
@@ -315,6 +315,85 @@ def test_folder_every_file_one_verdict_with_back_pressure(
     assert counts["frames_in"] == len(frames.names) + len(bad)
     assert counts["errors"] == sum(w == "ERROR" for w in bad.values())
     assert "Traceback" not in log
+
+
+class _Lines:
+    """A running agent's stderr, read line by line as it comes (the test can wait for one)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def has(self, text: str) -> bool:
+        return any(text in line for line in list(self.lines))
+
+    def wait_for(self, text: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.has(text):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                code, log = self.finish(5)
+                pytest.fail(f"no {text!r} (exit {code}):\n{log[-3000:]}")
+            time.sleep(0.05)
+
+    def finish(self, timeout_s: float) -> tuple[int, str]:
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"agent did not exit in {timeout_s} s:\n{''.join(self.lines)[-3000:]}")
+        self._thread.join(5)
+        return self.proc.returncode, "".join(self.lines)
+
+
+@pytest.mark.slow
+def test_offline_run_with_the_broker_away_exits_3_and_says_what_is_kept(
+    tmp_path: Path, small_bundle: Path, frames: Frames, mqtt
+) -> None:
+    """--exit-when-done must not report success while its verdicts sit in the spool."""
+    broker, _ = mqtt
+    with Gate(broker.port, is_open=False) as gate:
+        cameras = f"  - {{id: line, source: {frames.folder}}}\n"
+        config = _config(tmp_path, small_bundle, gate, cameras, thresholds=(1.0, 1.0))
+        code, log = _finish(_start(config, "--exit-when-done", "--drain-timeout", "1"))
+    assert code == 3, log[-3000:]
+    n = len(frames.names)
+    assert f"{n} verdict(s) not delivered within --drain-timeout 1 s" in log, log[-3000:]
+    assert str(tmp_path / "spool" / "line") in log
+    assert list((tmp_path / "spool" / "line").glob("*.seg")), "kept on disk for the next run"
+    assert "Traceback" not in log
+
+
+@pytest.mark.slow
+def test_offline_run_delivers_when_the_broker_returns_during_the_drain(
+    tmp_path: Path, small_bundle: Path, frames: Frames, mqtt
+) -> None:
+    """The broker is down when the run ends and back a moment later: the stop reconnects and
+    delivers every verdict in order, then exits 0 (it used to exit 0 at once, verdicts spooled)."""
+    broker, sub = mqtt
+    with Gate(broker.port, is_open=False) as gate:
+        cameras = f"  - {{id: line, source: {frames.folder}}}\n"
+        config = _config(tmp_path, small_bundle, gate, cameras, thresholds=(1.0, 1.0))
+        agent = _Lines(_start(config, "--exit-when-done", "--drain-timeout", "60"))
+        agent.wait_for("the broker away; connecting again for up to", 60)
+        time.sleep(0.5)  # the drain is under way with the broker away
+        assert agent.proc.poll() is None, "the agent waits for the broker"
+        gate.open()
+        code, log = agent.finish(30)
+    assert code == 0, log[-3000:]
+    sub.wait_for(lambda m: len(_verdicts(sub, "line")) >= len(frames.names), 10)
+    seqs = [v["sequence"] for v in _verdicts(sub, "line")]
+    assert sorted(set(seqs)) == list(range(len(frames.names))), "every verdict arrived"
+    first = list(dict.fromkeys(seqs))
+    assert first == list(range(len(frames.names))), "in order"
+    assert "not delivered" not in log and "Traceback" not in log
 
 
 class NotifySocket:

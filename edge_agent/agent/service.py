@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import threading
 import time
@@ -65,7 +66,12 @@ STATUS_INTERVAL_S = 5.0
 MAX_PENDING_TRIGGERS = 64
 MAX_FAILED_BATCHES = 3  # consecutive inference failures before giving up (systemd restarts)
 CAPTURE_STOP_S = 5.0
-PUBLISH_FLUSH_S = 10.0
+DRAIN_TIMEOUT_S = 60.0
+"""--drain-timeout's default: how long a stop waits for the brokers to acknowledge the verdicts
+still waiting, connecting again meanwhile (systemd's TimeoutStopSec leaves room for it)."""
+UNDELIVERED_EXIT = 3
+"""--exit-when-done's status when verdicts are still undelivered after the drain (0 would tell
+a script that the run's results arrived)."""
 SPARKPLUG_BIRTH_WAIT_S = 2.0  # the first frames' DDATA then goes out live, not historical
 
 
@@ -78,8 +84,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(offline runs, tests, demos); live cameras never finish",
     )
     p.add_argument(
+        "--drain-timeout",
+        type=_seconds,
+        default=DRAIN_TIMEOUT_S,
+        metavar="S",
+        help="on stop, wait up to S seconds for the broker to acknowledge the verdicts still "
+        "waiting, connecting again if it is down; what is left stays in the spool for the next "
+        f"run, and --exit-when-done then exits with status {UNDELIVERED_EXIT}",
+    )
+    p.add_argument(
         "--check", action="store_true", help="validate the config and the bundle, then exit"
     )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,7 +123,14 @@ def run(args: argparse.Namespace) -> int:
             f"pixel {thresholds.pixel:g}"
         )
         return 0
-    return Agent(config, bundle, thresholds, exit_when_done=args.exit_when_done).run()
+    agent = Agent(
+        config,
+        bundle,
+        thresholds,
+        exit_when_done=args.exit_when_done,
+        drain_timeout_s=args.drain_timeout,
+    )
+    return agent.run()
 
 
 def build_scorer(config: Config, bundle: Bundle) -> Scorer:
@@ -157,12 +189,20 @@ class _Reloaded:
 
 class Agent:
     def __init__(
-        self, config: Config, bundle: Bundle, thresholds: Thresholds, *, exit_when_done: bool
+        self,
+        config: Config,
+        bundle: Bundle,
+        thresholds: Thresholds,
+        *,
+        exit_when_done: bool,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
     ) -> None:
         self.config = config
         self.bundle = bundle
         self.thresholds = thresholds
         self.exit_when_done = exit_when_done
+        self.drain_timeout_s = drain_timeout_s
+        self._drain_deadline = math.inf  # set when the shutdown starts: one budget for all links
         self.metrics = AgentMetrics()
         self.notifier = Notifier()
         self.queue = FrameQueue(config.batching.queue_size)
@@ -226,7 +266,21 @@ class Agent:
             self._shutdown(cleanup)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        undelivered = self.publisher.undelivered
+        if undelivered and self.exit_when_done and code == 0:
+            log.error(
+                "%d verdict(s) not delivered within --drain-timeout %g s: kept in %s for the "
+                "next run; exit status %d",
+                undelivered,
+                self.drain_timeout_s,
+                ", ".join(str(d) for d in self.publisher.spool_dirs()),
+                UNDELIVERED_EXIT,
+            )
+            code = UNDELIVERED_EXIT
         return code
+
+    def _drain_left(self) -> float:
+        return max(0.0, self._drain_deadline - time.monotonic())
 
     def _start(self, cleanup: list[Callable[[], None]]) -> None:
         scorer = self._build_scorer(self.bundle)
@@ -245,12 +299,14 @@ class Agent:
         )
         self.publisher.set_trigger_handler(self._on_trigger)
         self.publisher.start(connect_timeout_s=5.0)
-        cleanup.append(lambda: self.publisher.stop(timeout_s=PUBLISH_FLUSH_S))
+        cleanup.append(
+            lambda: self.publisher.stop(self._drain_left(), keepalive=self.notifier.watchdog_due)
+        )
         if self.sparkplug is not None:
             node = self.sparkplug
             self._update_sparkplug_node()  # before start: the first NBIRTH carries them
             node.start(wait_s=SPARKPLUG_BIRTH_WAIT_S)
-            cleanup.append(lambda: node.stop(timeout_s=PUBLISH_FLUSH_S))
+            cleanup.append(lambda: node.stop(timeout_s=self._drain_left()))
         if self.opcua is not None:
             self.opcua.start([c.id for c in self.config.cameras], self.bundle.model_id)
             cleanup.append(self.opcua.stop)
@@ -358,6 +414,7 @@ class Agent:
 
     def _shutdown(self, cleanup: list[Callable[[], None]]) -> None:
         self.queue.close()
+        self._drain_deadline = time.monotonic() + self.drain_timeout_s
         # Only once the publisher has its links: a start that failed (a read-only spool, a
         # refusing broker) ends with its one-line error, not a traceback from here.
         if self.scorer is not None and self.publisher.started:

@@ -55,6 +55,10 @@ INBOX_LIMIT = 20_000
 """Verdicts handed over by the inference thread and not yet taken by the network thread."""
 STOP_GRACE_S = 2.0
 """How long a stopping link waits for the PUBACK of ``offline`` and for the DISCONNECT."""
+DRAIN_RETRY_MAX_S = 2.0
+"""While stopping with verdicts waiting, the longest pause between connection attempts: a broker
+back from a restart is found within seconds, not after the running back-off (up to
+``mqtt.reconnect_max_s``), so that the stop delivers rather than spools."""
 _TICK_S = 0.25
 
 TriggerHandler = Callable[[str, str], None]
@@ -104,6 +108,10 @@ class Backoff:
     def reset(self) -> None:
         self.failures = 0
 
+    def cap(self, delay_s: float) -> None:
+        """No attempt later than ``delay_s`` from now."""
+        self.next_attempt = min(self.next_attempt, time.monotonic() + delay_s)
+
 
 class Link:
     """One camera's MQTT connection, network thread, outbox and counters."""
@@ -152,6 +160,7 @@ class Link:
         self.rejected = 0  # inbox overflow or after stop; spool-full rejections are in spool
         self.reconnects = 0
         self.triggers_rejected = 0  # unusable trigger payloads (contract.parse_part_id)
+        self._left: int | None = None  # set when the thread ends: verdicts left in the spool
         self.client = self._make_client()
         self._thread = threading.Thread(target=self._run, name=f"mqtt-{camera}", daemon=True)
 
@@ -195,6 +204,15 @@ class Link:
     @property
     def connected(self) -> bool:
         return self._state is LinkState.UP
+
+    @property
+    def undelivered(self) -> int:
+        """Verdicts not acknowledged by the broker: the final count once the thread has ended,
+        until then a reading of a moving figure (never too low to be safe: a thread that did
+        not stop in time is still counted by what it holds)."""
+        if self._left is not None:
+            return self._left
+        return len(self.outbox) + len(self._inbox)
 
     def stats(self) -> dict[str, Any]:
         box = self.outbox.stats()
@@ -374,16 +392,12 @@ class Link:
         self._take_inbox()
         self.spool.sync_if_due()
         stopping = self._stop_deadline is not None
-        # The last health (the final counts, set just before the stop) goes out too.
-        health_due = self._health is not None and self._health is not self._health_sent
-        if stopping and (
-            self._state is not LinkState.UP
-            or time.monotonic() >= self._stop_deadline
-            or not (self.outbox or self._inbox or health_due)
-        ):
+        if stopping and self._stop_now():
             return True
         if self._state is LinkState.DOWN:
             now = time.monotonic()
+            if stopping:
+                self._backoff.cap(DRAIN_RETRY_MAX_S)
             if now >= self._backoff.next_attempt:
                 self._connect()
             else:
@@ -393,6 +407,19 @@ class Link:
             self._send_pending()
         self._io(_TICK_S)
         return False
+
+    def _stop_now(self) -> bool:
+        """While stopping: is the flush over? Verdicts still waiting keep it going (connecting
+        again if the link is down) until the deadline; the last health (the final counts, set
+        just before the stop) goes out too, but only over a link that is up: it is retained
+        state, not worth a reconnect."""
+        assert self._stop_deadline is not None
+        if time.monotonic() >= self._stop_deadline:
+            return True
+        if self.outbox or self._inbox:
+            return False
+        health_due = self._health is not None and self._health is not self._health_sent
+        return self._state is not LinkState.UP or not health_due
 
     def _take_inbox(self) -> None:
         with self._lock:
@@ -553,7 +580,7 @@ class Link:
             self.spool.close()
         except OSError as err:
             log.error("%s: closing the spool failed: %s", self._label, err)
-        left = len(self.outbox)
+        left = self._left = len(self.outbox)
         if left:
             log.info(
                 "%s: stopped; %d verdict(s) kept in the spool %s for the next run",

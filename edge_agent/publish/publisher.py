@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,19 +276,45 @@ class Publisher:
         for link in self._links.values():
             link.set_handler(handler)
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Flush what the broker acknowledges within ``timeout_s``, keep the rest on disk,
-        publish retained ``offline`` and disconnect cleanly. Idempotent."""
+    def stop(self, timeout_s: float = 10.0, keepalive: Callable[[], object] | None = None) -> int:
+        """Flush what the broker acknowledges within ``timeout_s`` (connecting again meanwhile
+        if the broker is down), keep the rest on disk, publish retained ``offline`` and
+        disconnect cleanly. Returns how many verdicts were not delivered (kept in the spools for
+        the next run). ``keepalive`` is called about once a second while it waits (systemd's
+        watchdog). Idempotent: later calls return the first call's count."""
         if self._stopped:
-            return
+            return self.undelivered
         self._stopped = True
         deadline = time.monotonic() + max(0.0, timeout_s)
         for link in self._links.values():
+            waiting = link.undelivered
+            if waiting and not link.connected and timeout_s > 0:
+                log.info(
+                    "MQTT %s: stopping with %d verdict(s) waiting and the broker away; "
+                    "connecting again for up to %.0f s",
+                    link.camera,
+                    waiting,
+                    timeout_s,
+                )
             link.request_stop(deadline)
         for link in self._links.values():
-            remaining = deadline - time.monotonic() + STOP_GRACE_S + 1.0
-            if not link.join(max(0.1, remaining)):
-                log.error("MQTT %s: network thread did not stop in time", link.camera)
+            give_up = deadline + STOP_GRACE_S + 1.0
+            while not link.join(min(1.0, max(0.1, give_up - time.monotonic()))):
+                if time.monotonic() >= give_up:
+                    log.error("MQTT %s: network thread did not stop in time", link.camera)
+                    break
+                if keepalive is not None:
+                    keepalive()
+        return self.undelivered
+
+    @property
+    def undelivered(self) -> int:
+        """After stop(): the verdicts left in the spools, over all cameras."""
+        return sum(link.undelivered for link in self._links.values())
+
+    def spool_dirs(self) -> list[Path]:
+        """Where each camera's undelivered verdicts wait."""
+        return [link.spool.directory for link in self._links.values()]
 
     @property
     def started(self) -> bool:
