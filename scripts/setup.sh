@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for edge-agent: system tools (Mosquitto, ffmpeg, openssl), a virtual
-# environment in .venv and the package with its CPU, training, demo and dev extras. Idempotent.
+# environment in .venv and the package with the extras named on its pip line (README.md repeats
+# that list; tests/test_layout.py keeps the two equal). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

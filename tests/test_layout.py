@@ -100,3 +100,35 @@ def test_every_subcommand_prints_its_help(command: str) -> None:
         timeout=120,
     )
     assert proc.returncode == 0 and "usage: edge-agent" in proc.stdout, proc.stderr[-2000:]
+
+
+def _setup_extras() -> list[str]:
+    """The extras scripts/setup.sh installs: the one list the README's sentence must repeat."""
+    text = (ROOT / "scripts" / "setup.sh").read_text()
+    found = re.findall(r"pip install -q -e '\.\[([a-z0-9,-]+)\]'", text)
+    assert len(found) == 1, "setup.sh installs the package once, with its extras"
+    return found[0].split(",")
+
+
+def test_readme_names_the_extras_setup_installs() -> None:
+    extras = _setup_extras()
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert set(extras) <= set(declared["optional-dependencies"]), "setup.sh names no phantom"
+    head = (ROOT / "README.md").read_text().split("\n## ", 1)[0]
+    match = re.search(r"installs the package with its (.*?) extras", head, re.S)
+    assert match, "README's opening says which extras setup.sh installs"
+    named = re.findall(r"`([a-z0-9-]+)`", match.group(1))
+    assert named == extras, f"README says {named}, setup.sh installs {extras}"
+
+
+def test_docs_pages_cited_in_the_code_exist() -> None:
+    """A docstring or message that sends a reader to docs/... must name a page that exists."""
+    cited: dict[str, list[str]] = {}
+    for folder in ("edge_agent", "export", "calibrate", "scripts", "tests"):
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.suffix not in (".py", ".sh") or "sparkplug_b_pb2" in path.name:
+                continue
+            for page in re.findall(r"\bdocs/[\w./-]*\w", path.read_text(errors="replace")):
+                cited.setdefault(page, []).append(str(path.relative_to(ROOT)))
+    missing = {page: where for page, where in cited.items() if not (ROOT / page).exists()}
+    assert not missing, f"cited docs pages that do not exist: {missing}"
