@@ -17,10 +17,9 @@ from edge_agent import __version__
 from edge_agent.cli import add_scorer_options
 from edge_agent.model.bundle import load_bundle
 from edge_agent.model.knn import gpu_count
-from edge_agent.model.scorer import Scorer
+from edge_agent.model.scorer import CUDA_OPTIONS, Scorer
+from edge_agent.model.scorer import CUDA_PROVIDER as CUDA
 from edge_agent.ops import threads
-
-CUDA = "CUDAExecutionProvider"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,6 +72,13 @@ def run(args: argparse.Namespace) -> int:
         )
         report["scorer"] = scorer.device
         report["onnx_session_providers"] = scorer.session.get_providers()
+        # Asked for, and what the session really took (ONNX Runtime's own reading; None where
+        # no CUDA session runs): TF32 off is what keeps GPU scores within 1e-4 of the CPU's.
+        taken = scorer.session.get_provider_options().get(CUDA)
+        report["onnx_cuda_options_asked"] = dict(CUDA_OPTIONS)
+        report["onnx_cuda_options_taken"] = (
+            {k: taken.get(k) for k in CUDA_OPTIONS} if taken is not None else None
+        )
         cuda_unused = scorer.session.get_providers()[0] != CUDA
         if args.device != "cpu" and CUDA in env["onnxruntime_providers"] and cuda_unused:
             report["why_cpu"].append(
