@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edge_agent.cli import main
-from edge_agent.tools.bench import STAGES
+from edge_agent.tools.engine_bench import STAGES
 
 
 def test_bench_json_has_every_stage_and_batch(
@@ -90,7 +90,7 @@ def test_bench_maps_ng_frames_as_the_agent_does(calibrated_bundle: Path, mtd_sma
     from edge_agent.images import list_images
     from edge_agent.model.bundle import load_bundle
     from edge_agent.model.scorer import Scorer
-    from edge_agent.tools.bench import bench_batch
+    from edge_agent.tools.engine_bench import bench_batch
 
     files = [p.read_bytes() for p in list_images(mtd_small / "test", recursive=True)][:12]
     scorer = Scorer(load_bundle(calibrated_bundle), device="cpu", index="ivf-exact")

@@ -36,18 +36,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.publish import contract, probe, pump
 from edge_agent.publish.contract import OFFLINE, ONLINE, mark_delayed, parse_part_id
+from edge_agent.publish.mqtt_settings import MqttSettings
 from edge_agent.publish.outbox import Outbox
 from edge_agent.publish.spool import Spool, SpoolRecord
-
-if TYPE_CHECKING:  # publisher.py imports this module; the settings are only read here
-    from edge_agent.publish.publisher import MqttSettings
 
 log = logging.getLogger(__name__)
 

@@ -70,7 +70,7 @@ from edge_agent.errors import UserError
 from edge_agent.images import read_image
 from edge_agent.model.bundle import Bundle, load_bundle
 from edge_agent.tools import broker as brokers
-from edge_agent.tools.bench import bench_batch, image_paths
+from edge_agent.tools.engine_bench import bench_batch, image_paths
 
 PREFIX = "edge-agent"
 LINE = "bench"
