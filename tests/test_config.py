@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+import cv2
+import numpy as np
 import pytest
 import yaml
 from pydantic import BaseModel
@@ -129,7 +131,10 @@ cameras:
         (MINIMAL + "thresholds: 3\n", "thresholds: must be a mapping of keys, got 3 (int)"),
         (MINIMAL + "archive:\n  save_ok: yes please\n", "archive.save_ok: must be true or false"),
         (MINIMAL + "metrics:\n  host: ''\n", "metrics.host: must not be empty"),
-        ("cameras:\n  - {id: a, source: x}\n", "bundle: missing"),
+        (
+            "cameras:\n  - {id: a, source: x}\n",
+            "bundle: give either bundle (one model for every camera) or recipes",
+        ),
         ("bundle: b\n", "cameras: missing"),
         ("bundle: b\ncameras: []\n", "cameras: must be a non-empty list"),
         (
@@ -242,7 +247,8 @@ def test_choices_and_limits_are_the_implementing_modules_own(tmp_path: Path) -> 
 
 def test_example_documents_every_key_and_loads(tmp_path: Path, small_bundle: Path) -> None:
     raw = yaml.safe_load(EXAMPLE.read_text())
-    assert set(raw) == set(cfg.ConfigModel.model_fields)
+    # `recipes` is the alternative to `bundle`: documented commented out, checked below.
+    assert set(raw) == set(cfg.ConfigModel.model_fields) - {"recipes"}
     for name, model in SECTIONS.items():
         assert set(raw[name]) == set(model.model_fields), name
     assert set(raw["cameras"][0]) == set(cfg.CameraModel.model_fields)
@@ -277,6 +283,42 @@ def test_example_documents_every_key_and_loads(tmp_path: Path, small_bundle: Pat
     bundle, thresholds = load_checked_bundle(load_config(path))
     assert (thresholds.image, thresholds.pixel) == (3.5, 3.0)
     assert bundle.model_id
+
+
+def _example_station(tmp_path: Path, small_bundle: Path) -> str:
+    """config.example.yaml with its commented `recipes:` block switched on and `bundle` off,
+    every path in the block pointed at something real."""
+    text = EXAMPLE.read_text()
+    begin, end = "# --- recipes (begin) ---\n", "# --- recipes (end) ---\n"
+    block = text[text.index(begin) + len(begin) : text.index(end)]
+    live = "".join(line[2:] + "\n" for line in block.splitlines())
+    mask = tmp_path / "mask.png"
+    cv2.imwrite(str(mask), np.zeros((160, 240), dtype=np.uint8))
+    live = live.replace("/var/lib/edge-agent/masks/cap-date-code.png", str(mask))
+    live = re.sub(r"/var/lib/edge-agent/bundles/[\w-]+", str(small_bundle), live)
+    return text.replace("bundle: /var/lib/edge-agent/bundle\n", live, 1)
+
+
+def test_example_station_documents_every_key_and_loads(tmp_path: Path, small_bundle: Path) -> None:
+    text = _example_station(tmp_path, small_bundle)
+    raw = yaml.safe_load(text)
+    recipes = raw["recipes"]
+    settings = {k: v for k, v in recipes.items() if k in cfg.RecipesModel.model_fields}
+    assert set(settings) == set(cfg.RecipesModel.model_fields)
+    for key, value in settings.items():
+        assert value == cfg.RecipesModel.model_fields[key].default, f"recipes.{key}"
+    first = recipes["bottle-a"]["inspections"][0]
+    assert set(recipes["bottle-a"]) == set(cfg.RecipeModel.model_fields)
+    assert set(first) == set(cfg.InspectionModel.model_fields)
+    c = load_config(_write(tmp_path, text))
+    assert c.bundle is None and c.station.active == "bottle-a"
+    cap, label = c.station.recipes["bottle-a"].inspections
+    assert (cap.roi, cap.ignore.shape, label.roi) == (
+        (200, 40, 240, 160),
+        (160, 240),
+        (180, 220, 280, 200),
+    )
+    assert c.station.recipes["bottle-b"].number == 2
 
 
 def test_bundle_thresholds_are_used_and_config_overrides_them(

@@ -56,6 +56,9 @@ from edge_agent.model.scorer import DEVICES
 from edge_agent.publish.opcua_config import OpcUaModel
 from edge_agent.publish.publisher import MAX_INFLIGHT_WINDOW, MqttSettings
 from edge_agent.publish.sparkplug import SparkplugSettings, resolve_settings
+from edge_agent.station.recipes import MAX_NUMBER as MAX_RECIPE_NUMBER
+from edge_agent.station.recipes import Inspection, Recipe, RecipeBook
+from edge_agent.station.regions import load_ignore_mask
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Camera ids and the line name become MQTT topic levels: no '/', '+', '#', no spaces.
@@ -303,6 +306,99 @@ class LiveViewModel(_Section):
         return self
 
 
+def _roi(value: object) -> tuple[int, int, int, int]:
+    if (
+        not isinstance(value, list)
+        or len(value) != 4
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise _problem(f"must be [x, y, width, height] in frame pixels, got {_show(value)}")
+    x, y, w, h = value
+    if w <= 0 or h <= 0:
+        raise _problem(f"width and height must be positive, got {value}")
+    if x < 0 or y < 0:
+        raise _problem(f"x and y must be 0 or more, got {value}")
+    return x, y, w, h
+
+
+Roi = Annotated[tuple[int, int, int, int], PlainValidator(_roi)]
+
+
+class InspectionModel(_Section):
+    """One inspection of a recipe: camera x region x ignore mask x bundle x thresholds."""
+
+    id: TopicLevel
+    camera: TopicLevel
+    bundle: ConfigPath
+    roi: Roi | None = None  # None: the whole frame
+    ignore: ConfigPath | None = None  # white = ignored; ROI- or frame-sized
+    thresholds: ThresholdOverrides = Field(default_factory=ThresholdOverrides)
+
+
+class RecipeModel(_Section):
+    number: int = Field(ge=1, le=MAX_RECIPE_NUMBER)
+    inspections: list[InspectionModel]
+
+    @field_validator("inspections")
+    @classmethod
+    def _inspections(cls, inspections: list[InspectionModel]) -> list[InspectionModel]:
+        if not inspections:
+            raise _problem("a recipe needs at least one inspection")
+        seen: set[str] = set()
+        for i, inspection in enumerate(inspections):
+            if inspection.id in seen:
+                raise _problem(f"{inspection.id!r} is used by another inspection", i, "id")
+            seen.add(inspection.id)
+        return inspections
+
+
+class RecipesModel(_Section):
+    """`recipes:` takes its three settings and, beside them, one key per recipe (its name)."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, RecipeModel] = Field(init=False)
+
+    active: TopicLevel | None = None  # None: the first recipe
+    preload: bool = True
+    part_timeout_ms: int = Field(2000, ge=1, le=600_000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typo(cls, data: Any) -> Any:
+        # A misspelt setting would otherwise read as a recipe of that name.
+        settings = list(cls.model_fields)
+        for key, value in data.items() if isinstance(data, dict) else ():
+            if key not in settings and not isinstance(value, dict):
+                close = difflib.get_close_matches(str(key), settings, n=1)
+                if close:
+                    raise _problem(f"unknown key (did you mean {close[0]!r}?)", key)
+        return data
+
+    @model_validator(mode="after")
+    def _recipes(self) -> RecipesModel:
+        recipes = self.__pydantic_extra__ or {}
+        if not recipes:
+            raise _problem("no recipe: add one (a name, with its number and inspections)")
+        numbers: dict[int, str] = {}
+        for name, recipe in recipes.items():
+            if not TOPIC_LEVEL.match(name):
+                raise _problem(
+                    "a recipe name is letters, digits, '_', '-' or '.', starting with a letter "
+                    "or digit",
+                    name,
+                )
+            if recipe.number in numbers:
+                raise _problem(
+                    f"{recipe.number} is recipe {numbers[recipe.number]}'s too", name, "number"
+                )
+            numbers[recipe.number] = name
+        if self.active is not None and self.active not in recipes:
+            raise _problem(
+                f"no recipe named {self.active!r} (recipes: {', '.join(recipes)})", "active"
+            )
+        return self
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -315,7 +411,8 @@ def _is_loopback(host: str) -> bool:
 class ConfigModel(_Section):
     """The whole file."""
 
-    bundle: ConfigPath
+    bundle: ConfigPath | None = None  # one whole-frame inspection per camera (or: recipes)
+    recipes: RecipesModel | None = None
     device: Device = "auto"
     threads: int | None = Field(None, ge=1)
     index: IndexKind = DEFAULT_INDEX
@@ -340,6 +437,18 @@ class ConfigModel(_Section):
             return data
         return {k: v for k, v in data.items() if not (v is None and _is_section(cls, k))}
 
+    @model_validator(mode="after")
+    def _station(self) -> ConfigModel:
+        if (self.bundle is None) == (self.recipes is None):
+            raise _problem("give either bundle (one model for every camera) or recipes", "bundle")
+        cameras = [c.id for c in self.cameras]
+        for name, recipe in (self.recipes.model_extra if self.recipes else {}).items():
+            for i, inspection in enumerate(recipe.inspections):
+                if inspection.camera not in cameras:
+                    problem = f"no camera {inspection.camera!r} (cameras: {', '.join(cameras)})"
+                    raise _problem(problem, "recipes", name, "inspections", i, "camera")
+        return self
+
     @field_validator("cameras")
     @classmethod
     def _unique_ids(cls, cameras: list[CameraModel]) -> list[CameraModel]:
@@ -360,7 +469,8 @@ def _is_section(model: type[BaseModel], key: object) -> bool:
 @dataclass(frozen=True)
 class Config:
     path: Path
-    bundle: Path
+    bundle: Path | None  # the top-level bundle (None: recipes); the station says what runs
+    station: RecipeBook
     device: str
     threads: int | None
     index: str
@@ -456,6 +566,9 @@ def _walk(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, FieldInfo | Non
     field: FieldInfo | None = None
     for part in loc:
         if isinstance(part, int):  # a list index: the items' model is already in hand
+            continue
+        if model is RecipesModel and part not in model.model_fields:
+            model, field = RecipeModel, None  # a recipe, by its name
             continue
         if model is None or part not in model.model_fields:
             return None, None
@@ -591,6 +704,7 @@ def _config(path: Path, base: Path, model: ConfigModel) -> Config:
     return Config(
         path=path,
         bundle=model.bundle,
+        station=_station(path, model),
         device=model.device,
         threads=model.threads,
         index=model.index,
@@ -609,6 +723,48 @@ def _config(path: Path, base: Path, model: ConfigModel) -> Config:
         opcua=model.opcua if model.opcua.enabled else None,
         drift=model.drift if model.drift.enabled else None,
         liveview=model.liveview if model.liveview.enabled else None,
+    )
+
+
+LEGACY_RECIPE = "default"
+"""The one recipe a config with a top-level `bundle:` means: an inspection per camera, named
+after it, on the whole frame."""
+
+
+def _station(path: Path, model: ConfigModel) -> RecipeBook:
+    if model.recipes is None:
+        assert model.bundle is not None
+        inspections = tuple(Inspection(c.id, c.id, model.bundle) for c in model.cameras)
+        recipe = Recipe(LEGACY_RECIPE, 1, inspections)
+        return RecipeBook({LEGACY_RECIPE: recipe}, active=LEGACY_RECIPE)
+    recipes = {}
+    for name, recipe_model in model.recipes.model_extra.items():
+        inspections = []
+        for i, m in enumerate(recipe_model.inspections):
+            key = f"recipes.{name}.inspections[{i}].ignore"
+            try:
+                ignore = load_ignore_mask(m.ignore, m.roi, key) if m.ignore else None
+            except UserError as exc:
+                raise UserError(f"{path}: {exc}") from None
+            inspections.append(
+                Inspection(
+                    m.id,
+                    m.camera,
+                    m.bundle,
+                    roi=m.roi,
+                    ignore=ignore,
+                    ignore_file=m.ignore,
+                    image_threshold=m.thresholds.image,
+                    pixel_threshold=m.thresholds.pixel,
+                )
+            )
+        recipes[name] = Recipe(name, recipe_model.number, tuple(inspections))
+    r = model.recipes
+    return RecipeBook(
+        recipes,
+        active=r.active or next(iter(recipes)),
+        preload=r.preload,
+        part_timeout_s=r.part_timeout_ms / 1000.0,
     )
 
 
