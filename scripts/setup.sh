@@ -34,6 +34,21 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
+# Eclipse Tahu's JavaScript Sparkplug decoder for tests/test_sparkplug_decoders.py (an
+# independent reading of every metric the node publishes). Not needed to run the agent: a
+# failed install only warns; the test then skips (and fails under CI=1). A NodeSource nodejs
+# already brings npm (and conflicts with Debian's npm package): only install it when missing.
+if ! command -v npm >/dev/null 2>&1; then
+  echo "setup: installing nodejs npm (Sparkplug decoder test)"
+  { $sudo apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+      nodejs npm >/dev/null; } || echo "setup: WARNING: could not install nodejs/npm" >&2
+fi
+if ! npm ci --ignore-scripts --no-audit --no-fund --prefix tests/sparkplug_decoder >/dev/null; then
+  echo "setup: WARNING: could not install tests/sparkplug_decoder; its test will skip" \
+    "(and fail in CI)" >&2
+fi
+
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

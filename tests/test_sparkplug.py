@@ -18,6 +18,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.agent.config import load_config
@@ -111,7 +113,9 @@ class Decoded:
 
 
 def _decoded(sub: Subscriber) -> list[Decoded]:
-    return [Decoded(m) for m in sub.messages if m.topic.startswith(BASE)]
+    """What the node published (commands to it are a peer's, hostile ones included)."""
+    ours = [m for m in sub.messages if m.topic.startswith(BASE)]
+    return [Decoded(m) for m in ours if m.topic.split("/")[2] not in (sp.NCMD, sp.DCMD)]
 
 
 def _kinds(sub: Subscriber, kind: str) -> list[Decoded]:
@@ -199,21 +203,197 @@ def test_bdseq_file_round_trip_and_damage(tmp_path: Path) -> None:
     assert not list(path.parent.glob(".bdseq.*"))  # atomic_write leaves no temporary file
 
 
-def test_state_and_rebirth_parsing_refuse_junk() -> None:
+# Bounded to a few seconds; no example database left behind in the shared tree.
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def _state(online: object, stamp: object) -> bytes:
+    return json.dumps({"online": online, "timestamp": stamp}).encode()
+
+
+HOSTILE_STATES = {
+    "nested 100000 deep": b"[" * 100_000,  # issue 29: RecursionError, and a reconnect loop
+    "nested within the size bound": b"[" * 1000,  # RecursionError from json itself
+    "nested object": b'{"online": true, "timestamp": 1, "x": ' + b"[" * 990 + b"]" * 990 + b"}",
+    "over the size bound": _state(True, 1)[:-1] + b', "pad": "' + b"x" * sp.MAX_STATE_BYTES + b'"}',
+    "empty": b"",
+    "Sparkplug 2.2 text": b"ONLINE",
+    "not JSON": b"{online: true}",
+    "invalid UTF-8": b'{"online": true, "timestamp": 1, "x": "\xff\xfe"}',
+    "UTF-16": _state(True, 1).decode().encode("utf-16"),  # json.loads(bytes) would accept it
+    "UTF-8 with a BOM": b"\xef\xbb\xbf" + _state(True, 1),
+    "array": b"[true, 1]",
+    "null": b"null",
+    "string": b'"online"',
+    "online a string": _state("true", 1),
+    "online an integer": _state(1, 1),
+    "online null": _state(None, 1),
+    "online missing": b'{"timestamp": 1}',
+    "timestamp missing": b'{"online": true}',
+    "timestamp null": _state(True, None),
+    "timestamp a bool": _state(True, True),
+    "timestamp a float": _state(True, 1.5),
+    "timestamp an integral float": b'{"online": true, "timestamp": 1e3}',
+    "timestamp NaN": b'{"online": true, "timestamp": NaN}',
+    "timestamp a string": _state(True, "1700000000000"),
+    "timestamp negative": _state(True, -1),
+    "timestamp beyond uint64": _state(True, 1 << 64),
+}
+
+
+@pytest.mark.parametrize("payload", HOSTILE_STATES.values(), ids=HOSTILE_STATES.keys())
+def test_hostile_state_payloads_are_refused(payload: bytes) -> None:
+    assert sp.parse_state(payload) is None
+
+
+def test_state_payloads_of_a_3_0_host_are_taken() -> None:
     assert sp.parse_state(b'{"online": true, "timestamp": 5}') == (True, 5)
-    assert sp.parse_state(b'{"online": false}') == (False, 0)
-    for junk in (b"", b"online", b"[]", b'{"online": "yes"}', b"\xff\xfe"):
-        assert sp.parse_state(junk) is None
-    yes = pb.Payload()
-    yes.metrics.add(name=sp.REBIRTH, datatype=pb.Boolean, boolean_value=True)
-    by_alias = pb.Payload()
-    by_alias.metrics.add(alias=sp.node_alias(sp.REBIRTH), datatype=pb.Boolean, boolean_value=True)
-    no = pb.Payload()
-    no.metrics.add(name=sp.REBIRTH, datatype=pb.Boolean, boolean_value=False)
-    assert sp.is_rebirth_request(yes.SerializeToString())
-    assert sp.is_rebirth_request(by_alias.SerializeToString())
-    assert not sp.is_rebirth_request(no.SerializeToString())
-    assert not sp.is_rebirth_request(b"\xff\xff\xff not protobuf")
+    assert sp.parse_state(b' {"timestamp": 0, "online": false}\n') == (False, 0)
+    assert sp.parse_state(_state(True, sp.MAX_TIMESTAMP_MS)) == (True, sp.MAX_TIMESTAMP_MS)
+    assert sp.parse_state(b'{"online": true, "timestamp": 7, "extra": [1]}') == (True, 7)
+    padded = b'{"online": true, "timestamp": 9}'.ljust(sp.MAX_STATE_BYTES)
+    assert sp.parse_state(padded) == (True, 9)
+
+
+def _check_state(payload: bytes) -> None:
+    parsed = sp.parse_state(payload)
+    if parsed is not None:
+        online, stamp = parsed
+        assert type(online) is bool and type(stamp) is int
+        assert 0 <= stamp <= sp.MAX_TIMESTAMP_MS
+
+
+@FUZZ
+@given(st.binary(max_size=sp.MAX_STATE_BYTES + 64))
+def test_state_from_random_bytes(payload: bytes) -> None:
+    _check_state(payload)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+
+
+@FUZZ
+@given(json_values, json_values)
+def test_state_from_json(online: object, stamp: object) -> None:
+    payload = _state(online, stamp)
+    valid = type(online) is bool and type(stamp) is int and 0 <= stamp <= sp.MAX_TIMESTAMP_MS
+    assert sp.parse_state(payload) == ((online, stamp) if valid else None)
+
+
+def _rebirth(**fields: Any) -> bytes:
+    payload = pb.Payload(timestamp=1)
+    payload.metrics.add(**fields)
+    return payload.SerializeToString()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, body: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2), written without the bindings: they
+    would not build what a hostile peer can send."""
+    return _varint(number << 3 | 2) + _varint(len(body)) + body
+
+
+def _nested_templates(depth: int) -> bytes:
+    """Payload{metrics: Metric{template_value: Template{metrics: Metric{...}}}}, depth deep."""
+    template_value = pb.Payload.Metric.DESCRIPTOR.fields_by_name["template_value"].number
+    template_metrics = pb.Payload.Template.DESCRIPTOR.fields_by_name["metrics"].number
+    metric = b""
+    for _ in range(depth):
+        metric = _field(template_value, _field(template_metrics, metric))
+    return _field(pb.Payload.DESCRIPTOR.fields_by_name["metrics"].number, metric)
+
+
+REBIRTH_ALIAS = sp.node_alias(sp.REBIRTH)
+REBIRTH_YES = _rebirth(name=sp.REBIRTH, datatype=pb.Boolean, boolean_value=True)
+UNDECODABLE_COMMANDS = {
+    "not protobuf": b"\xff\xff\xff not protobuf",
+    "truncated": REBIRTH_YES[:-3],
+    "nested 5000 deep": _nested_templates(5000),  # within the size bound
+    "over the size bound": REBIRTH_YES
+    + _rebirth(name="pad", datatype=pb.String, string_value="x" * sp.MAX_COMMAND_BYTES),
+}
+NOT_REBIRTH_COMMANDS = {
+    "false": _rebirth(name=sp.REBIRTH, datatype=pb.Boolean, boolean_value=False),
+    "a String": _rebirth(name=sp.REBIRTH, datatype=pb.String, string_value="true"),
+    "an Int64": _rebirth(name=sp.REBIRTH, datatype=pb.Int64, long_value=1),
+    "a boolean value typed String": _rebirth(
+        name=sp.REBIRTH, datatype=pb.String, boolean_value=True
+    ),
+    "null": _rebirth(name=sp.REBIRTH, datatype=pb.Boolean, is_null=True, boolean_value=True),
+    "another alias": _rebirth(alias=REBIRTH_ALIAS + 1, datatype=pb.Boolean, boolean_value=True),
+    "another name, the rebirth alias": _rebirth(
+        name="Other", alias=REBIRTH_ALIAS, datatype=pb.Boolean, boolean_value=True
+    ),
+    "invalid UTF-8 name": _field(2, _field(1, b"\xff\xfe") + b"\x70\x01"),  # boolean true
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("payload", UNDECODABLE_COMMANDS.values(), ids=UNDECODABLE_COMMANDS.keys())
+def test_undecodable_commands_are_refused(payload: bytes) -> None:
+    assert sp.decode_command(payload) is None
+    assert not sp.is_rebirth_request(payload)
+
+
+@pytest.mark.parametrize("payload", NOT_REBIRTH_COMMANDS.values(), ids=NOT_REBIRTH_COMMANDS.keys())
+def test_commands_that_do_not_ask_for_a_rebirth(payload: bytes) -> None:
+    assert sp.decode_command(payload) is not None
+    assert not sp.is_rebirth_request(payload)
+
+
+def test_rebirth_requests_by_name_or_alias_with_or_without_datatype() -> None:
+    assert sp.is_rebirth_request(REBIRTH_YES)
+    assert sp.is_rebirth_request(
+        _rebirth(alias=REBIRTH_ALIAS, datatype=pb.Boolean, boolean_value=True)
+    )
+    assert sp.is_rebirth_request(_rebirth(name=sp.REBIRTH, boolean_value=True))  # datatype left out
+
+
+@FUZZ
+@given(st.binary(max_size=512))
+def test_commands_from_random_bytes(payload: bytes) -> None:
+    assert sp.is_rebirth_request(payload) in (True, False)
+
+
+@FUZZ
+@given(st.sampled_from([REBIRTH_YES, *NOT_REBIRTH_COMMANDS.values()]), st.data())
+def test_commands_from_mutated_payloads(seed: bytes, data: st.DataObject) -> None:
+    mutated = bytearray(seed)
+    for _ in range(data.draw(st.integers(1, 4))):
+        if not mutated:
+            break
+        i = data.draw(st.integers(0, len(mutated) - 1))
+        mutated[i] = data.draw(st.integers(0, 255))
+    assert sp.is_rebirth_request(bytes(mutated)) in (True, False)
+
+
+def test_every_metric_has_a_type_all_decoders_read_alike() -> None:
+    # Integers travel in long_value only: the 32-bit types' int_value is where decoders split
+    # (UInt32: Tahu JS reads long_value; tests/test_sparkplug_decoders.py decodes with it).
+    declared = {m.datatype for m in NODE_METRICS + DEVICE_METRICS}
+    assert declared <= set(sp.VALUE_FIELDS)
+    assert {
+        sp.VALUE_FIELDS[t] for t in declared if t not in (pb.Boolean, pb.String, pb.Double)
+    } == {"long_value"}
+    with pytest.raises(TypeError, match="UInt32"):  # a new metric cannot bring one back
+        sp._set_value(pb.Payload.Metric(), pb.UInt32, 1)
 
 
 def test_aliases_are_unique_over_node_and_devices() -> None:
@@ -424,16 +604,20 @@ def test_ncmd_rebirth_repeats_the_births_with_the_same_bdseq(
     assert latest["Inspection/Verdict"] == "NG" and latest["Inspection/Sequence"] == 0
 
 
-def _publish_state(port: int, host_id: str, online: bool, stamp: int) -> None:
-    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"h{stamp}")
+def _publish(port: int, topic: str, *payloads: bytes, retain: bool = False) -> None:
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="peer")
     client.connect("127.0.0.1", port)
     client.loop_start()
     try:
-        payload = json.dumps({"online": online, "timestamp": stamp})
-        client.publish(f"spBv1.0/STATE/{host_id}", payload, qos=1, retain=True).wait_for_publish(5)
+        for payload in payloads:
+            client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
     finally:
         client.loop_stop()
         client.disconnect()
+
+
+def _publish_state(port: int, host_id: str, online: bool, stamp: int) -> None:
+    _publish(port, f"spBv1.0/STATE/{host_id}", _state(online, stamp), retain=True)
 
 
 def test_waits_for_the_primary_host_and_dies_while_it_is_offline(
@@ -468,6 +652,64 @@ def test_waits_for_the_primary_host_and_dies_while_it_is_offline(
     ddata = _wait_kind(sub, "DDATA", 4)[1:]
     assert [_data(d, aliases)["Inspection/Sequence"] for d in ddata] == [1, 2, 3]
     assert all(m.is_historical for d in ddata for m in d.payload.metrics)
+
+
+def test_a_hostile_retained_state_is_refused_and_the_node_stays_connected_until_born(
+    tmp_path: Path, broker: Broker, sub: Subscriber, nodes: list[SparkplugNode]
+) -> None:
+    # Issue 29: this retained STATE raised RecursionError out of paho's callback; every
+    # reconnect read it again, so the node sent its will NDEATH over and over, never born.
+    _publish(broker.port, "spBv1.0/STATE/scada", HOSTILE_STATES["nested 100000 deep"], retain=True)
+    node = _node(nodes, _settings(tmp_path, broker.port, primary_host_id="scada"), wait_s=0)
+    _wait(lambda: node.stats["connects"] >= 1, what="the node to connect")
+    time.sleep(1.0)  # reconnects take 0.05..0.3 s here: a loop would show within this second
+    assert _decoded(sub) == [] and node.stats["connects"] == 1
+    assert node.stats["state"] == "waiting" and node.stats["states_refused"] == 1
+    others = [
+        HOSTILE_STATES[k] for k in ("over the size bound", "invalid UTF-8", "online a string")
+    ]
+    _publish(broker.port, "spBv1.0/STATE/scada", *others)
+    _wait(lambda: node.stats["states_refused"] == 4, what="the other STATEs to be refused")
+
+    _publish_state(broker.port, "scada", True, 100)  # replaces the retained hostile one
+    _wait_kind(sub, "NBIRTH")
+    time.sleep(0.5)
+    assert [d.kind for d in _decoded(sub)] == ["NBIRTH", "DBIRTH"]  # born once, no NDEATH
+    stats = node.stats
+    assert (stats["state"], stats["connects"], stats["message_errors"]) == ("born", 1, 0)
+
+
+def test_hostile_commands_are_refused_and_the_node_stays_born(
+    tmp_path: Path,
+    broker: Broker,
+    sub: Subscriber,
+    nodes: list[SparkplugNode],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    node = _node(nodes, _settings(tmp_path, broker.port))
+    _wait_kind(sub, "DBIRTH")
+    ncmd = f"{BASE}/NCMD/{NODE}"
+    _publish(broker.port, ncmd, *UNDECODABLE_COMMANDS.values(), *NOT_REBIRTH_COMMANDS.values())
+    _wait(
+        lambda: node.stats["commands_refused"] == len(UNDECODABLE_COMMANDS),
+        what="the undecodable NCMDs to be refused",
+    )
+
+    # The last resort: a handler that raises (a bug of ours) costs the message, never the
+    # connection.
+    def broken(_command: object) -> bool:
+        raise RuntimeError("a bug in the NCMD handler")
+
+    monkeypatch.setattr(sp, "wants_rebirth", broken)
+    _publish(broker.port, ncmd, REBIRTH_YES, REBIRTH_YES)
+    _wait(lambda: node.stats["message_errors"] == 2, what="the failing NCMDs to be counted")
+    monkeypatch.undo()
+
+    node.publish_verdict("a", _values(0), _stamp(0))
+    _wait_kind(sub, "DDATA")
+    time.sleep(0.3)
+    assert [d.kind for d in _decoded(sub)] == ["NBIRTH", "DBIRTH", "DDATA"]  # no rebirth
+    assert node.stats["connects"] == 1 and node.stats["state"] == "born"
 
 
 def test_broker_restart_sends_the_backlog_historical_in_order_after_rebirth(

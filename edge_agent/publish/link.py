@@ -341,6 +341,15 @@ class Link:
             )
 
     def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        # paho re-raises a callback's exception out of its loop and the link then drops the
+        # connection (issue 29); parse_part_id refuses bad payloads itself: the last resort.
+        try:
+            self._on_trigger(message)
+        except Exception:
+            self.triggers_rejected += 1
+            log.exception("%s: ignored a trigger message that failed", self._label)
+
+    def _on_trigger(self, message: mqtt.MQTTMessage) -> None:
         handler = self._handler
         if handler is None or message.topic != self.trigger_topic:
             return

@@ -26,6 +26,11 @@ publishes NDEATH, disconnects and reconnects at once: the node then waits at ste
 host to come back, and is born again. A clean stop publishes NDEATH, then DISCONNECTs (a clean
 DISCONNECT discards the will).
 
+Inbound STATE and NCMD are a peer's bytes: what is not what 3.0 defines (too long, not UTF-8
+JSON / not a Sparkplug payload, nested too deep, wrong types) is refused and counted
+(``stats``), and nothing can raise out of paho's callback, which would drop the connection; a
+retained message would then do it again after every reconnect, and the node would never be born.
+
 Store and forward: each verdict becomes a DDATA payload without ``seq`` and is queued in an
 ``Outbox`` over a ``Spool`` (the same ordered, bounded, crash-safe FIFO as contract v1) that is
 only "connected" while the node is born. What could not be sent (broker down, primary host
@@ -79,11 +84,29 @@ STATE_QOS = 1  # STATE subscription (3.0)
 BIRTH_QOS = 0  # births and data: QoS 0, not retained (3.0)
 INBOX_LIMIT = 20_000
 """Items handed over by the agent and not yet taken by the network thread; beyond: dropped."""
+MAX_STATE_BYTES = 1024
+"""A STATE payload is about 50 bytes of JSON; longer ones are refused unread."""
+MAX_COMMAND_BYTES = 64 * 1024
+"""An NCMD payload; longer ones are refused undecoded (a rebirth request is about 40 bytes)."""
+MAX_TIMESTAMP_MS = (1 << 64) - 1  # Sparkplug timestamps are uint64 milliseconds
 STOP_GRACE_S = 2.0
 _TICK_S = 0.25
 BDSEQ_FILE = "bdseq"
 
 T = pb.DataType  # the enum's values: T.Int64, T.Boolean, ...
+
+# The datatypes a metric may be declared with, and the value field each travels in. Only
+# types that every major decoder reads from the same field: the 3.0 specification carries
+# UInt32 in int_value, while Tahu's JavaScript codec (npm sparkplug-payload 1.0.3) and older
+# Tahu Java read it from long_value, so a UInt32 metric decodes as null there (issue 29).
+# Every integer metric is therefore Int64 or UInt64, in long_value, which all of them agree on.
+VALUE_FIELDS: Mapping[int, str] = {
+    T.Boolean: "boolean_value",
+    T.String: "string_value",
+    T.Double: "double_value",
+    T.Int64: "long_value",
+    T.UInt64: "long_value",
+}
 
 
 class MetricSpec(NamedTuple):
@@ -109,7 +132,7 @@ DEVICE_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("Inspection/Score", T.Double, "image anomaly score (null for ERROR)"),
     MetricSpec("Inspection/Normalised Score", T.Double, "score / threshold (null for ERROR)"),
     MetricSpec("Inspection/Threshold", T.Double, "image threshold (null for ERROR)"),
-    MetricSpec("Inspection/Region Count", T.UInt32, "defect regions found"),
+    MetricSpec("Inspection/Region Count", T.UInt64, "defect regions found"),
     MetricSpec("Inspection/Part ID", T.String, "trigger mode: the part id (else null)"),
     MetricSpec("Inspection/Sequence", T.UInt64, "the camera's frame number"),
     MetricSpec("Inspection/Frame ID", T.String, "unique frame id (as in contract v1)"),
@@ -199,20 +222,19 @@ def now_ms() -> int:
 
 
 def _set_value(metric: Message, datatype: int, value: Any) -> None:
+    field = VALUE_FIELDS.get(datatype)
+    if field is None:  # a MetricSpec with a type other decoders may read differently
+        raise TypeError(f"Sparkplug datatype {T.Name(datatype)} is not in VALUE_FIELDS")
     if value is None:
         metric.is_null = True
-    elif datatype == T.Boolean:
+    elif field == "boolean_value":
         metric.boolean_value = bool(value)
-    elif datatype == T.String:
+    elif field == "string_value":
         metric.string_value = str(value)
-    elif datatype in (T.Double,):
+    elif field == "double_value":
         metric.double_value = float(value)
-    elif datatype in (T.Int64, T.UInt64):
+    else:
         metric.long_value = int(value) % (1 << 64)  # Int64 travels as two's complement
-    elif datatype in (T.UInt32,):
-        metric.int_value = int(value)
-    else:  # pragma: no cover - a MetricSpec with a type this table does not handle
-        raise TypeError(f"no value setter for Sparkplug datatype {datatype}")
 
 
 def metric_value(metric: Message) -> Any:
@@ -364,30 +386,62 @@ def device_values(
 
 
 def parse_state(payload: bytes) -> tuple[bool, int] | None:
-    """A 3.0 STATE message -> (online, timestamp); None when it is not one."""
+    """A 3.0 STATE message -> (online, timestamp); None when it is not one.
+
+    3.0 defines the payload as UTF-8 JSON ``{"online": <bool>, "timestamp": <ms since the
+    epoch>}``. Anything else is refused, not guessed at: more than MAX_STATE_BYTES, another
+    encoding, JSON nested deeper than the parser's recursion limit, not an object, ``online``
+    not a bool, ``timestamp`` missing or not an integer in 0..MAX_TIMESTAMP_MS (``true``,
+    ``1.5`` and ``-1`` are not timestamps). The timestamp is what tells a stale STATE from a
+    fresh one, so one without it cannot be ordered and is not taken.
+    """
+    if len(payload) > MAX_STATE_BYTES:
+        return None
     try:
-        data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+        data = json.loads(payload.decode("utf-8"))  # bytes would let json guess UTF-16/32
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
-    if not isinstance(data, dict) or not isinstance(data.get("online"), bool):
+    if not isinstance(data, dict):
         return None
-    stamp = data.get("timestamp", 0)
+    online, stamp = data.get("online"), data.get("timestamp")
+    if not isinstance(online, bool):
+        return None
     if isinstance(stamp, bool) or not isinstance(stamp, int):
-        stamp = 0
-    return data["online"], stamp
+        return None
+    if not 0 <= stamp <= MAX_TIMESTAMP_MS:
+        return None
+    return online, stamp
+
+
+def decode_command(payload: bytes) -> pb.Payload | None:
+    """An NCMD payload, decoded; None when it is longer than MAX_COMMAND_BYTES or not a
+    Sparkplug payload (protobuf refuses messages nested deeper than its depth limit)."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        return None
+    try:
+        return pb.Payload.FromString(payload)
+    except Exception:  # DecodeError, or anything else a hostile payload makes protobuf raise
+        return None
+
+
+def wants_rebirth(command: pb.Payload) -> bool:
+    """The command writes ``Node Control/Rebirth = true``, by name or by alias, as a Boolean
+    (a datatype may be left out of a command, but not be another one; null is not true)."""
+    alias = node_alias(REBIRTH)
+    for metric in command.metrics:
+        # upb hands an invalid UTF-8 name over as bytes, which equals no str: not ours.
+        named = metric.name == REBIRTH or (not metric.name and metric.alias == alias)
+        typed = metric.datatype in (T.Unknown, T.Boolean)
+        value = metric.WhichOneof("value") == "boolean_value" and not metric.is_null
+        if named and typed and value and metric.boolean_value:
+            return True
+    return False
 
 
 def is_rebirth_request(payload: bytes) -> bool:
-    """An NCMD that writes ``Node Control/Rebirth = true`` (by name or by alias)."""
-    try:
-        message = pb.Payload.FromString(payload)
-    except Exception:  # DecodeError, or anything a hostile payload makes protobuf raise
-        return False
-    for metric in message.metrics:
-        named = metric.name == REBIRTH or (not metric.name and metric.alias == node_alias(REBIRTH))
-        if named and metric.WhichOneof("value") == "boolean_value" and metric.boolean_value:
-            return True
-    return False
+    """An NCMD payload that asks for a rebirth (``decode_command``, ``wants_rebirth``)."""
+    command = decode_command(payload)
+    return command is not None and wants_rebirth(command)
 
 
 # ------------------------------------------------------------------ the node
@@ -453,6 +507,9 @@ class SparkplugNode:
         self.rejected = 0
         self.births = 0
         self.connects = 0
+        self.states_refused = 0  # STATE payloads parse_state refused
+        self.commands_refused = 0  # NCMD payloads decode_command refused
+        self.message_errors = 0  # inbound messages whose handling raised (a bug, not the peer's)
         self._thread = threading.Thread(target=self._run, name="sparkplug", daemon=True)
 
     # ------------------------------------------------------------------ other threads
@@ -519,6 +576,9 @@ class SparkplugNode:
             "historical_published": box.get("delayed_published", 0),
             "spooled": box.get("spooled", 0),
             "dropped": box.get("spool_dropped", 0) + self.rejected,
+            "states_refused": self.states_refused,
+            "commands_refused": self.commands_refused,
+            "message_errors": self.message_errors,
         }
 
     def _submit(self, item: _Verdict | _CameraState) -> None:
@@ -610,15 +670,35 @@ class SparkplugNode:
             self.outbox.acknowledge(mid)
 
     def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
-        if message.topic == self.settings.state_topic:
-            self._on_state(message.payload)
-        elif message.topic == self.settings.topic(NCMD) and is_rebirth_request(message.payload):
+        # paho re-raises a callback's exception out of its loop, and the network thread then
+        # drops the connection; a retained message is delivered again after the reconnect,
+        # so one payload that makes a handler raise would keep the node from ever being born
+        # (issue 29). The parsers refuse bad input themselves; this is the last resort.
+        try:
+            if message.topic == self.settings.state_topic:
+                self._on_state(message.payload)
+            elif message.topic == self.settings.topic(NCMD):
+                self._on_command(message.payload)
+        except Exception:
+            self.message_errors += 1
+            if self.message_errors == 1:
+                log.exception("Sparkplug: ignored a message on %s that failed", message.topic)
+            else:
+                log.debug("Sparkplug: ignored a message on %s that failed", message.topic)
+
+    def _on_command(self, payload: bytes) -> None:
+        command = decode_command(payload)
+        if command is None:
+            self.commands_refused += 1
+            log.warning("Sparkplug: ignored an undecodable NCMD (%d bytes)", len(payload))
+        elif wants_rebirth(command):
             log.info("Sparkplug: rebirth requested (NCMD)")
             self._rebirth_wanted = True
 
     def _on_state(self, payload: bytes) -> None:
         parsed = parse_state(payload)
         if parsed is None:
+            self.states_refused += 1
             log.warning("Sparkplug: ignored an unusable STATE message (%d bytes)", len(payload))
             return
         online, stamp = parsed
