@@ -400,3 +400,33 @@ def test_score_items_map_maxima_equal_flat(small_bundle: Path, mtd_small: Path) 
     want = [(s, m.max()) for _, _, _, s, m in score_items(flat, paths, load, 4, "f")]
     got = [(s, m.max()) for _, _, _, s, m in score_items(exact, paths, load, 4, "e")]
     np.testing.assert_allclose(got, want, rtol=REL)
+
+
+@pytest.mark.parametrize("kind", ["flat", *RECHECKED])
+def test_ignored_patches_never_set_the_score(
+    small_bundle: Path, mtd_batches: list[np.ndarray], kind: str
+) -> None:
+    """keep [B, h, w]: an ignored patch scores 0 and the image score is the (Eq. 7 reweighted)
+    score of the best kept patch, as flat search of the kept patches alone gives it; the
+    re-checked kinds still agree with flat."""
+    flat, scorer, _ = _scorers(small_bundle, kind)
+    batch = mtd_batches[-1]  # defects
+    full = flat.score(batch)
+    h, w = flat.grid
+    rng = np.random.default_rng(7)
+    keep = rng.random((len(batch), h, w)) < 0.7
+    # The worst patch of each image ignored: the score must move to another patch.
+    for i, grid in enumerate(full.patch_scores):
+        keep[i][np.unravel_index(int(np.argmax(grid)), grid.shape)] = False
+    kept = scorer.score(batch, keep=keep)
+    assert (kept.patch_scores[~keep] == 0).all()
+    np.testing.assert_allclose(
+        kept.patch_scores[keep] if kind == "flat" else kept.patch_scores[keep & kept.exact],
+        full.patch_scores[keep] if kind == "flat" else full.patch_scores[keep & kept.exact],
+        rtol=REL,
+    )
+    reference = flat.score(batch, keep=keep)
+    np.testing.assert_allclose(kept.image_scores, reference.image_scores, rtol=REL)
+    assert (kept.image_scores < full.image_scores).all(), "the ignored maxima no longer count"
+    everything = scorer.score(batch, keep=np.ones_like(keep))
+    np.testing.assert_allclose(everything.image_scores, full.image_scores, rtol=REL)

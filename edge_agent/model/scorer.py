@@ -176,25 +176,35 @@ class Scorer:
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: batch})[0]
 
-    def score(self, batch: np.ndarray, stage_s: dict[str, float] | None = None) -> BatchScores:
+    def score(
+        self,
+        batch: np.ndarray,
+        stage_s: dict[str, float] | None = None,
+        keep: np.ndarray | None = None,
+    ) -> BatchScores:
         """Score a stacked batch of prepared frames.
 
         With `stage_s`, the seconds spent in each stage ("onnx", "knn", "score") are added to
-        it, so `bench` and the agent's metrics time exactly this code.
+        it, so `bench` and the agent's metrics time exactly this code. `keep` (bool [B, h, w])
+        leaves patches out: an ignored patch's score is 0 (the floor of a distance), so it is
+        never an image's maximum, never re-checked, and adds nothing to a map.
         """
         if self._io is not None:
-            return self._score_bound(batch, stage_s)
+            return self._score_bound(batch, stage_s, keep)
         t0 = time.perf_counter()
         feats = self.features(batch)
         t1 = time.perf_counter()
         b, p, d = feats.shape
+        ignored = None if keep is None else ~keep.reshape(b, p)
         smoothed: np.ndarray | None = None
         if self.index.rechecks:
-            patch, nearest, exact, rechecked, smoothed = self._bounded_search(feats)
+            patch, nearest, exact, rechecked, smoothed = self._bounded_search(feats, ignored)
         else:
             dist, idx = self.index.search(feats.reshape(b * p, d), self.k)
             patch = (dist[:, 0] if self.k == 1 else dist.mean(axis=1)).reshape(b, p)
             nearest, exact, rechecked = idx[:, 0].reshape(b, p), None, None
+            if ignored is not None:
+                patch[ignored] = 0.0
         t2 = time.perf_counter()
         if self.image_sigma > 0:
             if smoothed is None:
@@ -221,7 +231,9 @@ class Scorer:
         _add_stages(stage_s, t0, t1, t2)
         return result
 
-    def _score_bound(self, batch: np.ndarray, stage_s: dict[str, float] | None) -> BatchScores:
+    def _score_bound(
+        self, batch: np.ndarray, stage_s: dict[str, float] | None, keep: np.ndarray | None
+    ) -> BatchScores:
         """score() with I/O binding: ONNX output -> FAISS by pointer, where ORT put it."""
         io = self._io
         assert io is not None
@@ -235,6 +247,8 @@ class Scorer:
         t1 = time.perf_counter()
         dist, idx = self.index.search_pointer(value.data_ptr(), b * p, self.k)
         patch = (dist[:, 0] if self.k == 1 else dist.mean(axis=1)).reshape(b, p)
+        if keep is not None:
+            patch[~keep.reshape(b, p)] = 0.0
         nearest = idx[:, 0].reshape(b, p)
         t2 = time.perf_counter()
         if self.image_sigma > 0:
@@ -327,7 +341,7 @@ class Scorer:
         return amap
 
     def _bounded_search(
-        self, feats: np.ndarray
+        self, feats: np.ndarray, ignored: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         """ivf-exact: approximate search of every patch, exact search of those that decide the
         image scores. (patch scores [B, P], nearest bank rows [B, P], exact [B, P],
@@ -339,6 +353,9 @@ class Scorer:
         patch = (bounds[:, 0] if self.k == 1 else bounds.mean(axis=1)).reshape(b, p)
         nearest = idx[:, 0].reshape(b, p).copy()
         found = np.zeros((b, p), dtype=bool)
+        if ignored is not None:  # known: 0, whatever the search found
+            patch[ignored] = 0.0
+            found |= ignored
 
         def recheck(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
             dist, rows_nn = self.index.search_exact(feats[rows, cols], self.k)

@@ -25,6 +25,11 @@ VERDICT = "verdict"  # agent -> subscribers, QoS 1, not retained, every frame, i
 STATUS = "status"  # agent -> subscribers, QoS 1, retained; the connection's last will
 HEALTH = "health"  # agent -> subscribers, QoS 0, retained, latest only
 TRIGGER = "trigger"  # PLC -> agent, QoS 1; retained triggers are ignored
+# The line's own topics, <prefix>/<line>/<leaf> (README "Station").
+PART = "part"  # agent -> PLC, QoS 1, not retained: one per part, in trigger order
+RECIPE = "recipe"  # agent -> subscribers, QoS 1, retained: the active recipe, the last change
+RECIPE_SET = ("recipe", "set")  # PLC -> agent, QoS 1: select a recipe; retained ones ignored
+PART_SCHEMA = "edge-agent/part/v1"
 
 VERDICT_QOS = 1
 STATUS_QOS = 1
@@ -43,6 +48,11 @@ MAX_TRIGGER_BYTES = 4096  # a trigger payload, JSON included; longer ones are re
 def topic(prefix: str, line: str, camera: str, leaf: str) -> str:
     """``<prefix>/<line>/<camera>/<leaf>``."""
     return f"{prefix}/{line}/{camera}/{leaf}"
+
+
+def line_topic(prefix: str, line: str, *leaf: str) -> str:
+    """``<prefix>/<line>/<leaf...>``: the station's topics, one per line, not per camera."""
+    return "/".join((prefix, line, *leaf))
 
 
 def verdict_message(

@@ -60,6 +60,11 @@ back from a restart is found within seconds, not after the running back-off (up 
 _TICK_S = 0.25
 
 TriggerHandler = Callable[[str, str], None]
+CommandHandler = Callable[[bytes], None]
+"""Called with a command's payload on the link's network thread: keep it short (hand over)."""
+LINE = "_line"
+"""The name of the line's own link (part verdicts, recipe state and commands): camera ids
+start with a letter or digit, so it cannot be one."""
 
 
 class LinkState(enum.Enum):
@@ -129,6 +134,8 @@ class Link:
         self.status_topic = settings.topic(camera, contract.STATUS)
         self.health_topic = settings.topic(camera, contract.HEALTH)
         self.trigger_topic = settings.topic(camera, contract.TRIGGER)
+        if camera == LINE:  # the line's link: <prefix>/<line>/status is its will
+            self.status_topic = contract.line_topic(settings.prefix, settings.line, contract.STATUS)
         self._label = f"MQTT {camera}"
         # Shared with other threads (guarded by _lock or single atomic assignments).
         self._lock = threading.Lock()
@@ -137,6 +144,7 @@ class Link:
         self._wakeup = pump.Wakeup()
         self._health: bytes | None = None
         self._handler: TriggerHandler | None = None
+        self._commands: dict[str, CommandHandler] = {}
         self._stop_deadline: float | None = None
         self.first_outcome: Outcome | None = None
         self.first_event = threading.Event()
@@ -150,7 +158,7 @@ class Link:
         self._failure_logged = False
         self._refusal: str | None = None
         self._health_sent: bytes | None = None
-        self._subscribed = False
+        self._subscribed: set[str] = set()
         self._spool_full_logged = False
         self._reject_logged = False
         self._drained_logged = True
@@ -188,6 +196,13 @@ class Link:
 
     def set_handler(self, handler: TriggerHandler) -> None:
         self._handler = handler
+        self._wake()
+
+    def on_command(self, topic: str, handler: CommandHandler) -> None:
+        """Subscribe to ``topic`` (QoS 1) and call ``handler(payload)`` for each message on it
+        that the broker did not keep (a retained command is an old one, not a new order)."""
+        with self._lock:
+            self._commands = {**self._commands, topic: handler}
         self._wake()
 
     def request_stop(self, deadline: float) -> None:
@@ -266,7 +281,7 @@ class Link:
         self._failure_logged = False
         self.outbox.on_connect()
         self._health_sent = None
-        self._subscribed = False
+        self._subscribed = set()
         client.publish(self.status_topic, ONLINE, qos=contract.STATUS_QOS, retain=True)
         backlog = len(self.outbox)
         if self._ever_connected:
@@ -342,12 +357,22 @@ class Link:
 
     def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
         # paho re-raises a callback's exception out of its loop and the link then drops the
-        # connection (issue 29); parse_part_id refuses bad payloads itself: the last resort.
+        # connection (issue 29); the parsers refuse bad payloads themselves: the last resort.
         try:
-            self._on_trigger(message)
+            command = self._commands.get(message.topic)
+            if command is not None:
+                self._on_command(message, command)
+            else:
+                self._on_trigger(message)
         except Exception:
             self.triggers_rejected += 1
-            log.exception("%s: ignored a trigger message that failed", self._label)
+            log.exception("%s: ignored a message on %s that failed", self._label, message.topic)
+
+    def _on_command(self, message: mqtt.MQTTMessage, handler: CommandHandler) -> None:
+        if message.retain:
+            log.warning("%s: ignored a retained command on %s", self._label, message.topic)
+            return
+        handler(message.payload)
 
     def _on_trigger(self, message: mqtt.MQTTMessage) -> None:
         handler = self._handler
@@ -475,9 +500,12 @@ class Link:
             self._health_sent = health
 
     def _subscribe_if_wanted(self) -> None:
-        if self._handler is not None and not self._subscribed:
-            self.client.subscribe(self.trigger_topic, qos=contract.TRIGGER_QOS)
-            self._subscribed = True
+        wanted = set(self._commands)
+        if self._handler is not None:
+            wanted.add(self.trigger_topic)
+        for topic in sorted(wanted - self._subscribed):
+            self.client.subscribe(topic, qos=contract.TRIGGER_QOS)
+            self._subscribed.add(topic)
 
     def _connect(self) -> None:
         self._state = LinkState.CONNECTING

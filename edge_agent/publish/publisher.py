@@ -32,7 +32,14 @@ from typing import Any
 from edge_agent.errors import UserError
 from edge_agent.publish import contract
 from edge_agent.publish.contract import encode_json
-from edge_agent.publish.link import STOP_GRACE_S, Link, OutcomeKind, TriggerHandler
+from edge_agent.publish.link import (
+    LINE,
+    STOP_GRACE_S,
+    CommandHandler,
+    Link,
+    OutcomeKind,
+    TriggerHandler,
+)
 from edge_agent.publish.mqtt_settings import (
     MAX_INFLIGHT_WINDOW,
     MqttSettings,
@@ -72,7 +79,12 @@ class Publisher:
     may be called from any thread and never block on the network.
     """
 
-    def __init__(self, settings: MqttSettings, cameras: Sequence[str]) -> None:
+    def __init__(
+        self, settings: MqttSettings, cameras: Sequence[str], *, line: bool = False
+    ) -> None:
+        """``line``: also open the line's own link (client id ``<client_id>-_line``, spool
+        ``<spool_dir>/_line``, will on ``<prefix>/<line>/status``) for part verdicts and the
+        recipe's state and commands (README "Station")."""
         settings.validate()
         cameras = list(cameras)
         if not cameras:
@@ -83,6 +95,7 @@ class Publisher:
             raise UserError(f"camera ids must be unique, got {cameras}")
         self.settings = settings
         self.cameras = cameras
+        self._names = [*cameras, LINE] if line else cameras
         self._tls_context = build_ssl_context(settings) if settings.tls else None
         self._links: dict[str, Link] = {}
         self._handler: TriggerHandler | None = None
@@ -100,10 +113,10 @@ class Publisher:
             raise RuntimeError("Publisher.start() called twice")
         self._started = True
         s = self.settings
-        n = len(self.cameras)
+        n = len(self._names)
         spools: list[Spool] = []
         try:
-            for camera in self.cameras:
+            for camera in self._names:
                 spools.append(
                     Spool(
                         Path(s.spool_dir) / camera,
@@ -115,10 +128,10 @@ class Publisher:
             for spool in spools:
                 spool.close()
             raise
-        for camera, spool in zip(self.cameras, spools, strict=True):
+        for camera, spool in zip(self._names, spools, strict=True):
             link = Link(s, camera, spool, self._tls_context)
             link.start_reports_first_failure = True
-            if self._handler is not None:
+            if self._handler is not None and camera != LINE:
                 link.set_handler(self._handler)
             self._links[camera] = link
         for link in self._links.values():
@@ -165,6 +178,34 @@ class Publisher:
             )
         )
 
+    def publish_part(self, part: Mapping[str, Any]) -> None:
+        """Queue a part verdict (QoS 1, not retained) on ``<prefix>/<line>/part``, in order
+        with the line's other messages, through the spool like a verdict."""
+        self._line_record(contract.PART, encode_json({**part, "delayed": False}), retain=False)
+
+    def publish_recipe(self, state: Mapping[str, Any]) -> None:
+        """Queue the recipe state (QoS 1, retained) on ``<prefix>/<line>/recipe``."""
+        self._line_record(contract.RECIPE, encode_json(state), retain=True)
+
+    def on_recipe_command(self, handler: CommandHandler) -> None:
+        """Call ``handler(payload)`` for each message on ``<prefix>/<line>/recipe/set``, on the
+        line link's network thread (keep it short). Needs ``line=True``."""
+        s = self.settings
+        self._link(LINE).on_command(
+            contract.line_topic(s.prefix, s.line, *contract.RECIPE_SET), handler
+        )
+
+    def _line_record(self, leaf: str, payload: bytes, *, retain: bool) -> None:
+        s = self.settings
+        record = SpoolRecord(
+            contract.line_topic(s.prefix, s.line, leaf),
+            payload,
+            qos=contract.VERDICT_QOS,
+            retain=retain,
+            created=time.time(),
+        )
+        self._link(LINE).submit(record)
+
     def publish_health(self, camera: str, health: Mapping[str, Any]) -> None:
         """Retained QoS 0 ``health``; only the latest is kept (re-sent after a reconnect)."""
         self._link(camera).set_health(encode_json(health))
@@ -175,8 +216,9 @@ class Publisher:
         Runs on the camera's network thread: keep it short (hand over to a queue).
         """
         self._handler = handler
-        for link in self._links.values():
-            link.set_handler(handler)
+        for name, link in self._links.items():
+            if name != LINE:
+                link.set_handler(handler)
 
     def stop(self, timeout_s: float = 10.0, keepalive: Callable[[], object] | None = None) -> int:
         """Flush what the broker acknowledges within ``timeout_s`` (connecting again meanwhile
@@ -237,5 +279,5 @@ class Publisher:
         if link is None:
             if not self._started:
                 raise RuntimeError("Publisher.start() has not been called")
-            raise KeyError(f"unknown camera {camera!r} (configured: {self.cameras})")
+            raise KeyError(f"unknown camera {camera!r} (configured: {self._names})")
         return link
