@@ -494,26 +494,38 @@ def test_the_agent_answers_a_nan_score_with_error_counts_and_flags_it(
     tmp_path: Path, small_bundle: Path, mtd_small: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from edge_agent.agent.config import load_config
+    from edge_agent.agent.models import Model, Run
     from edge_agent.agent.service import Agent
     from edge_agent.capture.frame_queue import Frame
     from edge_agent.images import read_image
     from edge_agent.model.scorer import BatchScores
 
+    # The config's thresholds let the agent start on this uncalibrated bundle; the run below
+    # then decides with the calibrated scale's (CALIBRATED, image overridden far above it).
     config = load_config(
-        _config(tmp_path, small_bundle, f"mqtt: {{spool_dir: {tmp_path / 'spool'}}}\n")
+        _config(
+            tmp_path,
+            small_bundle,
+            "thresholds: {image: 500.0, pixel: 28.0}\n"
+            f"mqtt: {{spool_dir: {tmp_path / 'spool'}}}\n",
+        )
     )
     bundle = bf.load_bundle(small_bundle)
     thresholds = resolve_thresholds(CALIBRATED, 500.0, None)  # far above 2 x high
     assert thresholds is not None
-    agent = Agent(config, bundle, thresholds, exit_when_done=False)
-    agent.scorer = scorer = Scorer(bundle, device="cpu", threads=2)
+    scorer = Scorer(bundle, device="cpu", threads=2)
+    agent = Agent(config, {config.bundle: Model(bundle, scorer)}, exit_when_done=False)
+    agent.runs = {"a": (Run(agent.runs["a"][0].spec, Model(bundle, scorer), thresholds),)}
+    agent._history.append((-1.0, agent.recipe, agent.runs))
     sent: list[tuple[str, dict[str, Any]]] = []
     monkeypatch.setattr(agent.publisher, "publish_verdict", lambda c, m: sent.append(("v", m)))
     monkeypatch.setattr(agent.publisher, "publish_health", lambda c, m: sent.append(("h", m)))
     real = scorer.score
 
-    def nan_scores(batch: np.ndarray, stage_s: dict[str, float] | None = None) -> BatchScores:
-        out = real(batch, stage_s)
+    def nan_scores(
+        batch: np.ndarray, stage_s: dict[str, float] | None = None, keep: np.ndarray | None = None
+    ) -> BatchScores:
+        out = real(batch, stage_s, keep)
         return BatchScores(np.full_like(out.image_scores, np.nan), out.patch_scores)
 
     monkeypatch.setattr(scorer, "score", nan_scores)

@@ -19,11 +19,13 @@ from pydantic import BaseModel
 
 from edge_agent import cli
 from edge_agent.agent import config as cfg
-from edge_agent.agent.config import load_checked_bundle, load_config
+from edge_agent.agent.config import load_config, thresholds_for
+from edge_agent.agent.service import load_station
 from edge_agent.capture.cameras import CameraSettings
 from edge_agent.decide.archive import ArchiveSettings
+from edge_agent.decide.decision import Thresholds
 from edge_agent.errors import UserError
-from edge_agent.model.bundle import update_thresholds
+from edge_agent.model.bundle import Bundle, load_bundle, update_thresholds
 from edge_agent.model.knn import INDEX_KINDS
 from edge_agent.model.scorer import DEVICES
 from edge_agent.publish.opcua_config import OpcUaModel
@@ -51,6 +53,13 @@ cameras:
   - id: cam1
     source: images
 """
+
+
+def _checked(config: cfg.Config) -> tuple[Bundle, Thresholds]:
+    """The top-level bundle and the thresholds in force for it (config over bundle)."""
+    assert config.bundle is not None
+    bundle = load_bundle(config.bundle)
+    return bundle, thresholds_for(config, bundle)
 
 
 def _write(folder: Path, text: str, name: str = "config.yaml") -> Path:
@@ -273,14 +282,14 @@ def test_example_documents_every_key_and_loads(tmp_path: Path, small_bundle: Pat
     c = load_config(path)
     assert c.cameras[0].source == 0 and c.archive is not None
     with pytest.raises(UserError, match=r"thresholds\.image: not set .* `edge-agent calibrate`"):
-        load_checked_bundle(c)
+        _checked(c)
     path = _write(tmp_path, text.replace("  image: null", "  image: 3.5"))
     with pytest.raises(UserError, match=r"thresholds\.pixel: not set"):
-        load_checked_bundle(load_config(path))
+        _checked(load_config(path))
     path = _write(
         tmp_path, text.replace("  image: null", "  image: 3.5").replace("pixel: null", "pixel: 3")
     )
-    bundle, thresholds = load_checked_bundle(load_config(path))
+    bundle, thresholds = _checked(load_config(path))
     assert (thresholds.image, thresholds.pixel) == (3.5, 3.0)
     assert bundle.model_id
 
@@ -328,19 +337,19 @@ def test_bundle_thresholds_are_used_and_config_overrides_them(
     shutil.copytree(small_bundle, bundle_dir)
     update_thresholds(bundle_dir, {"image": 30.0, "pixel": 28.0})
     path = _write(tmp_path, "bundle: bundle\ncameras:\n  - {id: a, source: 0}\n")
-    _, t = load_checked_bundle(load_config(path))
+    _, t = _checked(load_config(path))
     assert (t.image, t.pixel) == (30.0, 28.0)
     path = _write(
         tmp_path, "bundle: bundle\nthresholds: {image: 33}\ncameras: [{id: a, source: 0}]"
     )
-    _, t = load_checked_bundle(load_config(path))
+    _, t = _checked(load_config(path))
     assert (t.image, t.pixel) == (33.0, 28.0)
 
 
 def test_unusable_bundle_is_reported_under_the_bundle_key(tmp_path: Path) -> None:
     path = _write(tmp_path, MINIMAL)
     with pytest.raises(UserError) as info:
-        load_checked_bundle(load_config(path))
+        load_station(load_config(path))
     assert str(info.value) == f"{path}: bundle: bundle {tmp_path / 'bundle'}: no such folder"
 
 

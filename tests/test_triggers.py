@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import paho.mqtt.publish as single
 
-from edge_agent.agent.config import load_checked_bundle, load_config
-from edge_agent.agent.service import MAX_PENDING_TRIGGERS, Agent
+from edge_agent.agent.config import load_config
+from edge_agent.agent.service import MAX_PENDING_TRIGGERS, Agent, load_station
 from edge_agent.capture.frame_queue import Frame
 from edge_agent.publish.publisher import Publisher
 from tests.brokers import (
@@ -33,8 +33,7 @@ def _agent(tmp_path: Path, small_bundle: Path) -> Agent:
         "mqtt: {spool_dir: spool}\nmetrics: {port: null}\n"
     )
     cfg = load_config(config)
-    bundle, thresholds = load_checked_bundle(cfg)
-    return Agent(cfg, bundle, thresholds, exit_when_done=True)  # not started: no threads
+    return Agent(cfg, load_station(cfg), exit_when_done=True)  # not started: no threads
 
 
 def _frame(seq: int, captured_at: float) -> Frame:

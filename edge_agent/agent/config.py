@@ -50,7 +50,7 @@ from edge_agent.decide import drift
 from edge_agent.decide.archive import ArchiveSettings
 from edge_agent.decide.decision import Thresholds, resolve_thresholds
 from edge_agent.errors import UserError
-from edge_agent.model.bundle import Bundle, load_bundle
+from edge_agent.model.bundle import Bundle
 from edge_agent.model.knn import DEFAULT_INDEX, DEFAULT_NPROBE, INDEX_KINDS
 from edge_agent.model.scorer import DEVICES
 from edge_agent.publish.opcua_config import OpcUaModel
@@ -682,7 +682,7 @@ def _reason(exc: Exception) -> str:
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a config file (the bundle itself: load_checked_bundle)."""
+    """Read and validate a config file (the bundles themselves: agent.models.load_models)."""
     path = Path(path)
     raw = read_yaml(path)
     if raw is None:
@@ -817,31 +817,27 @@ def _hostname() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", os.uname().nodename) or "host"
 
 
-def load_checked_bundle(config: Config) -> tuple[Bundle, Thresholds]:
-    """Load and verify the configured bundle and settle the thresholds (config over bundle).
-
-    UserError, naming the config key, when the bundle is unusable or no threshold is known.
-    """
-    try:
-        bundle = load_bundle(config.bundle)
-    except UserError as exc:
-        raise UserError(f"{config.path}: bundle: {exc}") from None
-    return bundle, thresholds_for(config, bundle)
-
-
-def thresholds_for(config: Config, bundle: Bundle) -> Thresholds:
+def thresholds_for(
+    config: Config, bundle: Bundle, inspection: Inspection | None = None, where: str = ""
+) -> Thresholds:
+    """The thresholds in force: an inspection's own, else the config's, else the bundle's
+    calibration; UserError naming the key to set when one is known nowhere."""
     found = bundle.thresholds
-    thresholds = resolve_thresholds(found, config.thresholds.image, config.thresholds.pixel)
+    image, pixel = config.thresholds.image, config.thresholds.pixel
+    if inspection is not None:
+        image = inspection.image_threshold if inspection.image_threshold is not None else image
+        pixel = inspection.pixel_threshold if inspection.pixel_threshold is not None else pixel
+    thresholds = resolve_thresholds(found, image, pixel)
     if thresholds is None:
+        given = {"image": image, "pixel": pixel}
         missing = [
-            key
-            for key in ("image", "pixel")
-            if getattr(config.thresholds, key) is None and found.get(key) is None
+            key for key in ("image", "pixel") if given[key] is None and found.get(key) is None
         ]
+        key = f"{where}.thresholds" if where else "thresholds"
         raise UserError(
-            f"{config.path}: thresholds.{missing[0]}: not set and the bundle {config.bundle} "
+            f"{config.path}: {key}.{missing[0]}: not set and the bundle {bundle.path} "
             "is not calibrated: run `edge-agent calibrate` on it (or set "
-            + " and ".join(f"thresholds.{k}" for k in missing)
+            + " and ".join(f"{key}.{k}" for k in missing)
             + " in the config)"
         )
     return thresholds

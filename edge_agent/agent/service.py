@@ -22,6 +22,7 @@ frame; a final line sums up the run.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import signal
@@ -29,7 +30,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -38,26 +39,36 @@ from typing import Any
 import numpy as np
 
 from edge_agent import __version__
-from edge_agent.agent.config import Config, load_checked_bundle, load_config, thresholds_for
+from edge_agent.agent import inspect
+from edge_agent.agent.config import Config, load_config
+from edge_agent.agent.models import Model, Run, bind, load_models
 from edge_agent.agent.preflight import preflight
 from edge_agent.capture.cameras import LIVE_KINDS, CameraCapture
 from edge_agent.capture.frame_queue import Frame, FrameQueue
 from edge_agent.decide.archive import RejectArchive
-from edge_agent.decide.decision import NG, Decision, Thresholds, decide, verdict_for
+from edge_agent.decide.decision import Decision, Thresholds
 from edge_agent.decide.drift import DriftMonitor, DriftReference, DriftState
 from edge_agent.errors import UserError
+from edge_agent.fileio import atomic_write
 from edge_agent.images import BadImage, to_bgr
-from edge_agent.model.bundle import Bundle, load_bundle
+from edge_agent.model.bundle import Bundle
 from edge_agent.model.geometry import aspect_mismatch
 from edge_agent.model.scorer import Scorer
-from edge_agent.model.selftest import self_test
 from edge_agent.ops.liveview import LiveStore, LiveViewServer
 from edge_agent.ops.metrics import AgentMetrics, CameraSnapshot, MetricsServer, Snapshot
 from edge_agent.ops.sdnotify import Notifier
-from edge_agent.publish.contract import health_message, verdict_message
+from edge_agent.publish.contract import (
+    health_message,
+    inspection_message,
+    part_message,
+    recipe_message,
+    verdict_message,
+)
 from edge_agent.publish.opcua_config import camera_state, server_module
 from edge_agent.publish.publisher import Publisher
 from edge_agent.publish.sparkplug import SparkplugNode, device_values
+from edge_agent.station.part import Part, PartAssembler
+from edge_agent.station.recipes import Recipe, Select, parse_select
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +83,8 @@ still waiting, connecting again meanwhile (systemd's TimeoutStopSec leaves room 
 UNDELIVERED_EXIT = 3
 """--exit-when-done's status when verdicts are still undelivered after the drain (0 would tell
 a script that the run's results arrived)."""
+RECIPE_HISTORY = 8  # recipe switches kept for frames captured before them and still queued
+RECIPE_STATE_FILE = "recipe.json"  # in mqtt.spool_dir: the recipe selected last
 SPARKPLUG_BIRTH_WAIT_S = 2.0  # the first frames' DDATA then goes out live, not historical
 
 
@@ -111,26 +124,84 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if not getattr(args, "verbose", False):
         logging.getLogger().setLevel(config.log_level.upper())
-    bundle, thresholds = load_checked_bundle(config)
-    _warn_out_of_range(thresholds)
+    models = load_station(config, everything=args.check)
     if args.check:
         preflight(config)
-        # The same smoke test as at start: --check must not say OK for a model that cannot score.
-        self_test(build_scorer(config, bundle))
-        print(
-            f"{config.path}: OK: {len(config.cameras)} camera(s), bundle {config.bundle} "
-            f"(model {bundle.model_id}), thresholds image {thresholds.image:g} "
-            f"pixel {thresholds.pixel:g}"
-        )
+        print(describe_station(config, models))
         return 0
     agent = Agent(
         config,
-        bundle,
-        thresholds,
+        models,
         exit_when_done=args.exit_when_done,
         drain_timeout_s=args.drain_timeout,
     )
     return agent.run()
+
+
+def load_station(config: Config, *, everything: bool = False) -> dict[Path, Model]:
+    """The models to start with: every recipe's bundles, validated and self-tested now (a
+    broken one stops the agent at start, never at a changeover), or with `recipes.preload`
+    false (and not ``everything``) the active recipe's only, the others loaded when selected.
+    Every recipe whose models are loaded has its thresholds settled here too (UserError)."""
+    book = config.station
+    paths = book.bundles() if (book.preload or everything) else active_recipe(config).bundles()
+    models = load_models(config, paths, lambda b: build_scorer(config, b))
+    for recipe in book.recipes.values():
+        if all(path in models for path in recipe.bundles()):
+            for runs in bind(config, recipe, models).values():
+                for r in runs:
+                    _warn_out_of_range(r.thresholds)
+    return models
+
+
+def describe_station(config: Config, models: Mapping[Path, Model]) -> str:
+    """`run --check`'s report: the station as it was read, then OK."""
+    book = config.station
+    lines = [f"{config.path}: the station as read"]
+    for recipe in book.recipes.values():
+        mark = " (active at start)" if recipe.name == book.active else ""
+        runs = bind(config, recipe, models)
+        mb = sum(models[path].megabytes for path in recipe.bundles())
+        lines.append(f"  recipe {recipe.name} #{recipe.number}{mark}: {mb:.0f} MB of models")
+        for camera, camera_runs in runs.items():
+            for r in camera_runs:
+                roi = "whole frame" if r.spec.roi is None else f"roi {list(r.spec.roi)}"
+                ignore = f", ignore {r.spec.ignore_file}" if r.spec.ignore_file else ""
+                lines.append(
+                    f"    {r.id} on {camera}: {roi}{ignore}, bundle {r.spec.bundle} "
+                    f"(model {r.model.bundle.model_id}), thresholds image "
+                    f"{r.thresholds.image:g} pixel {r.thresholds.pixel:g}"
+                )
+    lines.append(
+        f"{config.path}: OK: {len(config.cameras)} camera(s), {len(book.recipes)} recipe(s), "
+        f"{len(models)} model(s) loaded and self-tested"
+    )
+    return "\n".join(lines)
+
+
+def active_recipe(config: Config) -> Recipe:
+    """The recipe to start with: the one selected last (remembered in the state file) while
+    the config still has it, else the config's `recipes.active`."""
+    book = config.station
+    path = recipe_state_file(config)
+    try:
+        name = json.loads(path.read_text(encoding="utf-8")).get("active")
+    except FileNotFoundError:
+        name = None
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("%s: unreadable (%s); starting with recipe %s", path, exc, book.active)
+        name = None
+    if isinstance(name, str) and name in book.recipes:
+        return book.recipes[name]
+    if name is not None:
+        log.warning(
+            "recipe %r (selected last) is not in the config: starting with %s", name, book.active
+        )
+    return book.recipes[book.active]
+
+
+def recipe_state_file(config: Config) -> Path:
+    return Path(config.mqtt.spool_dir) / RECIPE_STATE_FILE
 
 
 def build_scorer(config: Config, bundle: Bundle) -> Scorer:
@@ -173,17 +244,19 @@ class CameraCounts:
 @dataclass
 class _Item:
     frame: Frame
+    recipe: Recipe  # in force when the frame was captured
+    runs: tuple[Run, ...]  # the recipe's inspections on the frame's camera
     part_id: str | None = None
     image: np.ndarray | None = None  # BGR, original size
-    prepared: np.ndarray | None = None  # BGR at the model's input size
-    error: str | None = None
+    tasks: list[inspect.Task] = field(default_factory=list)
+    error: str | None = None  # the frame could not be inspected at all
 
 
 @dataclass(frozen=True)
 class _Reloaded:
-    bundle: Bundle
-    thresholds: Thresholds
-    scorer: Scorer
+    recipe: Recipe
+    models: dict[Path, Model]
+    runs: dict[str, tuple[Run, ...]]
     seconds: float
 
 
@@ -191,15 +264,29 @@ class Agent:
     def __init__(
         self,
         config: Config,
-        bundle: Bundle,
-        thresholds: Thresholds,
+        models: Mapping[Path, Model],
         *,
         exit_when_done: bool,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
     ) -> None:
+        """``models``: at least the active recipe's bundles, loaded and self-tested
+        (load_models), all of them with ``recipes.preload``."""
         self.config = config
-        self.bundle = bundle
-        self.thresholds = thresholds
+        self.book = config.station
+        self.models: dict[Path, Model] = dict(models)
+        self.recipe = active_recipe(config)
+        self.runs = bind(config, self.recipe, self.models)
+        # Which recipe decides a frame: the newest switched to before it was captured (a
+        # frame boundary, whatever the batch); a few switches back are kept for queued frames.
+        self._history: deque[tuple[float, Recipe, dict[str, tuple[Run, ...]]]] = deque(
+            [(-math.inf, self.recipe, self.runs)], maxlen=RECIPE_HISTORY
+        )
+        self._commands: deque[tuple[Select, float]] = deque()
+        self._recipe_changed_at = time.time()
+        self._switch_thread: threading.Thread | None = None
+        self._switch_result: tuple[Recipe, Select, dict[Path, Model]] | Exception | None = None
+        self._switching: Select | None = None
+        self.parts = PartAssembler(self.book.part_timeout_s)
         self.exit_when_done = exit_when_done
         self.drain_timeout_s = drain_timeout_s
         self._drain_deadline = math.inf  # set when the shutdown starts: one budget for all links
@@ -213,7 +300,10 @@ class Agent:
         for camera in self.counts:  # every camera's series exists from the first scrape
             for counter in (self.metrics.triggers_dropped, self.metrics.nonfinite_scores):
                 counter.labels(camera)
-        self.publisher = Publisher(config.mqtt, [c.id for c in config.cameras])
+        # The line's own link (part verdicts, recipe state and commands) where a station needs
+        # it: recipes to switch, or trigger cameras whose frames make parts.
+        self.line_link = config.bundle is None or bool(self.trigger_mode)
+        self.publisher = Publisher(config.mqtt, [c.id for c in config.cameras], line=self.line_link)
         self.sparkplug = (
             SparkplugNode(config.sparkplug, [c.id for c in config.cameras], version=__version__)
             if config.sparkplug is not None
@@ -234,7 +324,7 @@ class Agent:
         # The live view's store: the inference thread only hands it references.
         self.live = LiveStore(list(self.counts)) if config.liveview is not None else None
         self.liveview_server: LiveViewServer | None = None
-        self.scorer: Scorer | None = None
+        self._running = False  # _start got as far as the publisher: the final health goes out
         self._triggers: dict[str, deque[tuple[float, str]]] = {c: deque() for c in self.counts}
         self._trigger_lock = threading.Lock()
         self._trigger_overflow_logged = False
@@ -282,26 +372,61 @@ class Agent:
     def _drain_left(self) -> float:
         return max(0.0, self._drain_deadline - time.monotonic())
 
+    # -- the models in force ----------------------------------------------------------------
+
+    @property
+    def primary(self) -> Run:
+        """The active recipe's first inspection: whose model health and the protocols name
+        (one model per camera in a config with a top-level bundle: all the same)."""
+        return next(r for runs in self.runs.values() for r in runs)
+
+    def _camera_run(self, camera: str) -> Run:
+        """A camera's first inspection in the active recipe (its health's model, its drift)."""
+        runs = self.runs.get(camera)
+        return runs[0] if runs else self.primary
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.primary.model.bundle
+
+    @property
+    def scorer(self) -> Scorer:
+        return self.primary.model.scorer
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return self.primary.thresholds
+
     def _start(self, cleanup: list[Callable[[], None]]) -> None:
-        scorer = self._build_scorer(self.bundle)
-        self_test(scorer)  # before anything is started: a UserError here is exit 2, nothing sent
-        self.scorer = scorer
-        h, w = self.scorer.input_size
-        log.info(
-            "model %s on %s (input %dx%d, bank %d x %d, thresholds image %g pixel %g)",
-            self.bundle.model_id,
-            self.scorer.device,
-            w,
-            h,
-            *self.bundle.bank.shape,
-            self.thresholds.image,
-            self.thresholds.pixel,
-        )
+        for camera, runs in self.runs.items():
+            for r in runs:
+                h, w = r.model.scorer.input_size
+                log.info(
+                    "recipe %s, %s on %s: model %s on %s (input %dx%d, bank %d x %d, "
+                    "thresholds image %g pixel %g)",
+                    self.recipe.name,
+                    r.id,
+                    camera,
+                    r.model.bundle.model_id,
+                    r.model.scorer.device,
+                    w,
+                    h,
+                    *r.model.bundle.bank.shape,
+                    r.thresholds.image,
+                    r.thresholds.pixel,
+                )
         self.publisher.set_trigger_handler(self._on_trigger)
         self.publisher.start(connect_timeout_s=5.0)
+        self._running = True
         cleanup.append(
             lambda: self.publisher.stop(self._drain_left(), keepalive=self.notifier.watchdog_due)
         )
+        if self.line_link:
+            self.publisher.on_recipe_command(self._on_recipe_command)
+            self._publish_recipe("ok", "started", None)
+            # Parts still open at a stop go out as they stand (ERROR, their silent inspections
+            # named) before the links flush: cleanup runs in reverse order.
+            cleanup.append(self._close_parts)
         if self.sparkplug is not None:
             node = self.sparkplug
             self._update_sparkplug_node()  # before start: the first NBIRTH carries them
@@ -354,8 +479,13 @@ class Agent:
         b = self.config.batching
         while True:
             batch = self.queue.get_batch(b.max_batch, b.max_wait_ms / 1000.0, timeout_s=TICK_S)
+            # Commands before the batch: one received while it formed decides its frames
+            # captured after it (_recipe_for), not the next batch's only.
+            self._finish_switch()
+            self._apply_commands()
             if batch:
                 self._process(batch)
+            self._send_parts(time.monotonic())
             self.notifier.watchdog_due()
             self._housekeeping()
             self._finish_reload()
@@ -417,7 +547,7 @@ class Agent:
         self._drain_deadline = time.monotonic() + self.drain_timeout_s
         # Only once the publisher has its links: a start that failed (a read-only spool, a
         # refusing broker) ends with its one-line error, not a traceback from here.
-        if self.scorer is not None and self.publisher.started:
+        if self._running and self.publisher.started:
             try:
                 self._publish_health()  # the final counts, retained
             except Exception:
@@ -481,7 +611,11 @@ class Agent:
         """From the publisher's network thread: inspect the next frame of `camera`."""
         if camera not in self.trigger_mode:
             return
+        recipe = self.recipe
+        expected = self._part_inspections(recipe)
         with self._trigger_lock:
+            if self.line_link and expected:  # the part's clock starts at its first trigger
+                self.parts.open(part_id, recipe.name, expected, time.monotonic())
             pending = self._triggers[camera]
             if len(pending) >= MAX_PENDING_TRIGGERS:
                 pending.popleft()
@@ -518,8 +652,6 @@ class Agent:
     # -- the inference path -----------------------------------------------------------------
 
     def _process(self, frames: list[Frame]) -> None:
-        assert self.scorer is not None
-        scorer = self.scorer
         m = self.metrics
         now = time.time()
         items: list[_Item] = []
@@ -527,17 +659,22 @@ class Agent:
             m.observe_stage("wait", max(0.0, now - frame.captured_at))
             part_id = None
             if frame.camera in self.trigger_mode:
-                inspect, part_id = self._take_trigger(frame)
-                if not inspect:
+                inspect_it, part_id = self._take_trigger(frame)
+                if not inspect_it:
                     self.counts[frame.camera].discarded += 1
                     m.trigger_discarded.labels(frame.camera).inc()
                     continue
-            items.append(_Item(frame, part_id))
+            recipe, runs = self._recipe_for(frame.captured_at)
+            if frame.camera not in runs:  # this recipe inspects nothing on this camera
+                self.counts[frame.camera].discarded += 1
+                continue
+            items.append(_Item(frame, recipe, runs[frame.camera], part_id))
         if not items:
             return
         m.batch_size.observe(len(items))
 
         t0 = time.perf_counter()
+        tasks: list[inspect.Task] = []
         for item in items:
             # The capture's reason for a frame without an image (unreadable file, over the
             # pixel limit, undecodable video frame) is the verdict's, not "empty frame".
@@ -545,8 +682,9 @@ class Agent:
             if error is None:
                 try:
                     item.image = to_bgr(item.frame.image)
-                    self._check_aspect(item.frame.camera, item.image.shape[:2])
-                    item.prepared = scorer.prepare(item.image)
+                    first = item.runs[0]
+                    self._check_aspect(item.frame.camera, item.image.shape[:2], first)
+                    item.tasks = [inspect.prepare(item.image, r) for r in item.runs]
                 except BadImage as exc:
                     error = str(exc)
                 except Exception as exc:  # one odd frame gets ERROR, not the whole agent
@@ -555,69 +693,87 @@ class Agent:
             if error is not None:
                 name = item.frame.source_name
                 item.error = f"{name}: {error}" if name else error
-        good = [item for item in items if item.error is None]
+            else:
+                tasks.extend(item.tasks)
         prep_s = time.perf_counter() - t0
         for _ in items:
             m.observe_stage("preprocess", prep_s / len(items))
 
-        scores = None
         failure: Exception | None = None
-        if good:
+        if any(t.error is None for t in tasks):
             t1 = time.perf_counter()
             stage_s: dict[str, float] = {}
-            try:
-                scores = scorer.score(np.stack([item.prepared for item in good]), stage_s)
-            except Exception as exc:  # ORT/FAISS failures: answer the frames, then decide
-                failure = exc
+            failure = inspect.score(tasks, stage_s)
+            if failure is not None:  # ORT/FAISS failures: answer the frames, then decide
                 self._failed_batches += 1
-                log.error("inference failed on a batch of %d: %r", len(good), exc)
-                for item in good:
-                    item.error = f"inference failed: {type(exc).__name__}"
+                log.error("inference failed on a batch of %d: %r", len(tasks), failure)
             else:
                 self._failed_batches = 0
-                m.observe_stage("infer", time.perf_counter() - t1)
+                m.observe_stage("infer", time.perf_counter() - t1 - stage_s.get("decide", 0.0))
                 # Its two costly parts, per batch: where a slow box spends its time.
                 m.observe_stage("onnx", stage_s["onnx"])
                 m.observe_stage("knn", stage_s["knn"])
+            for _ in items:
+                m.observe_stage("decide", stage_s.get("decide", 0.0) / len(items))
 
-        answered = iter(range(len(good)))
         for item in items:
-            if item.error is None and scores is not None:
-                self._answer(item, scores.image_scores, scores.patch_scores, next(answered))
-            else:
-                self._answer_error(item)
+            self._answer(item)
         if failure is not None and self._failed_batches >= MAX_FAILED_BATCHES:
             # Likely permanent (GPU lost, out of memory): exit 1 so systemd restarts us.
             raise RuntimeError(f"inference failed {self._failed_batches} times in a row")
 
-    def _check_aspect(self, camera: str, shape: tuple[int, int]) -> None:
+    def _check_aspect(self, camera: str, shape: tuple[int, int], run: Run) -> None:
         """A frame of another aspect ratio than the training images' is still scored (a
         squeezed part is a worse inspection, not a reason to stop the line), with one warning
-        per camera and `aspect_mismatch` in its health until its frames fit again."""
+        per camera and `aspect_mismatch` in its health until its frames fit again. Checked
+        for the camera's first inspection of a whole frame (a ROI's shape is the config's)."""
+        if run.spec.roi is not None:
+            return
         counts = self.counts[camera]
         if shape == counts.shape:
             return
         counts.shape = shape
-        fitted = self.bundle.fitted_aspect
+        fitted = run.model.bundle.fitted_aspect
         counts.aspect_mismatch = aspect_mismatch(shape, fitted) if fitted else None
         if counts.aspect_mismatch is not None and not counts.aspect_warned:
             counts.aspect_warned = True
             log.warning("camera %s: %s", camera, counts.aspect_mismatch)
 
-    def _answer(
-        self, item: _Item, image_scores: np.ndarray, patch_scores: np.ndarray, i: int
-    ) -> None:
-        assert self.scorer is not None and item.image is not None
-        frame, m, t = item.frame, self.metrics, self.thresholds
-        t0 = time.perf_counter()
-        score = float(image_scores[i])
-        # The map costs a blur and a resize: only NG frames report regions (decide()).
-        ng = verdict_for(score, t) == NG
-        amap = self.scorer.exact_map(patch_scores, i, threshold=t.pixel) if ng else None
-        decision = decide(score, amap, item.image.shape[:2], t)
+    def _answer(self, item: _Item) -> None:
+        """One frame's verdict: its inspections' answers, the worst in the v1 fields."""
+        frame, m = item.frame, self.metrics
         decided_at = time.time()
-        msg = self._message(item, decision, decided_at)
-        if self.archive is not None and self.archive.wants(decision.verdict):
+        results = [self._inspection_result(item, task) for task in item.tasks]
+        if item.error is not None or not item.tasks:
+            results = [inspection_message(r.id, frame.camera, None, item.error) for r in item.runs]
+            decision, worst_run = None, item.runs[0]
+        else:
+            worst = inspect.worst_task(item.tasks)
+            frame_hw = item.image.shape[:2] if item.image is not None else (0, 0)
+            decision, worst_run = inspect.in_frame(worst, frame_hw), worst.run
+            # Which inspection failed, where a frame has several.
+            named = worst.error if len(item.tasks) == 1 else f"{worst.run.id}: {worst.error}"
+            item.error = None if decision is not None else named
+        msg = verdict_message(
+            decision,
+            camera=frame.camera,
+            sequence=frame.sequence,
+            frame_id=frame.frame_id,
+            captured_at=frame.captured_at,
+            decided_at=decided_at,
+            model_id=worst_run.model.bundle.model_id,
+            part_id=item.part_id,
+            source=frame.source_name,
+            error=item.error if decision is None else None,
+        )
+        msg["recipe"] = item.recipe.name
+        msg["inspections"] = results
+        t = worst_run.thresholds
+        if (
+            decision is not None
+            and self.archive is not None
+            and self.archive.wants(decision.verdict)
+        ):
             scale = t.scale
             msg["reject_image"] = self.archive.submit(
                 item.image,
@@ -629,52 +785,47 @@ class Agent:
             )
         if self.live is not None:
             self.live.update(frame.camera, item.image, decision, msg, t)
-        m.observe_stage("decide", time.perf_counter() - t0)
+        if item.part_id is not None:
+            expected = self._part_inspections(item.recipe)
+            with self._trigger_lock:
+                for result in results:
+                    self.parts.add(
+                        item.part_id, item.recipe.name, expected, result["id"], result,
+                        time.monotonic(),
+                    )  # fmt: skip
         m.latency_seconds.observe(max(0.0, decided_at - frame.captured_at))
-        counts = self.counts[frame.camera]
-        if decision.is_error:  # NaN/inf score: never OK; counted as an ERROR and on its own
-            counts.errors += 1
+        self._count(item, decision, results)
+        self._publish(frame.camera, msg, self.counts[frame.camera])
+
+    def _inspection_result(self, item: _Item, task: inspect.Task) -> dict[str, Any]:
+        frame_hw = item.image.shape[:2] if item.image is not None else (0, 0)
+        decision = inspect.in_frame(task, frame_hw)
+        return inspection_message(task.run.id, item.frame.camera, decision, task.error)
+
+    def _count(self, item: _Item, decision: Decision | None, results: list[dict]) -> None:
+        """The camera's counters and drift for one answered frame."""
+        camera, m = item.frame.camera, self.metrics
+        counts = self.counts[camera]
+        nonfinite = [t for t in item.tasks if t.decision is not None and t.decision.is_error]
+        if nonfinite:  # NaN/inf score: never OK; counted as an ERROR and on its own
             counts.nonfinite += 1
-            m.bad_frames.labels(frame.camera).inc()
-            m.nonfinite_scores.labels(frame.camera).inc()
-            log.error("camera %s: %s: answered ERROR", frame.camera, decision.error)
-            self._publish(frame.camera, msg, counts)
+            m.nonfinite_scores.labels(camera).inc()
+            log.error("camera %s: %s: answered ERROR", camera, nonfinite[0].decision.error)
+        if decision is None or decision.is_error:
+            counts.errors += 1
+            m.bad_frames.labels(camera).inc()
             return
         counts.inspected += 1
-        m.frames_inspected.labels(frame.camera).inc()
-        monitor = self.drift.get(frame.camera)
-        if monitor is not None:
-            monitor.add(score, decision.is_ng)
+        m.frames_inspected.labels(camera).inc()
+        # Drift watches the camera's first inspection: its scores against its bundle's
+        # calibration (the reference _reset_drift took).
+        first = item.tasks[0].decision
+        monitor = self.drift.get(camera)
+        if monitor is not None and first is not None and not first.is_error:
+            monitor.add(first.score, first.is_ng)
         if decision.is_ng:
             counts.ng += 1
-            m.ng.labels(frame.camera).inc()
-        self._publish(frame.camera, msg, counts)
-
-    def _answer_error(self, item: _Item) -> None:
-        frame = item.frame
-        msg = self._message(item, None, time.time())
-        if self.live is not None:
-            self.live.update(frame.camera, item.image, None, msg, self.thresholds)
-        counts = self.counts[frame.camera]
-        counts.errors += 1
-        self.metrics.bad_frames.labels(frame.camera).inc()
-        self._publish(frame.camera, msg, counts)
-
-    def _message(self, item: _Item, decision: Decision | None, decided_at: float) -> dict[str, Any]:
-        """The verdict payload of one frame (None: ERROR with the item's reason)."""
-        frame = item.frame
-        return verdict_message(
-            decision,
-            camera=frame.camera,
-            sequence=frame.sequence,
-            frame_id=frame.frame_id,
-            captured_at=frame.captured_at,
-            decided_at=decided_at,
-            model_id=self.bundle.model_id,
-            part_id=item.part_id,
-            source=frame.source_name,
-            error=item.error if decision is None else None,
-        )
+            m.ng.labels(camera).inc()
 
     def _publish(self, camera: str, msg: dict[str, Any], counts: CameraCounts) -> None:
         t0 = time.perf_counter()
@@ -695,31 +846,189 @@ class Agent:
         self.metrics.observe_stage("publish", time.perf_counter() - t0)
         counts.window.append(time.monotonic())
 
+    # -- the station: recipes and parts -------------------------------------------------------
+
+    def _recipe_for(self, captured_at: float) -> tuple[Recipe, dict[str, tuple[Run, ...]]]:
+        """The recipe (and its runs) in force when a frame was captured: the newest switched
+        to at or before it."""
+        for since, recipe, runs in reversed(self._history):
+            if since <= captured_at:
+                return recipe, runs
+        _, recipe, runs = self._history[0]
+        return recipe, runs
+
+    def _part_inspections(self, recipe: Recipe) -> tuple[str, ...]:
+        """What a part of ``recipe`` waits for: its inspections on triggered cameras (a
+        free-running camera's frames carry no part id)."""
+        return tuple(i.id for i in recipe.inspections if i.camera in self.trigger_mode)
+
+    def _send_parts(self, now: float) -> None:
+        if not self.line_link:
+            return
+        with self._trigger_lock:
+            done = self.parts.poll(now)
+        for part in done:
+            self._publish_part(part)
+
+    def _close_parts(self) -> None:
+        with self._trigger_lock:
+            left = self.parts.close_all()
+        for part in left:
+            self._publish_part(part)
+
+    def _publish_part(self, part: Part) -> None:
+        msg = part.verdict_message()
+        if msg["missing"]:
+            log.warning(
+                "part %r: no answer from %s within %g ms: ERROR",
+                part.part_id,
+                ", ".join(msg["missing"]),
+                self.book.part_timeout_s * 1000,
+            )
+        self.publisher.publish_part(part_message(msg, time.time()))
+
+    def _on_recipe_command(self, payload: bytes) -> None:
+        """From the line link's network thread: a recipe selection, checked here and applied
+        by the loop between batches; a malformed one is refused at once."""
+        select = parse_select(payload)
+        if isinstance(select, str):
+            self.metrics.recipe_commands.labels("refused").inc()
+            log.warning("recipe command refused: %s", select)
+            self._publish_recipe("refused", select, None)
+            return
+        with self._trigger_lock:
+            self._commands.append((select, time.time()))
+
+    def _apply_commands(self) -> None:
+        with self._trigger_lock:
+            commands = list(self._commands)
+            self._commands.clear()
+        for select, received_at in commands:
+            self._select(select, received_at)
+
+    def _select(self, select: Select, received_at: float) -> None:
+        found = self.book.find(select)
+        if isinstance(found, str):
+            self.metrics.recipe_commands.labels("refused").inc()
+            log.warning("recipe command refused: %s", found)
+            self._publish_recipe("refused", found, select.request_id)
+            return
+        if self._switching is not None:
+            reason = f"busy: recipe {self._switching.describe()} is still loading"
+            self.metrics.recipe_commands.labels("refused").inc()
+            self._publish_recipe("refused", reason, select.request_id)
+            return
+        missing = [p for p in found.bundles() if p not in self.models]
+        if not missing:
+            self._switch(found, self.models, received_at, select)
+            return
+        # preload: false: load in the background, switch when ready (frames meanwhile stay
+        # under the running recipe).
+        self._switching = select
+        self._publish_recipe("loading", f"loading recipe {found.name}", select.request_id)
+        have = dict(self.models)
+
+        def load() -> None:
+            try:
+                models = load_models(self.config, found.bundles(), self._build_scorer, have)
+                self._switch_result = (found, select, {**have, **models})
+            except Exception as exc:  # UserError or anything ORT/FAISS raise: keep running
+                self._switch_result = exc
+
+        self._switch_thread = threading.Thread(target=load, name="recipe-load", daemon=True)
+        self._switch_thread.start()
+
+    def _finish_switch(self) -> None:
+        if self._switch_thread is None or self._switch_thread.is_alive():
+            return
+        result, self._switch_result, self._switch_thread = self._switch_result, None, None
+        select, self._switching = self._switching, None
+        if isinstance(result, Exception) or result is None:
+            self.metrics.recipe_commands.labels("refused").inc()
+            reason = f"cannot load: {result}"
+            log.error(
+                "recipe %s: %s; recipe %s keeps running",
+                select and select.describe(),
+                reason,
+                self.recipe.name,
+            )
+            self._publish_recipe("refused", reason, select.request_id if select else None)
+            return
+        recipe, select, models = result
+        self._switch(recipe, models, time.time(), select)
+
+    def _switch(
+        self, recipe: Recipe, models: Mapping[Path, Model], since: float, select: Select
+    ) -> None:
+        try:
+            runs = bind(self.config, recipe, models)
+        except UserError as exc:  # an uncalibrated bundle without thresholds in the config
+            self.metrics.recipe_commands.labels("refused").inc()
+            self._publish_recipe("refused", str(exc), select.request_id)
+            return
+        previous = self.recipe.name
+        self.models = dict(models)
+        self.recipe, self.runs = recipe, runs
+        self._history.append((since, recipe, runs))
+        self._recipe_changed_at = since
+        self.metrics.recipe_commands.labels("ok").inc()
+        self._remember_recipe()
+        self._reset_drift()
+        for counts in self.counts.values():  # maybe another geometry
+            counts.shape, counts.aspect_mismatch, counts.aspect_warned = None, None, False
+        log.info("recipe %s -> %s (%s)", previous, recipe.name, select.describe())
+        self._publish_recipe("ok", None, select.request_id)
+        self._publish_health()
+
+    def _remember_recipe(self) -> None:
+        """The selected recipe survives a restart (atomic write; a failure costs only that)."""
+        path = recipe_state_file(self.config)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, json.dumps({"active": self.recipe.name}).encode())
+        except OSError as exc:
+            log.error("cannot remember recipe %s in %s: %s", self.recipe.name, path, exc)
+
+    def _publish_recipe(self, result: str, reason: str | None, request_id: str | None) -> None:
+        if not self.line_link:
+            return
+        self.publisher.publish_recipe(
+            recipe_message(
+                active=self.recipe.name,
+                number=self.recipe.number,
+                result=result,
+                reason=reason,
+                request_id=request_id,
+                changed_at=self._recipe_changed_at,
+            )
+        )
+
     # -- reload -----------------------------------------------------------------------------
 
     def _start_reload(self) -> None:
-        """SIGHUP: load and build the new bundle on a helper thread while the running model
-        keeps inspecting, so a reload costs no frames even on live cameras."""
+        """SIGHUP: load and build every loaded bundle again (same paths) on a helper thread
+        while the running models keep inspecting, so a reload costs no frames even on live
+        cameras."""
         self._reload_requested = False
         self.notifier.reloading()
+        paths, recipe = tuple(self.models), self.recipe
         log.info(
-            "SIGHUP: loading the bundle %s (the running model keeps going)", self.config.bundle
+            "SIGHUP: loading %s (the running models keep going)",
+            ", ".join(str(p) for p in paths),
         )
 
         def build() -> None:
             started = time.perf_counter()
             try:
-                bundle = load_bundle(self.config.bundle)
-                thresholds = thresholds_for(self.config, bundle)
-                # Built here, used only by the inference thread once swapped in.
-                scorer = self._build_scorer(bundle)
-                self_test(scorer)  # a bundle that cannot score never replaces one that can
+                # Built here, used only by the inference thread once swapped in; a bundle
+                # that cannot score (self-test) never replaces one that can.
+                models = load_models(self.config, paths, self._build_scorer)
+                runs = bind(self.config, recipe, models)
             except Exception as exc:  # UserError or anything ORT/FAISS raise: keep running
                 self._reload_result = exc
             else:
-                self._reload_result = _Reloaded(
-                    bundle, thresholds, scorer, time.perf_counter() - started
-                )
+                seconds = time.perf_counter() - started
+                self._reload_result = _Reloaded(recipe, models, runs, seconds)
 
         self._reload_thread = threading.Thread(target=build, name="reload", daemon=True)
         self._reload_thread.start()
@@ -729,7 +1038,7 @@ class Agent:
         return self._reload_thread is not None and self._reload_thread.is_alive()
 
     def _finish_reload(self) -> None:
-        """Between two batches: swap the new model in, or report why it was rejected."""
+        """Between two batches: swap the new models in, or report why they were rejected."""
         if self._reload_thread is None or self._reload_thread.is_alive():
             return  # the result is only complete once the thread has ended
         result, self._reload_result, self._reload_thread = self._reload_result, None, None
@@ -739,27 +1048,31 @@ class Agent:
         if isinstance(result, Exception):
             self.metrics.reloads.labels("rejected").inc()
             log.error("reload rejected, model %s keeps running: %s", old, result)
+        elif self._switching is not None or result.recipe is not self.recipe:
+            # A recipe change while it loaded: its runs are the ones in force now.
+            self.metrics.reloads.labels("rejected").inc()
+            log.error("reload rejected: the recipe changed while it loaded; send SIGHUP again")
         else:
-            self.bundle, self.thresholds, self.scorer = (
-                result.bundle,
-                result.thresholds,
-                result.scorer,
-            )
+            self.models, self.runs = result.models, result.runs
+            # Queued frames of earlier recipes are decided by the reloaded recipe from now on.
+            self._history = deque([(-math.inf, self.recipe, self.runs)], maxlen=RECIPE_HISTORY)
             self.metrics.reloads.labels("ok").inc()
             self._reset_drift()  # a new model: a new reference and fresh windows
             for counts in self.counts.values():  # and maybe another geometry
                 counts.shape, counts.aspect_mismatch, counts.aspect_warned = None, None, False
             if self.opcua is not None:
-                self.opcua.set_model_id(result.bundle.model_id)
-            _warn_out_of_range(result.thresholds)
+                self.opcua.set_model_id(self.bundle.model_id)
+            for runs in self.runs.values():
+                for r in runs:
+                    _warn_out_of_range(r.thresholds)
             log.info(
                 "reloaded in %.1f s: model %s (was %s) on %s, thresholds image %g pixel %g",
                 result.seconds,
-                result.bundle.model_id,
+                self.bundle.model_id,
                 old,
-                result.scorer.device,
-                result.thresholds.image,
-                result.thresholds.pixel,
+                self.scorer.device,
+                self.thresholds.image,
+                self.thresholds.pixel,
             )
         self.notifier.ready(self._status_line())
         self._publish_health()
@@ -791,7 +1104,6 @@ class Agent:
         now = time.monotonic()
         self._next_health = now + self.config.health_interval_s
         per_link = self.publisher.stats.get("cameras", {})
-        device = self.scorer.device if self.scorer is not None else None
         if self.sparkplug is not None:
             self._update_sparkplug_node()
             for capture in self.captures:
@@ -805,6 +1117,7 @@ class Agent:
             counts = self.counts[cam]
             link = per_link.get(cam, {})
             drift_state = self._check_drift(cam)
+            run = self._camera_run(cam)
             health = health_message(
                 camera=cam,
                 timestamp=time.time(),
@@ -820,41 +1133,45 @@ class Agent:
                 connected=stats["connected"],
                 finished=stats["finished"],
                 last_error=stats["last_error"],
-                model_id=self.bundle.model_id,
-                device=device,
+                model_id=run.model.bundle.model_id,
+                device=run.model.scorer.device,
                 uptime_s=now - self._started_at,
                 nonfinite_scores=counts.nonfinite,
-                threshold_override_out_of_range=bool(self.thresholds.out_of_range),
+                threshold_override_out_of_range=bool(run.thresholds.out_of_range),
                 triggers_dropped=counts.triggers_dropped,
                 triggers_rejected=link.get("triggers_rejected", 0),
                 drift=drift_state.as_dict() if drift_state is not None else None,
                 aspect_mismatch=counts.aspect_mismatch,
+                recipe=self.recipe.name,
             )
             self.publisher.publish_health(cam, health)
             if self.live is not None:
                 self.live.set_health(cam, health)
 
     def _reset_drift(self) -> None:
-        """Drift monitors for the bundle and thresholds in force (none without a reference)."""
+        """Drift monitors for the models and thresholds in force: per camera, of its first
+        inspection in the active recipe (none without a reference)."""
         settings = self.config.drift
-        reference = (
-            DriftReference.from_calibration(
-                self.bundle.thresholds.get("calibrated"), self.thresholds.image
-            )
-            if settings is not None
-            else None
-        )
         self._drift_alarm = {}
-        if settings is None or reference is None:
-            self.drift = {}
-            if settings is not None:
-                log.info(
-                    "drift check off: the bundle's calibration records no good scores "
-                    "(calibrate it again with this version)"
-                )
+        self.drift = {}
+        if settings is None:
             return
         rules = settings.model_dump(exclude={"enabled"})
-        self.drift = {cam: DriftMonitor(reference, **rules) for cam in self.counts}
+        without = []
+        for cam, runs in self.runs.items():
+            run = runs[0]
+            calibrated = run.model.bundle.thresholds.get("calibrated")
+            reference = DriftReference.from_calibration(calibrated, run.thresholds.image)
+            if reference is None:
+                without.append(cam)
+            else:
+                self.drift[cam] = DriftMonitor(reference, **rules)
+        if without:
+            log.info(
+                "drift check off for %s: the bundle's calibration records no good scores "
+                "(calibrate it again with this version)",
+                ", ".join(without),
+            )
 
     def _check_drift(self, camera: str) -> DriftState | None:
         """The camera's drift state, its gauges set, and one log line when the alarm turns

@@ -143,12 +143,14 @@ def decide(
     thresholds: Thresholds,
     *,
     max_regions: int = MAX_REGIONS,
+    ignore: np.ndarray | None = None,
 ) -> Decision:
     """The verdict for one frame.
 
     `amap_input` is the anomaly map at the model's input size (Scorer.anomaly_map); it is only
     used for NG frames and may be None for OK ones. Regions are found on the map resized to
-    `frame_hw` (height, width), so their boxes are in the original frame's pixels.
+    `frame_hw` (height, width), so their boxes are in the original frame's pixels. `ignore`
+    (bool, `frame_hw`) zeroes the map where True: no region is found on ignored pixels.
     """
     score = float(score)
     verdict = verdict_for(score, thresholds)
@@ -158,5 +160,7 @@ def decide(
     if verdict == OK or amap_input is None:
         return Decision(verdict, score, normalised, thresholds.image)
     amap = frame_map(amap_input, frame_hw)
+    if ignore is not None:
+        amap = np.where(ignore, np.float32(0.0), amap)
     regions = scoring.find_regions(amap, thresholds.pixel)[:max_regions]
     return Decision(verdict, score, normalised, thresholds.image, tuple(regions), amap)

@@ -250,6 +250,12 @@ class AgentMetrics:
         self.reloads = Counter(
             "edge_agent_reloads_total", "Bundle reloads (SIGHUP)", ["result"], registry=r
         )
+        self.recipe_commands = Counter(
+            "edge_agent_recipe_commands_total",
+            "Recipe selections, by result (ok, refused)",
+            ["result"],
+            registry=r,
+        )
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         """One stage time; its `per` label comes from STAGE_PER, so it cannot be mislabelled."""

@@ -30,6 +30,7 @@ PART = "part"  # agent -> PLC, QoS 1, not retained: one per part, in trigger ord
 RECIPE = "recipe"  # agent -> subscribers, QoS 1, retained: the active recipe, the last change
 RECIPE_SET = ("recipe", "set")  # PLC -> agent, QoS 1: select a recipe; retained ones ignored
 PART_SCHEMA = "edge-agent/part/v1"
+RECIPE_SCHEMA = "edge-agent/recipe/v1"
 
 VERDICT_QOS = 1
 STATUS_QOS = 1
@@ -109,6 +110,62 @@ def verdict_message(
     return msg
 
 
+def inspection_message(
+    inspection: str, camera: str, decision: Decision | None, error: str | None = None
+) -> dict[str, Any]:
+    """One inspection's result, as a frame's ``inspections[]`` and a part's carry it: the v1
+    verdict's fields for this inspection alone, regions in frame pixels (the caller shifts a
+    ROI's), ``error`` only on ERROR."""
+    msg: dict[str, Any] = {
+        "id": inspection,
+        "camera": camera,
+        "verdict": ERROR,
+        "score": None,
+        "normalised_score": None,
+        "threshold": None,
+        "regions": [],
+    }
+    if decision is None or decision.verdict == ERROR:
+        msg["error"] = (error if decision is None else decision.error) or "not inspected"
+        return msg
+    msg.update(
+        verdict=decision.verdict,
+        score=_finite(decision.score),
+        normalised_score=_finite(decision.normalised_score),
+        threshold=_finite(decision.threshold),
+        regions=[r.as_dict() for r in decision.regions],
+    )
+    return msg
+
+
+def part_message(part: Mapping[str, Any], decided_at: float) -> dict[str, Any]:
+    """``edge-agent/part/v1``: part_id, recipe, verdict (the worst), inspections[], missing[]
+    (station.part.Part.verdict_message), stamped with when it was decided."""
+    return {"schema": PART_SCHEMA, "timestamp": round(decided_at * 1000), **part}
+
+
+def recipe_message(
+    *,
+    active: str,
+    number: int,
+    result: str,
+    reason: str | None,
+    request_id: str | None,
+    changed_at: float,
+) -> dict[str, Any]:
+    """``edge-agent/recipe/v1``, retained: the active recipe and the outcome of the last
+    command (``result``: ok, refused or loading, with its reason)."""
+    return {
+        "schema": RECIPE_SCHEMA,
+        "active": active,
+        "number": number,
+        "result": result,
+        "reason": reason,
+        "request_id": request_id,
+        "changed_at": round(changed_at * 1000),
+    }
+
+
 def health_message(
     *,
     camera: str,
@@ -134,6 +191,7 @@ def health_message(
     triggers_rejected: int = 0,
     drift: dict[str, Any] | None = None,
     aspect_mismatch: str | None = None,
+    recipe: str | None = None,
 ) -> dict[str, Any]:
     """The retained health payload (``edge-agent/health/v1``) of one camera.
 
@@ -144,7 +202,9 @@ def health_message(
     `drift`: the drift check's window (decide/drift.py DriftState.as_dict: frames,
     ok_median, shift, ng_rate, alarm, reason), null without calibrated good scores.
     `aspect_mismatch`: why the camera's frames have another aspect ratio than the images the
-    model was fitted on (they are still scored), else null. All six were added within v1.
+    model was fitted on (they are still scored), else null. `recipe`: the active recipe
+    (README "Station"; "default" for a config with a top-level bundle). All seven were added
+    within v1; `model_id` and `device` are the camera's first inspection's.
     """
     return {
         "schema": HEALTH_SCHEMA,
@@ -171,6 +231,7 @@ def health_message(
         "triggers_rejected": triggers_rejected,
         "drift": drift,
         "aspect_mismatch": aspect_mismatch,
+        "recipe": recipe,
     }
 
 

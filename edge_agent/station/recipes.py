@@ -52,6 +52,10 @@ class Recipe:
     def cameras(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(i.camera for i in self.inspections))
 
+    def bundles(self) -> tuple[Path, ...]:
+        """Its bundles, once each, in the order they first appear."""
+        return tuple(dict.fromkeys(i.bundle for i in self.inspections))
+
 
 @dataclass(frozen=True)
 class Select:
@@ -84,8 +88,7 @@ class RecipeBook:
 
     def bundles(self) -> tuple[Path, ...]:
         """Every bundle of every recipe, once each, in the order they first appear."""
-        seen = (i.bundle for r in self.recipes.values() for i in r.inspections)
-        return tuple(dict.fromkeys(seen))
+        return tuple(dict.fromkeys(b for r in self.recipes.values() for b in r.bundles()))
 
 
 def parse_select(payload: bytes) -> Select | str:
