@@ -1,6 +1,7 @@
 """The OPC UA server against a real asyncua client over loopback: address space, last result,
-one event per verdict, the Trigger method, users, Basic256Sha256, and a publish that never
-waits for the server or its clients."""
+one event per verdict, the Trigger method, users, Basic256Sha256 with a trust list, a publish
+that never waits for the server or its clients, and clients that still get in during a port
+scan."""
 
 from __future__ import annotations
 
@@ -8,16 +9,19 @@ import asyncio
 import datetime as dt
 import ipaddress
 import math
+import shutil
 import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
+from urllib.parse import urlparse
 
 import pytest
 from asyncua import Client, Node, ua
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+from asyncua.ua.ua_binary import uatcp_to_binary
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -25,7 +29,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import ValidationError
 
 from edge_agent.errors import UserError
+from edge_agent.publish import opcua
 from edge_agent.publish.opcua import (
+    CONNECTION_STATS,
     COUNTERS,
     EVENT_TYPE,
     MAX_PENDING_EVENTS,
@@ -36,6 +42,7 @@ from edge_agent.publish.opcua import (
 from edge_agent.publish.opcua_config import (
     ERROR,
     HALTED,
+    MAX_SOCKETS,
     OPERATIONAL,
     PREOPERATIONAL,
     SECURITY_MODES,
@@ -447,24 +454,82 @@ def make_cert(tmp: Path, name: str, uri: str, usage: x509.ObjectIdentifier) -> t
     return cert_path, key_path
 
 
-def test_basic256sha256_with_a_certificate(tmp_path: Path) -> None:
-    server_cert, server_key = make_cert(
-        tmp_path, "server", "urn:edge-agent:test-server", ExtendedKeyUsageOID.SERVER_AUTH
+class Certs:
+    """A server certificate, a trusted and an untrusted client certificate, and the trust
+    folder (certificates only: keys live elsewhere)."""
+
+    def __init__(self, tmp: Path) -> None:
+        keys = tmp / "keys"
+        keys.mkdir()
+        self.trusted_dir = tmp / "trusted"
+        self.trusted_dir.mkdir()
+        self.server = make_cert(
+            keys, "server", "urn:edge-agent:test-server", ExtendedKeyUsageOID.SERVER_AUTH
+        )
+        self.client = make_cert(keys, "client", CLIENT_URI, ExtendedKeyUsageOID.CLIENT_AUTH)
+        self.stranger = make_cert(keys, "stranger", CLIENT_URI, ExtendedKeyUsageOID.CLIENT_AUTH)
+        shutil.copy(self.client[0], self.trusted_dir / "plc.der")
+
+    def settings(self, tmp: Path, **values: Any) -> OpcUaModel:
+        return settings(
+            tmp,
+            security="basic256sha256",
+            certificate_file=str(self.server[0]),
+            private_key_file=str(self.server[1]),
+            trusted_client_certificates=str(self.trusted_dir),
+            **values,
+        )
+
+
+CLIENT_URI = "urn:edge-agent:test-client"
+
+
+async def secure_client(
+    client: Client, certs: Certs, cert: tuple[Path, Path], user: str, password: str
+) -> Client:
+    client.application_uri = CLIENT_URI
+    client.set_user(user)
+    client.set_password(password)
+    await client.set_security(
+        SecurityPolicyBasic256Sha256,
+        str(cert[0]),
+        str(cert[1]),
+        server_certificate=str(certs.server[0]),
+        mode=ua.MessageSecurityMode.SignAndEncrypt,
     )
-    client_cert, client_key = make_cert(
-        tmp_path, "client", "urn:edge-agent:test-client", ExtendedKeyUsageOID.CLIENT_AUTH
-    )
-    opts = settings(
-        tmp_path,
-        security="basic256sha256",
-        certificate_file=server_cert.name,
-        private_key_file=server_key.name,
-        username="plc",
-        password="pw-over-tls",
-    )
+    return client
+
+
+class PresentingClient(Client):
+    """Opens its channel with its own certificate, but names another in CreateSession: what a
+    client that has a trusted certificate's public half, not its key, could send."""
+
+    def __init__(self, url: str, presented: bytes) -> None:
+        super().__init__(url, timeout=5)
+        self.presented = presented
+
+    async def create_session(self) -> ua.CreateSessionResult:
+        send = self.uaclient.create_session
+
+        async def presenting(params: ua.CreateSessionParameters) -> Any:
+            params.ClientCertificate = self.presented
+            return await send(params)
+
+        self.uaclient.create_session = presenting  # type: ignore[method-assign]
+        return await super().create_session()
+
+
+def test_basic256sha256_with_a_trust_list(tmp_path: Path) -> None:
+    certs = Certs(tmp_path)
+    opts = certs.settings(tmp_path, username="plc", password="pw-over-tls")
     server = OpcUaServer(opts, Triggers())
     server.start(["cam"], "model-a")
     url = opts.endpoint
+
+    async def refused(client: Client, status: type[Exception]) -> None:
+        with pytest.raises(status):
+            await client.connect()
+        client.disconnect_socket()
 
     async def main() -> None:
         probe = Client(url, timeout=5)
@@ -475,42 +540,73 @@ def test_basic256sha256_with_a_certificate(tmp_path: Path) -> None:
         # The application URI is the certificate's, which clients check.
         assert {e.Server.ApplicationUri for e in endpoints} == {"urn:edge-agent:test-server"}
 
-        client = Client(url, timeout=5)
-        client.application_uri = "urn:edge-agent:test-client"
-        client.set_user("plc")
-        client.set_password("pw-over-tls")
-        await client.set_security(
-            SecurityPolicyBasic256Sha256,
-            str(client_cert),
-            str(client_key),
-            server_certificate=str(server_cert),
-            mode=ua.MessageSecurityMode.SignAndEncrypt,
+        # The trusted certificate, and the right password: in.
+        client = await secure_client(
+            Client(url, timeout=5), certs, certs.client, "plc", "pw-over-tls"
         )
         async with client:
             idx = await client.get_namespace_index(NS)
             assert await node(client, idx, "EdgeAgent.cam.State").read_value() == PREOPERATIONAL
 
-        plain = Client(url, timeout=5)  # no security: there is no such endpoint
+        # The right password from a certificate nobody trusted: refused with a status.
+        stranger = Client(url, timeout=5)
+        await secure_client(stranger, certs, certs.stranger, "plc", "pw-over-tls")
+        await refused(stranger, ua.uaerrors.BadCertificateUntrusted)
+        # The trusted certificate named in CreateSession, the channel signed with another.
+        copier = PresentingClient(url, certs.client[0].read_bytes())
+        await secure_client(copier, certs, certs.stranger, "plc", "pw-over-tls")
+        await refused(copier, ua.uaerrors.BadSecurityChecksFailed)
+
+        # No security: there is no such endpoint, and asyncua would still create a session
+        # on an unencrypted channel; without a certificate the server refuses it first.
+        plain = Client(url, timeout=5)
         plain.set_user("plc")
         plain.set_password("pw-over-tls")
-        with pytest.raises((ua.UaError, ConnectionError, OSError, asyncio.TimeoutError)):
-            await plain.connect()
-        plain.disconnect_socket()
+        await refused(plain, ua.uaerrors.BadSecurityChecksFailed)
 
     try:
         asyncio.run(main())
+        stats = server.connection_stats
+        assert stats["certificates_refused"] == 3
+        assert stats["sessions_open"] == 0  # the trusted client logged out
     finally:
         server.stop()
+
+
+def test_the_trust_list_is_checked_at_start(tmp_path: Path) -> None:
+    certs = Certs(tmp_path)
+    opts = certs.settings(tmp_path, allow_anonymous=True)
+    check_settings(opts)
+    shutil.copy(certs.client[1], certs.trusted_dir / "plc.key.pem")  # a key copied in too
+    with pytest.raises(
+        UserError,
+        match=r"^opcua.trusted_client_certificates: .*plc.key.pem is not a PEM or DER certificate$",
+    ):
+        check_settings(opts)
+    with pytest.raises(UserError, match=r"^opcua.trusted_client_certificates: .*plc.key.pem"):
+        OpcUaServer(opts, Triggers()).start(["cam"], "m")
+    (certs.trusted_dir / "plc.key.pem").unlink()
+    shutil.copy(certs.client[0], certs.trusted_dir / "plc.crt")
+    with pytest.raises(UserError, match=r"plc.crt is not named \*.der or \*.pem"):
+        check_settings(opts)
+    not_a_folder = opts.model_copy(update={"trusted_client_certificates": certs.client[0]})
+    with pytest.raises(UserError, match=r"^opcua.trusted_client_certificates: .* is not a folder$"):
+        check_settings(not_a_folder)
+    missing = opts.model_copy(update={"trusted_client_certificates": tmp_path / "missing"})
+    with pytest.raises(UserError, match=r"^opcua.trusted_client_certificates: cannot read"):
+        check_settings(missing)
 
 
 def test_start_refuses_a_key_that_is_not_the_certificates(tmp_path: Path) -> None:
     cert, _ = make_cert(tmp_path, "a", "urn:a", ExtendedKeyUsageOID.SERVER_AUTH)
     _, other_key = make_cert(tmp_path, "b", "urn:b", ExtendedKeyUsageOID.SERVER_AUTH)
+    (tmp_path / "trusted").mkdir()
     opts = settings(
         tmp_path,
         security="basic256sha256",
         certificate_file=cert.name,
         private_key_file=other_key.name,
+        trusted_client_certificates="trusted",
         allow_anonymous=True,
     )
     with pytest.raises(UserError, match=r"^opcua.private_key_file: .* is not the key of"):
@@ -539,6 +635,183 @@ def test_start_refuses_an_endpoint_in_use_and_colliding_camera_ids(tmp_path: Pat
             OpcUaServer(opts, Triggers()).start(["cam"], "m")
 
 
+# -- port scans, idle sockets and the session cap --------------------------------------------
+
+# The issue's bound: a PLC's connect timeout. Before the fix a client was refused for ~30 s
+# while 40 silent sockets were open (asyncua's socket cap of 32 counted them).
+CONNECT_WITHIN_S = 2.0
+
+
+def idle_sockets(endpoint: str, n: int) -> list[socket.socket]:
+    """`n` TCP connections that send nothing, as a port scanner leaves them."""
+    port = urlparse(endpoint).port
+    assert port is not None
+    return [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(n)]
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def read_state(client: Client) -> Any:
+    idx = await client.get_namespace_index(NS)
+    return await node(client, idx, "EdgeAgent.cam.State").read_value()
+
+
+async def connect_and_read(endpoint: str) -> Client:
+    """A real client in, one node read; the caller disconnects it."""
+    client = Client(endpoint, timeout=5)
+    await client.connect()
+    assert await read_state(client) == PREOPERATIONAL
+    return client
+
+
+@pytest.mark.parametrize("silent", [40, 100])
+def test_a_client_gets_in_while_a_port_scan_holds_sockets_open(tmp_path: Path, silent: int) -> None:
+    # A Hello timeout far longer than the test: the scan's sockets stay open throughout.
+    opts = settings(tmp_path, allow_anonymous=True, hello_timeout_s=60.0)
+    server = OpcUaServer(opts, Triggers())
+    server.start(["cam"], "m")
+    scan = idle_sockets(opts.endpoint, silent)
+
+    async def main() -> None:
+        client = await asyncio.wait_for(connect_and_read(opts.endpoint), CONNECT_WITHIN_S)
+        stats = server.connection_stats
+        await client.disconnect()
+        assert stats["sockets_open"] == silent + 1  # the scan was still there, all of it
+        assert stats["sessions_open"] == 1
+        assert stats["sockets_without_hello"] == stats["sockets_evicted"] == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        for sock in scan:
+            sock.close()
+        server.stop()
+
+
+def test_sockets_without_a_hello_are_closed_after_the_timeout_and_counted(
+    tmp_path: Path,
+) -> None:
+    opts = settings(tmp_path, allow_anonymous=True, hello_timeout_s=0.5)
+    server = OpcUaServer(opts, Triggers())
+    server.start(["cam"], "m")
+    silent = idle_sockets(opts.endpoint, 4)
+    trickle, other = idle_sockets(opts.endpoint, 2)
+    hello = uatcp_to_binary(ua.MessageType.Hello, ua.Hello(EndpointUrl=opts.endpoint))
+    trickle.sendall(hello[:10])  # a Hello that never completes
+    other.sendall(uatcp_to_binary(ua.MessageType.Acknowledge, ua.Acknowledge()))  # not a Hello
+
+    async def main() -> None:
+        client = await connect_and_read(opts.endpoint)
+        try:
+            for sock in [*silent, trickle, other]:
+                assert await asyncio.to_thread(closed_by_server, sock)
+            # A client that said Hello is not an idle socket, however long it stays.
+            assert await read_state(client) == PREOPERATIONAL
+        finally:
+            await client.disconnect()
+
+    try:
+        asyncio.run(main())
+        assert server.connection_stats["sockets_without_hello"] == 6
+    finally:
+        for sock in [*silent, trickle, other]:
+            sock.close()
+        server.stop()
+
+
+def test_a_flood_past_the_socket_cap_closes_the_oldest_sockets_without_a_session(
+    tmp_path: Path,
+) -> None:
+    opts = settings(tmp_path, allow_anonymous=True, hello_timeout_s=60.0)
+    server = OpcUaServer(opts, Triggers())
+    server.start(["cam"], "m")
+    flood: list[socket.socket] = []
+
+    async def main() -> None:
+        plc = await connect_and_read(opts.endpoint)
+        try:
+            flood.extend(await asyncio.to_thread(idle_sockets, opts.endpoint, MAX_SOCKETS + 20))
+            # The logged-in client keeps its connection; a new one still gets in.
+            assert await read_state(plc) == PREOPERATIONAL
+            late = await asyncio.wait_for(connect_and_read(opts.endpoint), CONNECT_WITHIN_S)
+            await late.disconnect()
+        finally:
+            await plc.disconnect()
+
+    try:
+        asyncio.run(main())
+        # The cap holds the plc's socket and 255 of the flood: the other 21 of the flood and
+        # the late client each closed the oldest silent socket.
+        assert server.connection_stats["sockets_evicted"] == 22
+        assert all(closed_by_server(sock) for sock in flood[:22])
+        flood[22].settimeout(0.2)
+        with pytest.raises(TimeoutError):  # still open: the oldest went first
+            flood[22].recv(1)
+    finally:
+        for sock in flood:
+            sock.close()
+        server.stop()
+
+
+def test_sessions_past_max_sessions_are_refused_with_bad_too_many_sessions(
+    tmp_path: Path,
+) -> None:
+    opts = settings(tmp_path, allow_anonymous=True, max_sessions=2)
+    server = OpcUaServer(opts, Triggers())
+    server.start(["cam"], "m")
+
+    async def main() -> None:
+        first = await connect_and_read(opts.endpoint)
+        second = await connect_and_read(opts.endpoint)
+        third = Client(opts.endpoint, timeout=5)
+        with pytest.raises(ua.uaerrors.BadTooManySessions):
+            await third.connect()
+        third.disconnect_socket()
+        assert server.connection_stats["sessions_open"] == 2
+        await first.disconnect()  # a session closed frees its place
+        third = await connect_and_read(opts.endpoint)
+        await third.disconnect()
+        await second.disconnect()
+
+    try:
+        asyncio.run(main())
+        stats = server.connection_stats
+        assert stats["sessions_refused"] == 1 and stats["sessions_open"] == 0
+    finally:
+        server.stop()
+
+
+def test_a_socket_past_a_cap_of_sessions_gets_bad_tcp_server_too_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every socket carries a session only when sessions fill the socket cap: a cap of 2 here.
+    monkeypatch.setattr(opcua, "MAX_SOCKETS", 2)
+    opts = settings(tmp_path, allow_anonymous=True)
+    server = OpcUaServer(opts, Triggers())
+    server.start(["cam"], "m")
+
+    async def main() -> None:
+        clients = [await connect_and_read(opts.endpoint) for _ in range(2)]
+        refused = Client(opts.endpoint, timeout=5)
+        with pytest.raises(ua.uaerrors.BadTcpServerTooBusy):
+            await refused.connect()
+        refused.disconnect_socket()
+        for client in clients:
+            await client.disconnect()
+
+    try:
+        asyncio.run(main())
+        assert server.connection_stats["sockets_refused"] == 1
+        assert set(server.connection_stats) == set(CONNECTION_STATS)
+    finally:
+        server.stop()
+
+
 # -- the config section ----------------------------------------------------------------------
 
 
@@ -565,6 +838,29 @@ def test_config_section(tmp_path: Path) -> None:
         ("certificate_file",),
         "required when security is basic256sha256",
     )
+    secure = {
+        **on,
+        "security": "basic256sha256",
+        "certificate_file": "c.der",
+        "private_key_file": "k.pem",
+        "allow_anonymous": True,
+    }
+    assert problem(secure, tmp_path) == (
+        ("trusted_client_certificates",),
+        "required when security is basic256sha256 (a folder of the client certificates to trust)",
+    )
+    trusting = OpcUaModel.model_validate(
+        {**secure, "trusted_client_certificates": "trusted"}, context={"base": tmp_path}
+    )
+    assert trusting.trusted_client_certificates == tmp_path / "trusted"
+    assert problem({"trusted_client_certificates": "trusted"}, tmp_path) == (
+        ("trusted_client_certificates",),
+        "only used with security: basic256sha256",
+    )
+    assert off.max_sessions == 32 and off.hello_timeout_s == 5.0
+    assert problem({"max_sessions": 0}, tmp_path)[0] == ("max_sessions",)
+    assert problem({"max_sessions": MAX_SOCKETS}, tmp_path)[0] == ("max_sessions",)
+    assert problem({"hello_timeout_s": 0}, tmp_path)[0] == ("hello_timeout_s",)
     assert problem({**on, "username": "plc", "password": "x", "allow_anonymous": True}, tmp_path)[
         0
     ] == ("allow_anonymous",)

@@ -3,6 +3,7 @@ real small bundle and real MTD tiles; plus the sd_notify and metrics building bl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -832,6 +833,34 @@ def test_metrics_without_archive_expose_no_archive_samples() -> None:
     assert not v.has("edge_agent_archive_saved_total")
     assert not v.has("edge_agent_archive_errors_total")
     assert v("edge_agent_queue_depth") == 3
+    assert not v.labels_of("edge_agent_opcua_open"), "no OPC UA server: no samples"
+
+
+def test_metrics_carry_the_opcua_servers_connection_counts() -> None:
+    from edge_agent.publish.opcua import CONNECTION_STATS
+
+    counts = {key: i + 1 for i, key in enumerate(CONNECTION_STATS)}
+    m = AgentMetrics()
+    m.watch(lambda: dataclasses.replace(_snapshot(), opcua=counts))
+    server = MetricsServer(m.registry, "127.0.0.1", 0)
+    server.start()
+    try:
+        v = _scrape(*server.address)
+    finally:
+        server.stop()
+    assert v.type_of("edge_agent_opcua_open") == "gauge"
+    assert v.type_of("edge_agent_opcua_refused_total") == "counter"
+    assert v("edge_agent_opcua_open", kind="sockets") == counts["sockets_open"]
+    assert v("edge_agent_opcua_open", kind="sessions") == counts["sessions_open"]
+    refused = {
+        "no_hello": "sockets_without_hello",
+        "evicted": "sockets_evicted",
+        "sockets": "sockets_refused",
+        "sessions": "sessions_refused",
+        "certificates": "certificates_refused",
+    }
+    for reason, key in refused.items():
+        assert v("edge_agent_opcua_refused_total", reason=reason) == counts[key]
 
 
 def test_metrics_are_thread_safe() -> None:

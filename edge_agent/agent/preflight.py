@@ -46,7 +46,8 @@ def preflight(config: Config) -> None:
         _can_listen(m.host, m.port, f"{where}: metrics.port")
     if config.opcua is not None:
         try:
-            # Password file, certificate and key, and that they match (asyncua only if enabled).
+            # Password file, certificate, key and trusted client certificates (asyncua only
+            # if enabled).
             server_module().check_settings(config.opcua)
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None

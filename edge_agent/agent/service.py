@@ -1225,6 +1225,7 @@ class Agent:
             archive_saved=a["saved"] if a is not None else None,
             archive_errors=a["errors"] + a["skipped"] if a is not None else None,
             model=(self.bundle.model_id, scorer.device) if scorer is not None else None,
+            opcua=self.opcua.connection_stats if self.opcua is not None else None,
         )
 
 

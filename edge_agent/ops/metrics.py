@@ -65,6 +65,19 @@ class Snapshot:
     archive_errors: int | None = None
     # (model_id, device); None before the scorer is built.
     model: tuple[str, str] | None = None
+    # The OPC UA server's connection counts (publish/opcua.py CONNECTION_STATS); None: off.
+    opcua: Mapping[str, int] | None = None
+
+
+# CONNECTION_STATS' keys -> (family, label value): the open ones and the refusals since start.
+OPCUA_OPEN = {"sockets_open": "sockets", "sessions_open": "sessions"}
+OPCUA_REFUSED = {
+    "sockets_without_hello": "no_hello",
+    "sockets_evicted": "evicted",
+    "sockets_refused": "sockets",
+    "sessions_refused": "sessions",
+    "certificates_refused": "certificates",
+}
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,8 @@ class _Families:
     archive_errors: CounterMetricFamily
     model_info: GaugeMetricFamily
     uptime: GaugeMetricFamily
+    opcua_open: GaugeMetricFamily
+    opcua_refused: CounterMetricFamily
 
     @classmethod
     def new(cls) -> _Families:
@@ -128,6 +143,18 @@ class _Families:
                 labels=["model_id", "device"],
             ),
             uptime=GaugeMetricFamily("edge_agent_uptime_seconds", "Seconds since start"),
+            opcua_open=GaugeMetricFamily(
+                "edge_agent_opcua_open",
+                "OPC UA server: open sockets and logged-in sessions",
+                labels=["kind"],
+            ),
+            opcua_refused=CounterMetricFamily(
+                "edge_agent_opcua_refused_total",
+                "OPC UA server: sockets closed without a Hello (no_hello) or at the socket cap "
+                "(evicted), connections and sessions refused at their caps, client "
+                "certificates refused",
+                labels=["reason"],
+            ),
         )
 
     def all(self) -> list[Metric]:
@@ -168,6 +195,11 @@ class SnapshotCollector(Collector):
             # Built anew each scrape, so a reload's new labels replace the old ones.
             f.model_info.add_metric(list(snap.model), 1)
         f.uptime.add_metric([], snap.uptime_s)
+        if snap.opcua is not None:
+            for key, kind in OPCUA_OPEN.items():
+                f.opcua_open.add_metric([kind], snap.opcua.get(key, 0))
+            for key, reason in OPCUA_REFUSED.items():
+                f.opcua_refused.add_metric([reason], snap.opcua.get(key, 0))
         yield from f.all()
 
 

@@ -1,12 +1,18 @@
 """OPC UA server for PLCs (asyncua): each camera's state, last result, counters, one event per
-verdict and a Trigger method, beside MQTT contract v1 (docs/opcua.md documents the address
-space for integrators).
+verdict and a Trigger method, beside MQTT contract v1 (README.md, "OPC UA server", documents
+the address space and the connection rules for integrators).
 
 asyncua runs in its own thread on its own event loop. The agent's side (`publish`,
 `set_state`, `set_model_id`) only stores values under a lock and, at most once per batch of
 changes, wakes that loop: it never waits for the loop, a client or the network. The loop then
 writes the newest values (latest wins when it fell behind) and emits the pending events (up
 to MAX_PENDING_EVENTS per camera; older ones are dropped and counted in EventsDropped).
+
+Connections (_Guard): a socket must say Hello within `hello_timeout_s` or it is closed; at
+MAX_SOCKETS open sockets the oldest one without an activated session makes room for the new
+one, so a port scan or a flood of silent sockets cannot lock a PLC out; `max_sessions` caps
+activated sessions (BadTooManySessions beyond it). With Basic256Sha256 a session needs a client
+certificate from the `trusted_client_certificates` folder, and it must be the channel's own.
 """
 
 from __future__ import annotations
@@ -17,34 +23,63 @@ import hmac
 import logging
 import math
 import socket
+import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from asyncua import Server, ua
+from asyncua.common.utils import Buffer, NotEnoughData, ServiceError
+from asyncua.crypto import uacrypto
 from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.crypto.truststore import TrustStore
+from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
 from asyncua.server.event_generator import EventGenerator
+from asyncua.server.internal_server import InternalServer
+from asyncua.server.internal_session import InternalSession, SessionState
 from asyncua.server.user_managers import UserManager
+from asyncua.ua.ua_binary import header_from_binary, uatcp_to_binary
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from edge_agent.errors import UserError
 from edge_agent.publish.contract import MAX_PART_ID
-from edge_agent.publish.opcua_config import PREOPERATIONAL, STATES, OpcUaModel
+from edge_agent.publish.opcua_config import MAX_SOCKETS, PREOPERATIONAL, STATES, OpcUaModel
 
 log = logging.getLogger(__name__)
 
 ROOT = "EdgeAgent"  # the folder under Objects, and the first part of every string node id
 EVENT_TYPE = "VerdictEventType"
 MAX_PENDING_EVENTS = 1024  # per camera, while the server's loop is behind
-MAX_SESSIONS = 32  # a PLC, a SCADA and an engineer's client need a few, not asyncua's 1000
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
+REPORT_EVERY_S = 60.0  # at most one warning a minute about sockets closed without a session
+CERTIFICATE_SUFFIXES = (".der", ".pem")  # the names asyncua's TrustStore loads from a folder
+# Time, application URI and the trust list; not key usage: a certificate the operator put in
+# the trust list is trusted, whatever its vendor set in keyUsage. No CRLs are configured.
+TRUST_CHECKS = (
+    CertificateValidatorOptions.TIME_RANGE
+    | CertificateValidatorOptions.URI
+    | CertificateValidatorOptions.TRUSTED
+    | CertificateValidatorOptions.PEER_CLIENT
+)
+# OpcUaServer.connection_stats' keys.
+CONNECTION_STATS = (
+    "sockets_open",
+    "sessions_open",
+    "sockets_without_hello",  # closed: no Hello within hello_timeout_s (or another message first)
+    "sockets_evicted",  # closed to make room at MAX_SOCKETS: no activated session
+    "sockets_refused",  # answered BadTcpServerTooBusy: every open socket had a session
+    "sessions_refused",  # answered BadTooManySessions: max_sessions reached
+    "certificates_refused",  # the client certificate is not trusted, or not the channel's
+)
 
 VT = ua.VariantType
 NULL_TIME = datetime(1601, 1, 1, tzinfo=timezone.utc)  # OPC UA's null DateTime
@@ -153,6 +188,8 @@ class _Credentials:
     certificate_format: str
     private_key: bytes
     application_uri: str | None  # the certificate's URI SAN: clients check it equals ours
+    trusted: Path  # the folder of trusted client certificates
+    trusted_count: int
 
 
 def _read_credentials(settings: OpcUaModel) -> _Credentials | None:
@@ -161,23 +198,15 @@ def _read_credentials(settings: OpcUaModel) -> _Credentials | None:
     if settings.security != "basic256sha256":
         return None
     assert settings.certificate_file is not None and settings.private_key_file is not None
+    assert settings.trusted_client_certificates is not None
     cert_bytes = _read(settings.certificate_file, "opcua.certificate_file")
     key_bytes = _read(settings.private_key_file, "opcua.private_key_file")
-    pem = cert_bytes.lstrip().startswith(b"-----BEGIN")
-    try:
-        cert = (
-            x509.load_pem_x509_certificate(cert_bytes)
-            if pem
-            else x509.load_der_x509_certificate(cert_bytes)
-        )
-    except ValueError:
-        raise UserError(
-            f"opcua.certificate_file: {settings.certificate_file} is not a PEM or DER certificate"
-        ) from None
+    pem = _is_pem(cert_bytes)
+    cert = _certificate(cert_bytes, settings.certificate_file, "opcua.certificate_file")
     try:
         key = (
             serialization.load_pem_private_key(key_bytes, password=None)
-            if key_bytes.lstrip().startswith(b"-----BEGIN")
+            if _is_pem(key_bytes)
             else serialization.load_der_private_key(key_bytes, password=None)
         )
     except (ValueError, TypeError):  # TypeError: the key is encrypted
@@ -210,12 +239,52 @@ def _read_credentials(settings: OpcUaModel) -> _Credentials | None:
             serialization.NoEncryption(),
         ),
         application_uri=uris[0] if uris else None,
+        trusted=settings.trusted_client_certificates,
+        trusted_count=_read_trust_list(settings.trusted_client_certificates),
     )
 
 
+def _read_trust_list(folder: Path) -> int:
+    """How many certificates the trust folder holds, each checked here: a private key or a
+    stray file in it is one line naming it, not a failed start inside asyncua's loader."""
+    key = "opcua.trusted_client_certificates"
+    try:
+        paths = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except NotADirectoryError:
+        raise UserError(f"{key}: {folder} is not a folder") from None
+    except OSError as exc:
+        raise UserError(f"{key}: cannot read {folder} ({exc.strerror or exc})") from None
+    count = 0
+    for path in paths:
+        if path.is_dir():
+            continue
+        if path.suffix.lower() not in CERTIFICATE_SUFFIXES:
+            raise UserError(
+                f"{key}: {path} is not named *.der or *.pem (the folder holds only the "
+                "certificates to trust)"
+            )
+        _certificate(_read(path, key), path, key)
+        count += 1
+    return count
+
+
+def _is_pem(data: bytes) -> bool:
+    return data.lstrip().startswith(b"-----BEGIN")
+
+
+def _certificate(data: bytes, path: Path, key: str) -> x509.Certificate:
+    try:
+        if _is_pem(data):
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError:
+        raise UserError(f"{key}: {path} is not a PEM or DER certificate") from None
+
+
 def check_settings(settings: OpcUaModel) -> None:
-    """What `start` reads before serving (password file, certificate and key), for
-    `run --check`: UserError, one line naming the key, when one is unusable."""
+    """What `start` reads before serving (password file, certificate, key and trusted client
+    certificates), for `run --check`: UserError, one line naming the key, when one is
+    unusable."""
     settings.password_value()
     _read_credentials(settings)
 
@@ -225,6 +294,307 @@ def _read(path: Path, key: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise UserError(f"{key}: cannot read {path} ({exc.strerror or exc})") from None
+
+
+# -- connections and sessions ------------------------------------------------------------------
+#
+# Written against asyncua 2.1.0, whose own limits do not hold under a port scan: its socket cap
+# (InternalServer.max_connections) counts sockets that never said Hello, closes refused ones
+# without an OPC UA error, and frees them only after its 30 s activation window; its session
+# cap (InternalSession.max_connections) is a class attribute shared by every server in the
+# process and answers BadMaxConnectionsReached. The classes below replace both through the
+# constructors asyncua offers (Server(iserver=...), InternalServer.create_session,
+# BinaryServer._make_protocol); only Server.start has to be restated (_Server).
+
+
+@dataclass
+class _Guard:
+    """The connection limits of one server and what they did. Changed on the server's loop
+    only; OpcUaServer.connection_stats reads the integers from the agent's thread."""
+
+    max_sockets: int
+    max_sessions: int
+    hello_timeout_s: float
+    sockets: dict[_Connection, None] = field(default_factory=dict)  # open, oldest first
+    sessions: int = 0  # activated, not closed
+    without_hello: int = 0
+    evicted: int = 0
+    sockets_refused: int = 0
+    sessions_refused: int = 0
+    certificates_refused: int = 0
+    _next_report: float = 0.0
+
+    def make_room(self) -> bool:
+        """At the socket cap: close the oldest socket that has not said Hello, else the
+        oldest without an activated session (a client mid-handshake is younger than the
+        sockets of a scan that came before it). False when every socket has a session."""
+        victim = next((c for c in self.sockets if not c.greeted), None)
+        if victim is None:
+            victim = next((c for c in self.sockets if not c.has_session), None)
+        if victim is None:
+            return False
+        self.evicted += 1
+        victim.drop()
+        self.report()
+        return True
+
+    def check_session_room(self) -> None:
+        """ServiceError(BadTooManySessions) at max_sessions activated sessions."""
+        if self.sessions >= self.max_sessions:
+            self.sessions_refused += 1
+            log.warning(
+                "opcua: refused a session: %d sessions are open (opcua.max_sessions)",
+                self.sessions,
+            )
+            raise ServiceError(ua.StatusCodes.BadTooManySessions)
+
+    def report(self) -> None:
+        """One warning a minute at most, however fast a scan opens sockets."""
+        now = time.monotonic()
+        if now < self._next_report:
+            return
+        self._next_report = now + REPORT_EVERY_S
+        log.warning(
+            "opcua: closed sockets that opened no session (a port scan?): %d without a Hello "
+            "within %g s, %d to make room at %d open sockets, since start",
+            self.without_hello,
+            self.hello_timeout_s,
+            self.evicted,
+            self.max_sockets,
+        )
+
+
+def _first_message(data: bytes) -> bytes | None:
+    """The OPC UA TCP message type of the first message in `data` once it is complete
+    (Part 6, 7.1.2), None before."""
+    try:
+        header = header_from_binary(Buffer(data))
+    except NotEnoughData:
+        return None
+    return header.MessageType if len(data) >= header.packet_size else None
+
+
+class _Connection(OPCUAProtocol):
+    """asyncua's connection, under _Guard's rules: Hello within hello_timeout_s, the socket
+    cap, and an OPC UA Error (BadTcpServerTooBusy) for a socket it cannot take."""
+
+    def __init__(self, guard: _Guard, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.guard = guard
+        self.greeted = False
+        self._hello_timer: asyncio.TimerHandle | None = None
+        self._refused: asyncio.Transport | None = None  # not served: answered, then closed
+
+    @property
+    def has_session(self) -> bool:
+        session = self.processor.session if self.processor is not None else None
+        return session is not None and session.is_activated()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        guard = self.guard
+        if len(guard.sockets) >= guard.max_sockets and not guard.make_room():
+            guard.sockets_refused += 1
+            # The Error answers its Hello: a client that has not sent it yet would miss it.
+            self._refused = cast(asyncio.Transport, transport)
+        else:
+            super().connection_made(transport)
+            if self.transport is not None:
+                guard.sockets[self] = None
+        loop = asyncio.get_running_loop()
+        self._hello_timer = loop.call_later(guard.hello_timeout_s, self._no_hello)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.greeted:
+            kind = _first_message(self._buffer + data)
+            if kind is not None and not self._greet(kind):
+                return  # closed: nothing more to read
+        if self._refused is not None:
+            self._buffer += data  # until its Hello is complete (the timer bounds it)
+            return
+        super().data_received(data)
+
+    def _greet(self, kind: bytes) -> bool:
+        """The first message is complete: whether asyncua serves this connection."""
+        self.greeted = True
+        self._stop_timer()
+        if kind != ua.MessageType.Hello:
+            # Part 6: a connection starts with Hello; anything else is not a client.
+            if self._refused is None:
+                self.guard.without_hello += 1
+                self.guard.report()
+            self.drop()
+            return False
+        if self._refused is not None:
+            error = ua.ErrorMessage(
+                ua.StatusCode(ua.StatusCodes.BadTcpServerTooBusy),
+                "every connection of this server carries a session",
+            )
+            self._refused.write(uatcp_to_binary(ua.MessageType.Error, error))
+            self.drop()
+            return False
+        return True
+
+    def _no_hello(self) -> None:
+        self._hello_timer = None
+        if self._refused is None:
+            self.guard.without_hello += 1
+            self.guard.report()
+        self.drop()
+
+    def drop(self) -> None:
+        """Close, and stop counting it now (connection_lost comes a loop turn later)."""
+        self.guard.sockets.pop(self, None)
+        self._stop_timer()
+        transport = self.transport or self._refused
+        if transport is not None:
+            transport.close()
+
+    def connection_lost(self, ex: BaseException | None) -> None:
+        self._stop_timer()
+        self.guard.sockets.pop(self, None)
+        super().connection_lost(ex)
+
+    def _stop_timer(self) -> None:
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+
+
+class _Listener(BinaryServer):
+    """asyncua's listener, making _Connection protocols."""
+
+    def __init__(
+        self, iserver: InternalServer, host: Any, port: Any, limits: Any, guard: _Guard
+    ) -> None:
+        super().__init__(iserver, host, port, limits)
+        self.guard = guard
+
+    def _make_protocol(self) -> _Connection:
+        return _Connection(
+            self.guard,
+            iserver=self.iserver,
+            policies=self._policies,
+            clients=self.clients,
+            closing_tasks=self.closing_tasks,
+            limits=self.limits,
+        )
+
+
+class _Sessions(InternalServer):
+    """asyncua's internal server, whose client sessions are _Session (the cap, the trust
+    list). `trusted`: a client certificate from the trust list is required."""
+
+    def __init__(self, user_manager: UserManager, guard: _Guard, *, trusted: bool) -> None:
+        super().__init__(user_manager=user_manager)
+        self.guard = guard
+        self.trusted = trusted
+        # _Connection's cap decides; asyncua's would also count sockets being closed.
+        self.max_connections = sys.maxsize
+
+    def create_session(
+        self, name: str, user: User | None = None, external: bool = False
+    ) -> InternalSession:
+        user = user if user is not None else User(role=UserRole.Anonymous)
+        if not external:
+            return super().create_session(name, user, external)
+        self.guard.check_session_room()  # early: CreateSession's own status for a full server
+        return _Session(self, self.aspace, self.subscription_service, name, user, external=True)
+
+
+class _Session(InternalSession):
+    """A client's session: counted against max_sessions once activated; with a trust list,
+    activated only on the channel of the certificate checked at CreateSession."""
+
+    iserver: _Sessions
+
+    def __init__(self, iserver: _Sessions, *args: Any, **kwargs: Any) -> None:
+        super().__init__(iserver, *args, **kwargs)
+        self._certificate: bytes | None = None
+
+    async def create_session(
+        self, params: ua.CreateSessionParameters, sockname: tuple[str, int] | None = None
+    ) -> ua.CreateSessionResult:
+        if self.iserver.trusted and not params.ClientCertificate:
+            # asyncua runs the certificate validator only on a certificate that was sent.
+            self._refuse_certificate("sent no certificate")
+        result = await super().create_session(params, sockname)  # the trust list's check
+        self._certificate = params.ClientCertificate
+        return result
+
+    def activate_session(
+        self, params: ua.ActivateSessionParameters, peer_certificate: bytes | None
+    ) -> ua.ActivateSessionResult:
+        if self.iserver.trusted and (not peer_certificate or peer_certificate != self._certificate):
+            # The session's signature is checked with the channel's certificate, so that is
+            # the one that must have been trusted, not one copied into CreateSession.
+            self._refuse_certificate("signs with another certificate than the trusted one")
+        first = self.state is SessionState.Created
+        if first:
+            self.iserver.guard.check_session_room()
+        result = super().activate_session(params, peer_certificate)
+        if first:
+            self.iserver.guard.sessions += 1
+        return result
+
+    async def close_session(self, delete_subs: bool = True) -> None:
+        if self.state is SessionState.Activated:
+            self.iserver.guard.sessions -= 1
+        await super().close_session(delete_subs)
+
+    def _refuse_certificate(self, why: str) -> None:
+        self.iserver.guard.certificates_refused += 1
+        log.warning("opcua: refused a session: the client %s", why)
+        raise ServiceError(ua.StatusCodes.BadSecurityChecksFailed)
+
+
+class _TrustList(CertificateValidator):
+    """asyncua's certificate checks against the trust folder, each refusal counted and logged
+    in one line (asyncua's TrustStore logs a traceback, silenced in OpcUaServer.start)."""
+
+    def __init__(self, store: TrustStore, guard: _Guard) -> None:
+        super().__init__(TRUST_CHECKS, store)
+        self.guard = guard
+
+    async def validate(
+        self, cert: x509.Certificate, app_description: ua.ApplicationDescription
+    ) -> None:
+        try:
+            await super().validate(cert, app_description)
+        except ServiceError as exc:
+            self.guard.certificates_refused += 1
+            log.warning(
+                "opcua: refused the certificate of client %s (%s): %s",
+                app_description.ApplicationUri,
+                cert.subject.rfc4514_string(),
+                ua.StatusCode(exc.code).name,
+            )
+            raise
+
+
+class _Server(Server):
+    """asyncua's Server on _Sessions and _Listener."""
+
+    def __init__(self, iserver: _Sessions) -> None:
+        super().__init__(iserver=iserver)
+        self.guard = iserver.guard
+
+    async def start(self) -> None:
+        # asyncua 2.1.0's Server.start, but for the listener's class: it builds its
+        # BinaryServer by name, with no way to pass another.
+        if self.iserver.certificate is not None:
+            uacrypto.check_certificate(  # logs what a client may object to
+                self.iserver.certificate, self._application_uri, socket.gethostname()
+            )
+        await self._setup_server_nodes()
+        await self.iserver.start()
+        try:
+            host, port = self._get_bind_socket_info()
+            self.bserver = _Listener(self.iserver, host, port, self.limits, self.guard)
+            self.bserver.set_policies(self._policies)
+            await self.bserver.start()
+        except BaseException:
+            await self.iserver.stop()
+            raise
 
 
 class OpcUaServer:
@@ -247,6 +617,7 @@ class OpcUaServer:
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self.namespace_index: int | None = None
+        self._guard = _Guard(MAX_SOCKETS, settings.max_sessions, settings.hello_timeout_s)
 
     # -- the agent's side: never waits ------------------------------------------------------
 
@@ -258,11 +629,13 @@ class OpcUaServer:
         if self._thread is not None:
             raise RuntimeError("the OPC UA server is already started")
         _check_node_ids(cameras)
-        quiet = logging.getLogger("asyncua")
-        if quiet.level == logging.NOTSET:
-            # asyncua logs every session, subscription and method call at INFO; the agent
-            # logs events, not requests (set the "asyncua" logger's level to see them).
-            quiet.setLevel(logging.WARNING)
+        # asyncua logs every session, subscription and method call at INFO; the agent logs
+        # events, not requests (set the "asyncua" logger's level to see them). Its TrustStore
+        # logs a traceback per untrusted certificate; _TrustList logs one line instead.
+        for name, level in (("asyncua", logging.WARNING), ("asyncuagds", logging.CRITICAL)):
+            quiet = logging.getLogger(name)
+            if quiet.level == logging.NOTSET:
+                quiet.setLevel(level)
         password = self.settings.password_value()
         credentials = _read_credentials(self.settings)
         with self._lock:
@@ -287,13 +660,20 @@ class OpcUaServer:
             raise UserError(f"opcua: cannot start the server ({type(error).__name__}: {error})")
         s = self.settings
         log.info(
-            "OPC UA server on %s (security %s, %s), namespace %s = ns=%d",
+            "OPC UA server on %s (security %s, %s), namespace %s = ns=%d, up to %d sessions",
             s.endpoint,
             s.security,
             f"user {s.username}" if s.username else "anonymous clients",
             s.namespace_uri,
             self.namespace_index,
+            s.max_sessions,
         )
+        if credentials is not None and credentials.trusted_count == 0:
+            log.warning(
+                "opcua.trusted_client_certificates: %s holds no certificate: every client is "
+                "refused",
+                credentials.trusted,
+            )
         if s.username and s.security == "none":
             log.warning("opcua: the password travels unencrypted; use security: basic256sha256")
 
@@ -360,6 +740,22 @@ class OpcUaServer:
         if thread.is_alive():
             log.warning("opcua: the server thread did not stop within %.1f s", timeout_s)
         self._thread = None
+
+    @property
+    def connection_stats(self) -> dict[str, int]:
+        """CONNECTION_STATS: open sockets and sessions, and what was closed or refused since
+        start."""
+        g = self._guard
+        values = (
+            len(g.sockets),
+            g.sessions,
+            g.without_hello,
+            g.evicted,
+            g.sockets_refused,
+            g.sessions_refused,
+            g.certificates_refused,
+        )
+        return dict(zip(CONNECTION_STATS, values, strict=True))
 
     @property
     def stats(self) -> dict[str, dict[str, int]]:
@@ -459,9 +855,11 @@ class OpcUaServer:
         self, cameras: list[str], password: str | None, credentials: _Credentials | None
     ) -> tuple[Server, _AddressSpace]:
         s = self.settings
-        server = Server(user_manager=_Users(s.username, password))
+        iserver = _Sessions(
+            _Users(s.username, password), self._guard, trusted=credentials is not None
+        )
+        server = _Server(iserver)
         await server.init()
-        server.iserver.max_connections = MAX_SESSIONS
         server.set_endpoint(s.endpoint)
         server.set_server_name("edge-agent")
         server.product_uri = "urn:edge-agent"
@@ -470,6 +868,9 @@ class OpcUaServer:
             app_uri = credentials.application_uri or app_uri
             await server.load_certificate(credentials.certificate, credentials.certificate_format)
             await server.load_private_key(credentials.private_key, None, "pem")
+            store = TrustStore([credentials.trusted], [])
+            await store.load()
+            server.set_certificate_validator(_TrustList(store, self._guard))
             # Signed and encrypted only: no endpoint a client could fall back to in clear.
             server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
             if credentials.application_uri is None:

@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Field,
     SecretStr,
     ValidationInfo,
     model_validator,
@@ -30,6 +31,10 @@ from edge_agent.errors import UserError
 SECURITY_MODES = ("none", "basic256sha256")
 DEFAULT_ENDPOINT = "opc.tcp://127.0.0.1:4840/edge-agent/"
 DEFAULT_NAMESPACE_URI = "urn:edge-agent:inspection"
+# Open sockets, sessions or not: bounds the agent's file descriptors (cameras, spool, archive
+# share them). At the cap, the oldest socket without an activated session makes room, so
+# sockets that never log in cannot lock clients out; max_sessions stays well below it.
+MAX_SOCKETS = 256
 
 # OPC 40100-1 (Machine Vision) top-level system states, as the State variable spells them.
 PREOPERATIONAL = "Preoperational"
@@ -95,11 +100,15 @@ class OpcUaModel(BaseModel):
     password: Secret | None = None
     password_file: ConfigPath | None = None
     allow_anonymous: bool = False
+    # Activated sessions at a time: a PLC, a SCADA and an engineer's client need a few.
+    max_sessions: int = Field(32, ge=1, le=MAX_SOCKETS // 2)
+    hello_timeout_s: float = Field(5.0, gt=0, le=60)
+    trusted_client_certificates: ConfigPath | None = None
 
     @model_validator(mode="after")
     def _rules(self) -> OpcUaModel:
         secure = self.security == "basic256sha256"
-        for key in ("certificate_file", "private_key_file"):
+        for key in ("certificate_file", "private_key_file", "trusted_client_certificates"):
             if getattr(self, key) is not None and not secure:
                 raise _problem("only used with security: basic256sha256", key)
         if self.password is not None and self.password_file is not None:
@@ -116,6 +125,14 @@ class OpcUaModel(BaseModel):
         for key in ("certificate_file", "private_key_file"):
             if getattr(self, key) is None and secure:
                 raise _problem("required when security is basic256sha256", key)
+        if self.trusted_client_certificates is None and secure:
+            # No default trust-anything: an encrypted channel from an unknown client is still
+            # an unknown client. Refused here, in one line, rather than every client at run time.
+            raise _problem(
+                "required when security is basic256sha256 (a folder of the client "
+                "certificates to trust)",
+                "trusted_client_certificates",
+            )
         if self.username is None and not self.allow_anonymous:
             # Secure by default: nobody gets in unless the config says who.
             raise _problem(
