@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One short call on a lent GPU machine (see the device tool's README): install the wheels
-# carried in wheels/ (the machine has no network), then write into $OUT (default gpu-report/):
+# One short call on a lent GPU machine (see the device tool's README): install the device kit
+# (scripts/gpu_kit/, its parts gathered in earlier back-to-back calls; the machine has no
+# network), then write into $OUT (default gpu-report/):
 # doctor.json (providers, FAISS GPUs, where each stage runs and why not on the GPU),
 # parity.json (GPU vs CPU image scores, exact search, relative 1e-4) and bench.json (batch 1, 8,
 # 32, 128, exact flat index on the GPU). Usage: scripts/gpu_check.sh BUNDLE DATA
@@ -11,8 +12,8 @@ data=${2:?usage: scripts/gpu_check.sh BUNDLE DATA}
 out=${OUT:-gpu-report}
 py=${PYTHON:-python3}
 mkdir -p "$out"
-if [ -d wheels ]; then
-  "$py" -m pip install -q --no-index --find-links wheels wheels/*.whl
+if [ -f .gpu_kit/kit.json ]; then
+  "$py" scripts/gpu_kit/install.py install .gpu_kit --require-gpu
 fi
 "$py" -m pip install -q --no-index --no-deps --no-build-isolation -e . || true
 status=0

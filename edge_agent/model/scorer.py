@@ -16,6 +16,7 @@ that decide are searched exactly again:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -67,10 +68,25 @@ def providers_for(
     given the providers this install has (``available``; default: ask ONNX Runtime)."""
     available = ort.get_available_providers() if available is None else available
     if device in ("auto", "cuda") and CUDA_PROVIDER in available:
+        _preload_cuda_libraries()
         return [(CUDA_PROVIDER, dict(CUDA_OPTIONS)), "CPUExecutionProvider"]
     if device == "cuda":
         log.warning("ONNX Runtime has no CUDA provider here (install onnxruntime-gpu): using CPU")
     return ["CPUExecutionProvider"]
+
+
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    """The CUDA 13 wheels put their libraries in site-packages/nvidia/, off the loader's path:
+    onnxruntime-gpu loads them itself (preload_dlls, ONNX Runtime >= 1.21) before the first
+    CUDA session. Where it cannot, the session says why (and falls back to the CPU)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # a library missing here is the session's to report
+        log.warning("ONNX Runtime could not preload the CUDA libraries: %s", exc)
 
 
 def _add_stages(stage_s: dict[str, float] | None, t0: float, t1: float, t2: float) -> None:
