@@ -37,15 +37,20 @@ from pydantic import (
     PlainValidator,
     SecretStr,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic.fields import FieldInfo
-from pydantic_core import ErrorDetails, PydanticCustomError
+from pydantic_core import ErrorDetails
 
 from edge_agent.capture.cameras import KINDS as CAMERA_KINDS
 from edge_agent.capture.cameras import MODES, OVERFLOWS, CameraSettings
+from edge_agent.config.fields import ConfigPath, Secret, Text
+from edge_agent.config.fields import Section as _Section
+from edge_agent.config.fields import problem as _problem
+from edge_agent.config.fields import resolve as _resolve
+from edge_agent.config.fields import show as _show
+from edge_agent.config.fields import text as _text
 from edge_agent.decide import drift
 from edge_agent.decide.archive import ArchiveSettings
 from edge_agent.decide.decision import Thresholds, resolve_thresholds
@@ -86,23 +91,6 @@ def _default(cls: type, name: str) -> Any:
 # -- value rules -----------------------------------------------------------------------------
 
 
-def _problem(problem: str, *at: str | int) -> PydanticCustomError:
-    """A rule's own message; `at` names the key below the validated value it is about (a
-    model-wide rule is reported on the key to change, not on the whole section)."""
-    return PydanticCustomError("config", "{problem}", {"problem": problem, "at": at})
-
-
-def _text(value: str) -> str:
-    if not value.strip():
-        raise _problem("must not be empty")
-    return value
-
-
-def _secret_text(value: SecretStr) -> SecretStr:
-    _text(value.get_secret_value())
-    return value
-
-
 def _topic_level(value: str) -> str:
     if not TOPIC_LEVEL.match(value):
         raise _problem(
@@ -118,20 +106,6 @@ def _topic_path(value: str) -> str:
             f"{value!r} must be topic levels of letters, digits, '_', '-', '.' joined by '/'"
         )
     return value
-
-
-def _resolve(base: Path, value: str) -> Path:
-    path = Path(os.path.expanduser(value))
-    return path if path.is_absolute() else base / path
-
-
-def _config_path(value: object, info: ValidationInfo) -> object:
-    # The config's folder comes in as validation context: load_config knows the file.
-    if value is None:
-        raise _problem("must not be empty")
-    if not isinstance(value, str):
-        raise _problem(f"must be a string, got {_show(value)}")
-    return _resolve(info.context["base"], _text(value))
 
 
 def _source(value: object) -> str | int:
@@ -151,20 +125,12 @@ def _camera_list(value: object) -> object:
     return value
 
 
-Text = Annotated[str, AfterValidator(_text)]
 TopicLevel = Annotated[str, AfterValidator(_text), AfterValidator(_topic_level)]
 TopicPath = Annotated[str, AfterValidator(_text), AfterValidator(_topic_path)]
-Secret = Annotated[SecretStr, AfterValidator(_secret_text)]
-ConfigPath = Annotated[Path, BeforeValidator(_config_path)]
 Source = Annotated[str | int, PlainValidator(_source)]
 
 
 # -- the schema ------------------------------------------------------------------------------
-
-
-class _Section(BaseModel):
-    # strict: no bool as int, no string as number (ints still pass as floats); no inf/nan.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ThresholdOverrides(_Section):
@@ -600,16 +566,6 @@ def _choices(annotation: Any) -> tuple[Any, ...]:
 def _number(bound: Any) -> Any:
     # pydantic stores float bounds as floats: "more than 0", not "more than 0.0".
     return int(bound) if isinstance(bound, float) and bound.is_integer() else bound
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 40:
-        text = text[:37] + "..."
-    kind = {dict: "mapping", list: "list", bool: "boolean", type(None): "nothing"}.get(
-        type(value), type(value).__name__
-    )
-    return f"{text} ({kind})"
 
 
 def _suggest(key: Any, known: list[str]) -> str:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from edge_agent.agent.config import Config
 from edge_agent.errors import UserError
 from edge_agent.images import list_images
-from edge_agent.publish.opcua_config import server_module
 from edge_agent.publish.publisher import build_ssl_context
 
 
@@ -76,3 +76,17 @@ def _can_listen(host: str, port: int, key: str) -> None:
             sock.bind((host, port))
         except OSError as exc:
             raise UserError(f"{key}: cannot listen on {host}:{port} ({exc.strerror})") from None
+
+
+def server_module() -> Any:
+    """edge_agent.publish.opcua, imported only when a config enables it (asyncua is the
+    optional `opcua` extra); its absence is one line, not a traceback."""
+    try:
+        from edge_agent.publish import opcua
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("asyncua", "cryptography"):
+            raise
+        raise UserError(
+            f"opcua.enabled: needs {exc.name}: pip install 'edge-agent[opcua]'"
+        ) from None
+    return opcua

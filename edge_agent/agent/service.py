@@ -42,7 +42,7 @@ from edge_agent import __version__
 from edge_agent.agent import inspect
 from edge_agent.agent.config import Config, load_config
 from edge_agent.agent.models import Model, Run, bind, load_models
-from edge_agent.agent.preflight import preflight
+from edge_agent.agent.preflight import preflight, server_module
 from edge_agent.capture.cameras import LIVE_KINDS, CameraCapture
 from edge_agent.capture.frame_queue import Frame, FrameQueue
 from edge_agent.decide.archive import RejectArchive
@@ -64,7 +64,7 @@ from edge_agent.publish.contract import (
     recipe_message,
     verdict_message,
 )
-from edge_agent.publish.opcua_config import camera_state, server_module
+from edge_agent.publish.opcua_config import camera_state
 from edge_agent.publish.publisher import Publisher
 from edge_agent.publish.sparkplug import SparkplugNode, device_values
 from edge_agent.station.part import Part, PartAssembler

@@ -1,31 +1,28 @@
 """The `opcua` config section and the camera state mapping of the OPC UA server.
 
 Kept apart from edge_agent.publish.opcua (the server) so that loading a config never imports
-asyncua: the section is validated even when the server is off. Field rules are config.py's
-own (non-empty text, secrets never echoed, paths resolved against the config's folder, errors
-naming the key); config.py imports this module for its `opcua` section, so those rules are
-looked up when a value is validated, not when this module is imported (which would be an
-import cycle).
+asyncua: the section is validated even when the server is off. Field rules are the config's
+shared ones (edge_agent/config/fields.py: non-empty text, secrets never echoed, paths resolved
+against the config's folder, errors naming the key).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    SecretStr,
-    ValidationInfo,
     model_validator,
 )
 
+from edge_agent.config.fields import ConfigPath, Secret, Text
+from edge_agent.config.fields import problem as _problem
+from edge_agent.config.fields import text as _text
 from edge_agent.errors import UserError
 
 SECURITY_MODES = ("none", "basic256sha256")
@@ -44,28 +41,6 @@ ERROR = "Error"
 STATES = (PREOPERATIONAL, OPERATIONAL, HALTED, ERROR)
 
 
-def _config() -> Any:
-    from edge_agent.agent import config  # at validation time: see the module docstring
-
-    return config
-
-
-def _text(value: str) -> str:
-    return _config()._text(value)
-
-
-def _secret_text(value: SecretStr) -> SecretStr:
-    return _config()._secret_text(value)
-
-
-def _config_path(value: object, info: ValidationInfo) -> object:
-    return _config()._config_path(value, info)
-
-
-def _problem(problem: str, *at: str) -> Exception:
-    return _config()._problem(problem, *at)
-
-
 def _endpoint(value: str) -> str:
     url = urlparse(value)
     try:
@@ -77,9 +52,6 @@ def _endpoint(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(_text)]
-Secret = Annotated[SecretStr, AfterValidator(_secret_text)]
-ConfigPath = Annotated[Path, BeforeValidator(_config_path)]
 Endpoint = Annotated[str, AfterValidator(_text), AfterValidator(_endpoint)]
 Security = Literal.__getitem__(SECURITY_MODES)  # the tuple stays the only list of choices
 
@@ -175,17 +147,3 @@ def camera_state(stats: Mapping[str, Any], *, stopping: bool = False) -> str:
     if stats.get("last_error"):
         return ERROR
     return PREOPERATIONAL
-
-
-def server_module() -> Any:
-    """edge_agent.publish.opcua, imported only when a config enables it (asyncua is the
-    optional `opcua` extra); its absence is one line, not a traceback."""
-    try:
-        from edge_agent.publish import opcua
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("asyncua", "cryptography"):
-            raise
-        raise UserError(
-            f"opcua.enabled: needs {exc.name}: pip install 'edge-agent[opcua]'"
-        ) from None
-    return opcua
