@@ -478,3 +478,88 @@ def test_huge_and_deeply_nested_files_are_refused(tmp_path: Path) -> None:
     assert "larger than 1024 KiB" in _error(big)
     deep = _write(tmp_path, "bundle: " + "[" * 50_000 + "]" * 50_000 + "\n", "deep.yaml")
     assert "invalid YAML" in _error(deep)
+
+
+STATION = """\
+cameras:
+  - {id: cam1, source: images}
+  - {id: cam2, source: images}
+recipes:
+  active: bottle-a
+  bottle-a:
+    number: 1
+    inspections:
+      - {id: cap, camera: cam1, roi: [0, 0, 30, 20], ignore: mask.png, bundle: b1}
+      - {id: label, camera: cam2, bundle: b2, thresholds: {image: 3.0}}
+  bottle-b:
+    number: 2
+    inspections:
+      - {id: cap, camera: cam1, bundle: b1}
+"""
+
+
+def _station(tmp_path: Path, text: str) -> Path:
+    cv2.imwrite(str(tmp_path / "mask.png"), np.full((20, 30), 255, dtype=np.uint8))
+    cv2.imwrite(str(tmp_path / "color.png"), np.zeros((20, 30, 3), dtype=np.uint8))
+    return _write(tmp_path, text)
+
+
+def test_a_station_loads_as_written(tmp_path: Path) -> None:
+    c = load_config(_station(tmp_path, STATION))
+    book = c.station
+    assert c.bundle is None and book.active == "bottle-a" and book.preload
+    assert book.part_timeout_s == 2.0
+    cap, label = book.recipes["bottle-a"].inspections
+    assert (cap.camera, cap.roi, cap.bundle) == ("cam1", (0, 0, 30, 20), tmp_path / "b1")
+    assert cap.ignore is not None and cap.ignore.shape == (20, 30) and cap.ignore.all()
+    assert (label.roi, label.ignore, label.image_threshold) == (None, None, 3.0)
+    assert book.recipes["bottle-b"].number == 2
+    assert book.bundles() == (tmp_path / "b1", tmp_path / "b2")
+
+
+def test_a_top_level_bundle_is_one_recipe_of_whole_frames(tmp_path: Path) -> None:
+    c = load_config(_write(tmp_path, MINIMAL + "  - {id: cam2, source: images}\n"))
+    (recipe,) = c.station.recipes.values()
+    assert (recipe.name, recipe.number, c.station.active) == ("default", 1, "default")
+    assert [(i.id, i.camera, i.roi) for i in recipe.inspections] == [
+        ("cam1", "cam1", None),
+        ("cam2", "cam2", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("number: 2", "number: 1"), "recipes.bottle-b.number: 1 is recipe bottle-a's too"),
+        (("active: bottle-a", "active: bottle-c"), "recipes.active: no recipe named 'bottle-c'"),
+        (("camera: cam2", "camera: cam3"), "recipes.bottle-a.inspections[1].camera: no camera"),
+        (("[0, 0, 30, 20]", "[0, 0, 0, 20]"), "inspections[0].roi: width and height must be"),
+        (("[0, 0, 30, 20]", "[-1, 0, 30, 20]"), "inspections[0].roi: x and y must be 0 or more"),
+        (("[0, 0, 30, 20]", "[0, 0, 30.5, 20]"), "inspections[0].roi: must be [x, y, width,"),
+        (("[0, 0, 30, 20]", "[0, 0, 31, 20]"), "inspections[0].ignore: "),
+        (("ignore: mask.png", "ignore: color.png"), "has 3 channels; a mask has one"),
+        (("ignore: mask.png", "ignore: gone.png"), "is not a readable image"),
+        (("id: label", "id: cap"), "bottle-a.inspections[1].id: 'cap' is used by another"),
+        (
+            ("      - {id: cap, camera: cam1, bundle: b1}\n", "      []\n"),
+            "recipes.bottle-b.inspections: a recipe needs at least one inspection",
+        ),
+        (("  bottle-b:", "  'bottle b':"), "a recipe name is letters, digits"),
+        (("active: bottle-a", "prelaod: true"), "recipes.prelaod: unknown key (did you mean"),
+        (("roi: [0, 0, 30, 20]", "rio: [0, 0, 30, 20]"), "inspections[0].rio: unknown key"),
+        (("number: 2", "number: 40000"), "recipes.bottle-b.number: must be at most 32767"),
+        (("recipes:\n", "bundle: b1\nrecipes:\n"), "bundle: give either bundle"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_station_mistakes_name_the_key(
+    tmp_path: Path, change: tuple[str, str], expected: str
+) -> None:
+    old, new = change
+    assert old in STATION
+    assert expected in _error(_station(tmp_path, STATION.replace(old, new, 1)))
+
+
+def test_recipes_need_a_recipe(tmp_path: Path) -> None:
+    text = "cameras: [{id: cam1, source: images}]\nrecipes: {active: null}\n"
+    assert "recipes: no recipe: add one" in _error(_write(tmp_path, text))
