@@ -315,6 +315,10 @@ class Agent:
             if config.opcua is not None
             else None
         )
+        # Recipe selections from every protocol come through one door (select_recipe).
+        for adapter in (self.sparkplug, self.opcua):
+            if adapter is not None:
+                adapter.set_recipe_handler(self.select_recipe)
         self._capture_by_id = {c.settings.id: c for c in self.captures}
         self.drift: dict[str, DriftMonitor] = {}
         self._drift_alarm: dict[str, bool] = {}
@@ -421,9 +425,10 @@ class Agent:
         cleanup.append(
             lambda: self.publisher.stop(self._drain_left(), keepalive=self.notifier.watchdog_due)
         )
+        # Before the Sparkplug node and the OPC UA server start: their births carry it.
+        self._publish_recipe("ok", "started", None)
         if self.line_link:
             self.publisher.on_recipe_command(self._on_recipe_command)
-            self._publish_recipe("ok", "started", None)
             # Parts still open at a stop go out as they stand (ERROR, their silent inspections
             # named) before the links flush: cleanup runs in reverse order.
             cleanup.append(self._close_parts)
@@ -885,19 +890,40 @@ class Agent:
                 ", ".join(msg["missing"]),
                 self.book.part_timeout_s * 1000,
             )
-        self.publisher.publish_part(part_message(msg, time.time()))
+        # One part, every protocol: each adapter renders it and decides nothing.
+        message = part_message(msg, time.time())
+        if self.line_link:
+            self.publisher.publish_part(message)
+        if self.sparkplug is not None:
+            self.sparkplug.publish_part(message)
+        if self.opcua is not None:
+            self.opcua.publish_part(message)
 
     def _on_recipe_command(self, payload: bytes) -> None:
-        """From the line link's network thread: a recipe selection, checked here and applied
-        by the loop between batches; a malformed one is refused at once."""
+        """MQTT's recipe/set, on the line link's network thread."""
         select = parse_select(payload)
         if isinstance(select, str):
-            self.metrics.recipe_commands.labels("refused").inc()
-            log.warning("recipe command refused: %s", select)
-            self._publish_recipe("refused", select, None)
+            self._refuse(select, None, "mqtt")
             return
+        self.select_recipe(select, "mqtt")
+
+    def select_recipe(self, select: Select, source: str) -> str | None:
+        """The one way in for a recipe selection, whichever protocol carried it (``source``:
+        mqtt, sparkplug, opcua), called from its own thread: refused at once, with the reason
+        returned and published, when no recipe answers it; else queued for the loop, which
+        switches at the next frame boundary (None: accepted; the state says when it is done)."""
+        found = self.book.find(select)
+        if isinstance(found, str):
+            self._refuse(found, select.request_id, source)
+            return found
         with self._trigger_lock:
             self._commands.append((select, time.time()))
+        return None
+
+    def _refuse(self, reason: str, request_id: str | None, source: str) -> None:
+        self.metrics.recipe_commands.labels("refused").inc()
+        log.warning("recipe command (%s) refused: %s", source, reason)
+        self._publish_recipe("refused", reason, request_id)
 
     def _apply_commands(self) -> None:
         with self._trigger_lock:
@@ -908,15 +934,12 @@ class Agent:
 
     def _select(self, select: Select, received_at: float) -> None:
         found = self.book.find(select)
-        if isinstance(found, str):
-            self.metrics.recipe_commands.labels("refused").inc()
-            log.warning("recipe command refused: %s", found)
-            self._publish_recipe("refused", found, select.request_id)
+        if isinstance(found, str):  # select_recipe checked it; the book does not change
+            self._refuse(found, select.request_id, "loop")
             return
         if self._switching is not None:
             reason = f"busy: recipe {self._switching.describe()} is still loading"
-            self.metrics.recipe_commands.labels("refused").inc()
-            self._publish_recipe("refused", reason, select.request_id)
+            self._refuse(reason, select.request_id, "loop")
             return
         missing = [p for p in found.bundles() if p not in self.models]
         if not missing:
@@ -944,15 +967,8 @@ class Agent:
         result, self._switch_result, self._switch_thread = self._switch_result, None, None
         select, self._switching = self._switching, None
         if isinstance(result, Exception) or result is None:
-            self.metrics.recipe_commands.labels("refused").inc()
-            reason = f"cannot load: {result}"
-            log.error(
-                "recipe %s: %s; recipe %s keeps running",
-                select and select.describe(),
-                reason,
-                self.recipe.name,
-            )
-            self._publish_recipe("refused", reason, select.request_id if select else None)
+            reason = f"cannot load: {result}; recipe {self.recipe.name} keeps running"
+            self._refuse(reason, select.request_id if select else None, "loop")
             return
         recipe, select, models = result
         self._switch(recipe, models, time.time(), select)
@@ -963,8 +979,7 @@ class Agent:
         try:
             runs = bind(self.config, recipe, models)
         except UserError as exc:  # an uncalibrated bundle without thresholds in the config
-            self.metrics.recipe_commands.labels("refused").inc()
-            self._publish_recipe("refused", str(exc), select.request_id)
+            self._refuse(str(exc), select.request_id, "loop")
             return
         previous = self.recipe.name
         self.models = dict(models)
@@ -990,18 +1005,21 @@ class Agent:
             log.error("cannot remember recipe %s in %s: %s", self.recipe.name, path, exc)
 
     def _publish_recipe(self, result: str, reason: str | None, request_id: str | None) -> None:
-        if not self.line_link:
-            return
-        self.publisher.publish_recipe(
-            recipe_message(
-                active=self.recipe.name,
-                number=self.recipe.number,
-                result=result,
-                reason=reason,
-                request_id=request_id,
-                changed_at=self._recipe_changed_at,
-            )
+        """The recipe's state, every protocol (each adapter renders it, none decides)."""
+        message = recipe_message(
+            active=self.recipe.name,
+            number=self.recipe.number,
+            result=result,
+            reason=reason,
+            request_id=request_id,
+            changed_at=self._recipe_changed_at,
         )
+        if self.line_link:
+            self.publisher.publish_recipe(message)
+        if self.sparkplug is not None:
+            self.sparkplug.set_recipe(message)
+        if self.opcua is not None:
+            self.opcua.set_recipe(message)
 
     # -- reload -----------------------------------------------------------------------------
 
