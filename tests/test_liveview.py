@@ -29,6 +29,7 @@ from edge_agent.images import list_images, read_image
 from edge_agent.ops import liveview
 from edge_agent.ops.liveview import LiveStore, LiveViewServer, encode_jpeg
 from edge_agent.publish.contract import verdict_message
+from edge_agent.station.recipes import Inspection
 from tests.brokers import Broker, free_port
 from tests.conftest import unavailable
 
@@ -165,6 +166,42 @@ def test_rendered_frames_keep_the_frame_size_and_show_the_regions_on_ng() -> Non
     status = store.status()["cameras"]["cam1"]
     assert status["last"]["verdict"] == "ERROR" and status["version"] == 2
     assert status["counts"] == {"OK": 1, "NG": 1, "ERROR": 1}
+
+
+def test_each_inspection_is_drawn_and_listed() -> None:
+    """A station camera: each ROI outlined (with its id), ignored pixels tinted, the rest of
+    the picture untouched, and every inspection's own answer in the status the page shows."""
+    ignore = np.zeros((60, 100), dtype=bool)
+    ignore[:, :50] = True  # the left half of the cap's region: a date code
+    cap = Inspection("cap", "cam1", Path("b"), roi=(20, 30, 100, 60), ignore=ignore)
+    label = Inspection("label", "cam1", Path("b"), roi=(150, 100, 120, 80))
+    store = LiveStore(["cam1"])
+    image, decision, msg = _frame(1, ng=False)
+    msg = {
+        **msg,
+        "recipe": "bottle-a",
+        "inspections": [
+            {"id": "cap", "verdict": "OK", "score": 12.0, "threshold": 30.0},
+            {"id": "label", "verdict": "NG", "score": 35.0, "threshold": 30.0},
+        ],
+    }
+    store.update("cam1", image, decision, msg, TH)  # type: ignore[arg-type]
+    store.set_inspections("cam1", [cap, label])
+    assert store.version("cam1") == 2, "new regions: the picture is drawn again"
+    drawn = liveview.render(image, decision, msg, TH, [cap, label])  # type: ignore[arg-type]
+    for x, y, w, h in (cap.roi, label.roi):  # type: ignore[misc]
+        assert (drawn[y, x : x + w] == liveview.ROI_BGR).all()
+        assert (drawn[y + h - 1, x : x + w] == liveview.ROI_BGR).all()
+    tinted = drawn[40:80, 25:65].astype(int) - image[40:80, 25:65].astype(int)
+    assert np.abs(tinted).mean() > 10, "ignored pixels are tinted"
+    assert (drawn[40:80, 75:115] == image[40:80, 75:115]).all(), "scored pixels are not"
+    assert (drawn[200:, :140] == image[200:, :140]).all(), "outside every region: untouched"
+    last = store.status()["cameras"]["cam1"]["last"]
+    assert last["recipe"] == "bottle-a"
+    assert [(i["id"], i["verdict"]) for i in last["inspections"]] == [
+        ("cap", "OK"),
+        ("label", "NG"),
+    ]
 
 
 # -- the server ------------------------------------------------------------------------------
@@ -393,8 +430,14 @@ def test_the_page_shows_live_frames_and_verdicts_in_a_real_browser(
     token = "commissioning-token"
     with Broker(tmp_path / "broker") as broker:
         config = tmp_path / "agent.yaml"
+        # A station camera (two regions), so the page lists each inspection's answer.
         config.write_text(
-            f"bundle: {calibrated_bundle}\n"
+            "recipes:\n"
+            "  bottle-a:\n"
+            "    number: 1\n"
+            "    inspections:\n"
+            "      - {id: left, camera: cam1, roi: [0, 0, 160, 240], bundle: BUNDLE}\n"
+            "      - {id: right, camera: cam1, roi: [160, 0, 160, 240], bundle: BUNDLE}\n"
             "device: cpu\n"
             "threads: 2\n"
             "batching: {max_batch: 2, max_wait_ms: 10, queue_size: 4}\n"
@@ -405,7 +448,9 @@ def test_the_page_shows_live_frames_and_verdicts_in_a_real_browser(
             f"  spool_dir: {tmp_path / 'spool'}\n"
             "  health_interval_s: 0.5\n"
             "metrics: {port: null}\n"
-            f"liveview: {{enabled: true, port: {lv_port}, token: {token}}}\n"
+            f"liveview: {{enabled: true, port: {lv_port}, token: {token}}}\n".replace(
+                "BUNDLE", str(calibrated_bundle)
+            )
         )
         proc = subprocess.Popen(
             [sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
@@ -434,6 +479,7 @@ def test_the_page_shows_live_frames_and_verdicts_in_a_real_browser(
                 assert re.search(r'data-verdict="(OK|NG)"', dom), dom[-2000:]
                 assert re.search(r"\d+\.\d{3} / \d+\.\d{3}", dom)  # score / threshold
                 assert re.search(r'<img [^>]*src="/stream/cam1\.mjpg\?token=', dom)
+                assert 'data-inspection="left"' in dom and 'data-inspection="right"' in dom
                 match = re.search(r'class="last" data-sequence="(\d+)"', dom)
                 assert match, dom[-2000:]
                 seqs.append(int(match.group(1)))

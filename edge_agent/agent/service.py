@@ -327,6 +327,7 @@ class Agent:
         self.metrics_server: MetricsServer | None = None
         # The live view's store: the inference thread only hands it references.
         self.live = LiveStore(list(self.counts)) if config.liveview is not None else None
+        self._show_inspections()
         self.liveview_server: LiveViewServer | None = None
         self._running = False  # _start got as far as the publisher: the final health goes out
         self._triggers: dict[str, deque[tuple[float, str]]] = {c: deque() for c in self.counts}
@@ -988,12 +989,19 @@ class Agent:
         self._recipe_changed_at = since
         self.metrics.recipe_commands.labels("ok").inc()
         self._remember_recipe()
+        self._show_inspections()
         self._reset_drift()
         for counts in self.counts.values():  # maybe another geometry
             counts.shape, counts.aspect_mismatch, counts.aspect_warned = None, None, False
         log.info("recipe %s -> %s (%s)", previous, recipe.name, select.describe())
         self._publish_recipe("ok", None, select.request_id)
         self._publish_health()
+
+    def _show_inspections(self) -> None:
+        """The live view draws the regions and ignored pixels of the inspections in force."""
+        if self.live is not None:
+            for camera in self.counts:
+                self.live.set_inspections(camera, [r.spec for r in self.runs.get(camera, ())])
 
     def _remember_recipe(self) -> None:
         """The selected recipe survives a restart (atomic write; a failure costs only that)."""

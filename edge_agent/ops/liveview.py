@@ -25,7 +25,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Protocol
@@ -38,6 +38,7 @@ from edge_agent.decide.decision import Decision, Thresholds
 from edge_agent.decide.overlay import heatmap_overlay
 from edge_agent.images import to_bgr
 from edge_agent.ops.bounded_http import BoundedHTTPServer, HTTPService
+from edge_agent.station.recipes import Inspection
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ MAX_STREAM_FPS = 10.0
 MAX_STREAM_S = 300.0  # a forgotten tab does not hold a stream slot forever; the page reconnects
 JPEG_QUALITY = 80
 BOX_BGR = (0, 0, 255)
+ROI_BGR = (255, 200, 0)  # an inspection's region: the operator sees what each one looks at
+IGNORED_BGR = np.array([160, 60, 160], dtype=np.float32)  # tint of pixels no inspection scores
+IGNORED_ALPHA = 0.45
 
 
 class Encoder(Protocol):
@@ -82,6 +86,8 @@ class _Camera:
     times: deque[float] = field(default_factory=lambda: deque(maxlen=FPS_WINDOW))
     counts: dict[str, int] = field(default_factory=lambda: {"OK": 0, "NG": 0, "ERROR": 0})
     health: Mapping[str, Any] | None = None
+    # The active recipe's inspections on this camera (their ROIs and ignored pixels drawn).
+    inspections: tuple[Inspection, ...] = ()
     # The rendered JPEG of `version`, shared by every viewer (HTTP threads only).
     jpeg: bytes = b""
     jpeg_version: int = -1
@@ -124,6 +130,13 @@ class LiveStore:
                 cam.counts[verdict] += 1
             self.model_id = message.get("model_id")
 
+    def set_inspections(self, camera: str, inspections: Sequence[Inspection]) -> None:
+        """The active recipe's inspections on ``camera`` (at start and at each change)."""
+        with self._lock:
+            cam = self._cams[camera]
+            cam.inspections = tuple(inspections)
+            cam.version += 1  # redraw the last picture with the new regions
+
     def set_health(self, camera: str, health: Mapping[str, Any]) -> None:
         """The camera's latest health message (drift, frames in, dropped, connected)."""
         with self._lock:
@@ -165,12 +178,13 @@ class LiveStore:
         with self._lock:
             cam = self._cams[camera]
             version, image, decision = cam.version, cam.image, cam.decision
-            message, thresholds = cam.message, cam.thresholds
+            message, thresholds, inspections = cam.message, cam.thresholds, cam.inspections
         if image is None or message is None or thresholds is None:
             return None
         with cam.render_lock:
             if cam.jpeg_version != version:
-                cam.jpeg = self._encoder(render(image, decision, message, thresholds), JPEG_QUALITY)
+                picture = render(image, decision, message, thresholds, inspections)
+                cam.jpeg = self._encoder(picture, JPEG_QUALITY)
                 cam.jpeg_version = version
             return cam.jpeg_version, cam.jpeg
 
@@ -182,11 +196,19 @@ def _fps(times: list[float]) -> float:
 
 
 def _summary(msg: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("sequence", "verdict", "score", "threshold", "part_id", "timestamp", "latency_ms")
+    keys = (
+        "sequence", "verdict", "score", "threshold", "part_id", "timestamp", "latency_ms",
+        "recipe",
+    )  # fmt: skip
     out = {k: msg.get(k) for k in keys}
     out["regions"] = len(msg.get("regions") or ())
     if msg.get("error"):
         out["error"] = msg["error"]
+    # Each inspection's own answer: why the frame's verdict is what it is.
+    out["inspections"] = [
+        {k: i.get(k) for k in ("id", "verdict", "score", "threshold", "error")}
+        for i in msg.get("inspections") or ()
+    ]
     return out
 
 
@@ -195,10 +217,53 @@ def render(
     decision: Decision | None,
     message: Mapping[str, Any],
     thresholds: Thresholds,
+    inspections: Sequence[Inspection] = (),
 ) -> np.ndarray:
     """The frame as the operator should see it: on NG the heat map (on the calibrated scale,
     so colours mean the same on every frame), the pixel-threshold outline and region boxes;
-    on every frame a label with verdict, score and sequence."""
+    each inspection's ROI outlined with its id and verdict, its ignored pixels tinted; on
+    every frame a label with verdict, score and sequence."""
+    out = _render_verdict(image, decision, message, thresholds)
+    _draw_inspections(out, inspections, message)
+    return out
+
+
+def _draw_inspections(
+    out: np.ndarray, inspections: Sequence[Inspection], message: Mapping[str, Any]
+) -> None:
+    verdicts = {i.get("id"): i.get("verdict") for i in message.get("inspections") or ()}
+    height, width = out.shape[:2]
+    thickness = 1 if min(height, width) < 512 else 2
+    for inspection in inspections:
+        x, y, w, h = inspection.roi or (0, 0, width, height)
+        if x + w > width or y + h > height:
+            continue  # a ROI off this frame: its verdict says so
+        if inspection.ignore is not None and inspection.ignore.shape == (h, w):
+            view = out[y : y + h, x : x + w]
+            tinted = view[inspection.ignore].astype(np.float32)
+            tinted = (1 - IGNORED_ALPHA) * tinted + IGNORED_ALPHA * IGNORED_BGR
+            view[inspection.ignore] = tinted.astype(np.uint8)
+        if inspection.roi is not None:
+            cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), ROI_BGR, thickness)
+            text = f"{inspection.id} {verdicts.get(inspection.id) or ''}".strip()
+            cv2.putText(
+                out,
+                text,
+                (x + 3, y + h - 4),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                max(0.35, min(height, width) / 900.0),
+                ROI_BGR,
+                thickness,
+                cv2.LINE_AA,
+            )
+
+
+def _render_verdict(
+    image: np.ndarray,
+    decision: Decision | None,
+    message: Mapping[str, Any],
+    thresholds: Thresholds,
+) -> np.ndarray:
     verdict = str(message.get("verdict"))
     score = message.get("score")
     label = f"#{message.get('sequence')} {verdict}"
@@ -463,7 +528,18 @@ function render(s) {
     if (l) {
       c.line.append("last: #" + l.sequence + " ", verdictCell(l.verdict),
         " score " + fmt(l.score, 3) + " / " + fmt(l.threshold, 3) +
-        (l.part_id ? " part " + l.part_id : "") + (l.error ? " " + l.error : ""));
+        (l.part_id ? " part " + l.part_id : "") + (l.error ? " " + l.error : "") +
+        (l.recipe ? " recipe " + l.recipe : ""));
+      if (l.inspections.length > 1) {
+        const list = el("div", {class: "inspections"});
+        for (const i of l.inspections) {
+          const item = el("span", {class: "inspection", "data-inspection": i.id});
+          item.append(i.id + " ", verdictCell(i.verdict), " " + fmt(i.score, 3) + " / " +
+            fmt(i.threshold, 3) + (i.error ? " " + i.error : "") + "  ");
+          list.append(item);
+        }
+        c.line.append(list);
+      }
     } else c.line.append("waiting for the first frame");
     const d = st.drift;
     const drift = d ? (d.alarm ? "ALARM: " + d.reason : "ok, shift " + fmt(d.shift, 2) +
