@@ -811,25 +811,25 @@ def test_metrics_endpoint_survives_a_failing_collector() -> None:
         raise RuntimeError("stats went away")
 
     m.watch(broken)
+    v = _served(m)
+    assert v("edge_agent_ng_total", camera="cam1") == 1
+    assert not v.has("edge_agent_queue_depth")
+
+
+def _served(m: AgentMetrics) -> Scrape:
+    """One scrape of `m` through a real metrics endpoint, started and stopped around it."""
     server = MetricsServer(m.registry, "127.0.0.1", 0)
     server.start()
     try:
-        v = _scrape(*server.address)
+        return _scrape(*server.address)
     finally:
         server.stop()
-    assert v("edge_agent_ng_total", camera="cam1") == 1
-    assert not v.has("edge_agent_queue_depth")
 
 
 def test_metrics_without_archive_expose_no_archive_samples() -> None:
     m = AgentMetrics()
     m.watch(lambda: _snapshot(archive=False))
-    server = MetricsServer(m.registry, "127.0.0.1", 0)
-    server.start()
-    try:
-        v = _scrape(*server.address)
-    finally:
-        server.stop()
+    v = _served(m)
     assert not v.has("edge_agent_archive_saved_total")
     assert not v.has("edge_agent_archive_errors_total")
     assert v("edge_agent_queue_depth") == 3
@@ -842,12 +842,7 @@ def test_metrics_carry_the_opcua_servers_connection_counts() -> None:
     counts = {key: i + 1 for i, key in enumerate(CONNECTION_STATS)}
     m = AgentMetrics()
     m.watch(lambda: dataclasses.replace(_snapshot(), opcua=counts))
-    server = MetricsServer(m.registry, "127.0.0.1", 0)
-    server.start()
-    try:
-        v = _scrape(*server.address)
-    finally:
-        server.stop()
+    v = _served(m)
     assert v.type_of("edge_agent_opcua_open") == "gauge"
     assert v.type_of("edge_agent_opcua_refused_total") == "counter"
     assert v("edge_agent_opcua_open", kind="sockets") == counts["sockets_open"]

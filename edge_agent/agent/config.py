@@ -272,6 +272,15 @@ class LiveViewModel(_Section):
         return self
 
 
+def _unique(ids: list[str], what: str) -> None:
+    """The first id used twice, reported on the second item's `id`."""
+    seen: set[str] = set()
+    for i, item_id in enumerate(ids):
+        if item_id in seen:
+            raise _problem(f"{item_id!r} is used by another {what}", i, "id")
+        seen.add(item_id)
+
+
 def _roi(value: object) -> tuple[int, int, int, int]:
     if (
         not isinstance(value, list)
@@ -310,11 +319,7 @@ class RecipeModel(_Section):
     def _inspections(cls, inspections: list[InspectionModel]) -> list[InspectionModel]:
         if not inspections:
             raise _problem("a recipe needs at least one inspection")
-        seen: set[str] = set()
-        for i, inspection in enumerate(inspections):
-            if inspection.id in seen:
-                raise _problem(f"{inspection.id!r} is used by another inspection", i, "id")
-            seen.add(inspection.id)
+        _unique([i.id for i in inspections], "inspection")
         return inspections
 
 
@@ -418,11 +423,7 @@ class ConfigModel(_Section):
     @field_validator("cameras")
     @classmethod
     def _unique_ids(cls, cameras: list[CameraModel]) -> list[CameraModel]:
-        seen: set[str] = set()
-        for i, camera in enumerate(cameras):
-            if camera.id in seen:
-                raise _problem(f"{camera.id!r} is used by another camera", i, "id")
-            seen.add(camera.id)
+        _unique([c.id for c in cameras], "camera")
         return cameras
 
 

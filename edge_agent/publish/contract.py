@@ -96,18 +96,23 @@ def verdict_message(
     }
     if source is not None:
         msg["source"] = source
+    msg.update(_answer(decision, error, "frame could not be inspected"))
+    return msg
+
+
+def _answer(decision: Decision | None, error: str | None, unknown: str) -> dict[str, Any]:
+    """A decision's fields (verdict, score, normalised_score, threshold, regions), or, without
+    one or with a non-finite score, ERROR with the reason in `error` (`unknown` if none)."""
     if decision is None or decision.verdict == ERROR:
         reason = error if decision is None else decision.error
-        msg["error"] = reason or "frame could not be inspected"
-        return msg
-    msg.update(
-        verdict=decision.verdict,
-        score=_finite(decision.score),
-        normalised_score=_finite(decision.normalised_score),
-        threshold=_finite(decision.threshold),
-        regions=[r.as_dict() for r in decision.regions],
-    )
-    return msg
+        return {"verdict": ERROR, "error": reason or unknown}
+    return {
+        "verdict": decision.verdict,
+        "score": _finite(decision.score),
+        "normalised_score": _finite(decision.normalised_score),
+        "threshold": _finite(decision.threshold),
+        "regions": [r.as_dict() for r in decision.regions],
+    }
 
 
 def inspection_message(
@@ -125,16 +130,7 @@ def inspection_message(
         "threshold": None,
         "regions": [],
     }
-    if decision is None or decision.verdict == ERROR:
-        msg["error"] = (error if decision is None else decision.error) or "not inspected"
-        return msg
-    msg.update(
-        verdict=decision.verdict,
-        score=_finite(decision.score),
-        normalised_score=_finite(decision.normalised_score),
-        threshold=_finite(decision.threshold),
-        regions=[r.as_dict() for r in decision.regions],
-    )
+    msg.update(_answer(decision, error, "not inspected"))
     return msg
 
 
