@@ -26,8 +26,8 @@ from edge_agent.export.coreset import approximate_greedy_coreset
 from edge_agent.export.extractor import PROJECTIONS, PatchFeatureExtractor
 from edge_agent.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, parity
 from edge_agent.export.quantize import (
-    CALIBRATION_BATCH,
     MAX_DEVIATION,
+    calibration_batch,
     calibration_subset,
     deviation,
     quantize_trunk,
@@ -39,6 +39,8 @@ from edge_agent.model.bundle import MAX_IMAGE_SIGMA, PRECISIONS
 from edge_agent.model.geometry import (
     ASPECT_TOLERANCE,
     DEFAULT_SIDE,
+    MAX_AREA,
+    MAX_SHRINK,
     SizeChoice,
     auto_input_size,
     one_aspect,
@@ -56,6 +58,11 @@ HEADER_BYTES = 1 << 16  # where an image's size is, for all but JPEGs with huge 
 # look is symmetric; off by default (oriented parts, text, connectors).
 AUGMENTS = ("none", "flips")
 CORESET_PROJ_DIM = 128  # the reference's approximate greedy coreset works in 128 dims
+# --precision: auto (the default) quantizes where the int8 graph holds and keeps float32 where
+# it does not, saying which and why; int8 asked for explicitly refuses a graph that does not
+# hold instead (issue 34: a default must not refuse good images).
+AUTO = "auto"
+PRECISION_CHOICES = (AUTO, *PRECISIONS)
 
 
 @dataclass
@@ -92,8 +99,9 @@ class FitOptions:
     seed: int = 0
     augment: str = "none"
     # int8: the trunk in 8-bit integers (export/quantize.py): on MTD the float graph's
-    # accuracy, ONNX 1.8-1.9x as fast on an AVX-512 CPU (BENCHMARKS.md).
-    precision: str = "int8"
+    # accuracy, ONNX 1.8-1.9x as fast on an AVX-512 CPU (BENCHMARKS.md). auto: int8 where its
+    # features stay within MAX_DEVIATION of the float graph's, else float32 (choose_precision).
+    precision: str = AUTO
     progress: bool = True
 
 
@@ -119,8 +127,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="model input HEIGHT [WIDTH], or auto: the training images' aspect ratio where "
         f"they share one (within {ASPECT_TOLERANCE * 100:.0f}%%) at about {S}x{S}'s patch count, "
-        f"else {S}x{S}. With --tile: the frame size tiles are cut from (auto: the training "
-        "images' own size)",
+        f"else {S}x{S}; grown where that shrinks them more than {MAX_SHRINK:g}x per side, up "
+        f"to {MAX_AREA:g}x {S}x{S}'s pixels. With --tile: the frame size tiles are cut from "
+        "(auto: the training images' own size)",
     )
     p.add_argument(
         "--tile",
@@ -182,10 +191,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=PRECISIONS,
+        choices=PRECISION_CHOICES,
         default=d.precision,
         help="the backbone's arithmetic: int8 quantizes its convolutions with ranges from the "
-        "training images (faster on a CPU); float32 keeps the exported graph as is (for a GPU)",
+        "training images (faster on a CPU) and refuses a graph whose features it moves by more "
+        f"than {MAX_DEVIATION} RMS; float32 keeps the exported graph as is (for a GPU); auto: "
+        "int8 where it holds, else float32",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -267,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
         th, tw = tiling["tile"]
         tiles = f" as {tw}x{th} tiles (overlap {tiling['overlap']} px)"
     print(f"input {inp['width']}x{inp['height']}{tiles}: {inp['size_choice']}")
+    feats = manifest["features"]
+    print(f"precision {feats['precision']}: {feats['precision_choice']}")
     print(
         f"bundle {args.out}: {manifest['bank']['size']} of {manifest['bank']['patches']} patches "
         f"from {manifest['training']['n_images']} images "
@@ -451,17 +464,54 @@ class FeatureStream:
                 bar.update(len(chunk))
 
 
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The arithmetic a bundle's graph runs and why (printed, stored in the manifest)."""
+
+    precision: str  # "int8" or "float32"
+    reason: str
+    int8_deviation: float | None  # what the int8 graph measured, kept or not; None: not tried
+
+
+def choose_precision(asked: str, dev: float) -> PrecisionChoice:
+    """int8 or float32 for a fit that asked for `asked` (auto or int8), once the int8 graph's
+    features measured a relative RMS deviation `dev` from the float graph's (quantize.deviation).
+    int8 holds where dev <= MAX_DEVIATION; where it does not, auto keeps float32 and an explicit
+    int8 refuses (CheckFailed). A NaN deviation never holds."""
+    within = dev <= MAX_DEVIATION
+    measured = f"{dev:.3g} RMS from the float graph's (at most {MAX_DEVIATION})"
+    source = "auto" if asked == AUTO else "set by --precision"
+    if within:
+        return PrecisionChoice("int8", f"{source}: int8 features within {measured}", dev)
+    if asked != AUTO:
+        raise CheckFailed(
+            f"the int8 graph's features deviate from the float graph's by {dev:.3g} RMS "
+            f"(at most {MAX_DEVIATION}): this backbone does not quantize well on these images; "
+            "fit with --precision float32 (or auto)"
+        )
+    return PrecisionChoice(
+        "float32",
+        f"auto: int8 features deviate {measured}: this backbone does not quantize well on "
+        "these images, so the float32 graph is kept (the reference arithmetic, slower on a CPU)",
+        dev,
+    )
+
+
 def quantize_graph(
-    model_path: Path, frames: list[np.ndarray], tiling: Tiling | None, probe: np.ndarray
-) -> float:
-    """Replace the float graph at `model_path` by its int8 trunk (export/quantize.py), with
-    activation ranges from an even spread of the training images; returns the int8
-    features' deviation from the float graph's on `probe` (CheckFailed above MAX_DEVIATION).
+    model_path: Path,
+    frames: list[np.ndarray],
+    tiling: Tiling | None,
+    probe: np.ndarray,
+    asked: str = "int8",
+) -> PrecisionChoice:
+    """Quantize the float graph at `model_path` (export/quantize.py), with activation ranges
+    from an even spread of the training images, measure the int8 features' deviation from the
+    float graph's on `probe`, and keep whichever graph choose_precision picks at `model_path`.
     """
     import onnxruntime as ort
 
-    float_path = model_path.with_name("model.float32.onnx")
-    model_path.rename(float_path)
+    int8_path = model_path.with_name("model.int8.onnx")
+    batch = calibration_batch(*probe.shape[1:3])
     chosen = [frames[i] for i in calibration_subset(len(frames))]
 
     def batches():
@@ -469,25 +519,24 @@ def quantize_graph(
         # the chosen frames' (all of them: a frame's tile count times the calibrator's memory).
         inputs = np.stack(chosen) if tiling is None else tiling.cut(np.stack(chosen))
         inputs = inputs[calibration_subset(len(inputs))]
-        for start in range(0, len(inputs), CALIBRATION_BATCH):
-            yield inputs[start : start + CALIBRATION_BATCH]
+        for start in range(0, len(inputs), batch):
+            yield inputs[start : start + batch]
 
     log.info("int8: calibrating activation ranges on %d training images", len(chosen))
-    quantize_trunk(float_path, model_path, batches, INPUT_NAME)
-    outputs = []
-    for path in (float_path, model_path):
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        outputs.append(sess.run([OUTPUT_NAME], {INPUT_NAME: probe})[0])
-    float_path.unlink()
-    dev = deviation(*outputs)
-    log.info("int8 vs float32 features on %d real images: %.3f RMS deviation", len(probe), dev)
-    if not dev <= MAX_DEVIATION:
-        raise CheckFailed(
-            f"the int8 graph's features deviate from the float graph's by {dev:.3g} RMS "
-            f"(at most {MAX_DEVIATION}): this backbone does not quantize well; fit with "
-            "--precision float32"
-        )
-    return round(dev, 4)
+    try:
+        quantize_trunk(model_path, int8_path, batches, INPUT_NAME)
+        outputs = []
+        for path in (model_path, int8_path):
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            outputs.append(sess.run([OUTPUT_NAME], {INPUT_NAME: probe})[0])
+        dev = deviation(*outputs)
+        log.info("int8 vs float32 features on %d real images: %.3f RMS deviation", len(probe), dev)
+        choice = choose_precision(asked, round(dev, 4))
+        if choice.precision == "int8":
+            int8_path.replace(model_path)
+    finally:
+        int8_path.unlink(missing_ok=True)
+    return choice
 
 
 def augmented(frames: list[np.ndarray], kind: str) -> list[np.ndarray]:
@@ -652,9 +701,9 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
             f"ONNX Runtime and torch disagree on real images: max difference {diff:.3g} "
             f"({rel:.3g} relative, tolerance {PARITY_TOLERANCE}); the bundle is not usable"
         )
-    int8_deviation = None
-    if opts.precision == "int8":
-        int8_deviation = quantize_graph(model_path, frames, tiling, probe)
+    precision = PrecisionChoice("float32", "set by --precision", None)
+    if opts.precision != "float32":
+        precision = quantize_graph(model_path, frames, tiling, probe, opts.precision)
     stream = FeatureStream(model_path, frames, opts.batch_size, device, opts.threads, tiling)
     projected = coreset_space(stream, CORESET_PROJ_DIM, opts.seed, opts.progress)
     feature_s = time.perf_counter() - t0
@@ -698,8 +747,13 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
             "embed_dim": opts.embed_dim,
             "onnx_input": "frames",
             "onnx_output": "features",
-            "precision": opts.precision,
-            **({"int8_deviation": int8_deviation} if int8_deviation is not None else {}),
+            "precision": precision.precision,
+            "precision_choice": precision.reason,
+            **(
+                {"int8_deviation": precision.int8_deviation}
+                if precision.int8_deviation is not None
+                else {}
+            ),
         },
         "bank": {
             "size": len(bank),

@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_IMAGES = 64
 CALIBRATION_BATCH = 8
+# Fit's peak memory is the calibrator's run over one batch with every intermediate tensor
+# as an output (measured at 448x448 on 120 frames: batches of 8 5.7 GB, 3 2.9 GB, 2 2.4 GB,
+# and 26 or 64 images alike), so larger inputs calibrate in smaller batches of at most the
+# default's pixels (calibration_batch): the ranges, min/max over every image, are the same.
+CALIBRATION_BATCH_PIXELS = CALIBRATION_BATCH * 288 * 288
 # The int8 features' RMS deviation from the float graph's, relative to the features' RMS,
 # above which fit refuses: Lite2 on MTD measures 0.16 (BENCHMARKS.md); a graph that
 # quantization breaks (an op whose range calibration cannot capture) measures far above it.
@@ -51,6 +56,12 @@ def calibration_subset(n: int, limit: int = CALIBRATION_IMAGES) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
 
 
+def calibration_batch(height: int, width: int) -> int:
+    """Inputs of height x width per calibration run: CALIBRATION_BATCH, fewer where they
+    would hold more than CALIBRATION_BATCH_PIXELS, at least one."""
+    return max(1, min(CALIBRATION_BATCH, CALIBRATION_BATCH_PIXELS // (height * width)))
+
+
 def trunk_nodes(model_path: Path) -> list[str]:
     import onnx
 
@@ -62,10 +73,10 @@ def quantize_trunk(
     src: Path, dst: Path, inputs: Callable[[], Iterator[np.ndarray]], input_name: str
 ) -> None:
     """Write `src` with its trunk quantized to `dst`. `inputs()` yields the calibration
-    batches exactly as the graph takes them (uint8 NHWC, the graph's input size). The
-    calibrator keeps every tensor of every run until the end (2.0 GB for 64 MTD images at
-    288 px; its CalibMaxIntermediateOutputs option drops the runs instead of folding them in,
-    onnxruntime 1.32), so the caller bounds the inputs, not only the batch."""
+    batches exactly as the graph takes them (uint8 NHWC, the graph's input size). The caller
+    bounds the inputs and the batch (calibration_batch): each run computes every
+    intermediate tensor as a graph output (its CalibMaxIntermediateOutputs option drops runs
+    instead of folding them in, onnxruntime 1.32)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -86,8 +97,8 @@ def quantize_trunk(
             batch = next(self.batches, None)
             return None if batch is None else {input_name: batch}
 
-    root = logging.getLogger()  # the quantizer warns on the root logger and prints to stdout
-    root.addFilter(_no_preprocessing_advice)
+    root = logging.getLogger()  # the quantizer logs on the root logger and prints to stdout
+    root.addFilter(_quiet_quantizer)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             quantize_static(
@@ -107,7 +118,7 @@ def quantize_trunk(
                 calibration_providers=["CPUExecutionProvider"],
             )
     finally:
-        root.removeFilter(_no_preprocessing_advice)
+        root.removeFilter(_quiet_quantizer)
     _drop_unused_constants(dst)
 
 
@@ -129,10 +140,17 @@ def _drop_unused_constants(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
-    # Its symbolic shape inference and graph optimisation are for graphs with dynamic shapes
-    # and unfused ops; ours is exported with static sides and BatchNorm already folded.
-    return "pre-processing before quantization" not in record.getMessage()
+def _quiet_quantizer(record: logging.LogRecord) -> bool:
+    """The quantizer's root-logger records that fit's output shows.
+
+    Its advice to pre-process never: its symbolic shape inference and graph optimisation are
+    for graphs with dynamic shapes and unfused ops; ours is exported with static sides and
+    BatchNorm already folded. Its INFO lines (one per weight scale it widens so a bias stays
+    representable) only with -v: they are its bookkeeping, and the
+    deviation fit measures afterwards is what says whether the graph still holds."""
+    if "pre-processing before quantization" in record.getMessage():
+        return False
+    return record.levelno >= logging.WARNING or logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
 def deviation(reference: np.ndarray, quantized: np.ndarray) -> float:

@@ -16,8 +16,7 @@ from typing import Any
 
 from edge_agent.errors import UserError
 from edge_agent.export.backbones import BACKBONES, DEFAULT_LAYERS
-from edge_agent.export.fit import FitOptions, fit, parse_image_size
-from edge_agent.model.bundle import PRECISIONS
+from edge_agent.export.fit import PRECISION_CHOICES, FitOptions, fit, parse_image_size
 from edge_agent.tools.evaluate import evaluate
 
 log = logging.getLogger(__name__)
@@ -65,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--backbone", choices=BACKBONES, default=d.backbone)
     p.add_argument(
-        "--precision", nargs="+", choices=PRECISIONS, default=[d.precision], help="as fit's"
+        "--precision", nargs="+", choices=PRECISION_CHOICES, default=[d.precision], help="as fit's"
     )
     p.add_argument("--keep-bundles", action="store_true", help="keep every fitted bundle")
 
@@ -162,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
                 "embed_dim": dim,
                 "patch_size": patch,
                 "coreset": coreset,
-                "precision": precision,
+                "precision": manifest["features"]["precision"],  # what auto chose
                 "reweight_k": k,
                 "image_sigma": sigma,
                 "image_size": [manifest["input"]["height"], manifest["input"]["width"]],

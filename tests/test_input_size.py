@@ -17,10 +17,13 @@ import pytest
 from edge_agent.model.geometry import (
     ASPECT_TOLERANCE,
     DEFAULT_SIDE,
+    MAX_AREA,
+    MAX_SHRINK,
     aspect_mismatch,
     aspect_size,
     auto_input_size,
     one_aspect,
+    shrink,
 )
 
 from .conftest import require_mtd
@@ -55,11 +58,56 @@ def test_aspect_size_is_the_argmin_over_every_multiple(target: float, multiple: 
 
 
 def test_one_shape_keeps_its_aspect_at_about_the_default_patch_count() -> None:
-    choice = auto_input_size([(400, 1000)] * 5, 16)
+    choice = auto_input_size([(300, 750)] * 5, 16)  # shrunk 1.7x: no need to grow
     h, w = choice.size
     assert abs(w / h / 2.5 - 1) < ASPECT_TOLERANCE
     assert abs(h * w / DEFAULT_SIDE**2 - 1) < 0.15  # the same speed, within rounding
     assert "share one aspect ratio" in choice.reason and choice.aspect_range == (2.5, 2.5)
+    assert "grown" not in choice.reason
+
+
+# -- the frames' scale (issue 34) ---------------------------------------------------------------
+
+
+def test_large_square_frames_grow_the_input_to_the_budget() -> None:
+    choice = auto_input_size([(1024, 1024)] * 4, 16)
+    assert choice.size == (448, 448)  # 2.42x 288x288's pixels: the budget (2.5x) rounded down
+    assert "grown to 448x448 (the budget's most" in choice.reason
+    assert "288x288 would shrink them 3.6x per side" in choice.reason
+
+
+def test_frames_shrunk_at_most_max_shrink_keep_the_default() -> None:
+    just_in = round(DEFAULT_SIDE * MAX_SHRINK) - 2
+    assert auto_input_size([(just_in, just_in)], 16).size == (DEFAULT_SIDE, DEFAULT_SIDE)
+    grown = auto_input_size([(just_in + 64, just_in + 64)], 16)
+    # 638 px / MAX_SHRINK = 319 px, to whole strides: only as much as needed
+    assert grown.size == (320, 320) and "grown" in grown.reason
+
+
+@pytest.mark.parametrize(
+    "shape", [(600, 600), (700, 900), (1024, 1024), (480, 1200), (3000, 4000), (2048, 256)]
+)
+def test_growth_keeps_the_aspect_and_stays_within_the_budget(shape: tuple[int, int]) -> None:
+    before = auto_input_size([shape], 16, side=DEFAULT_SIDE)
+    choice = auto_input_size([shape] * 3, 16)
+    h, w = choice.size
+    assert h % 16 == 0 and w % 16 == 0
+    # Within the budget, give or take the rounding to whole strides (8 px of ~450).
+    assert h * w <= MAX_AREA * DEFAULT_SIDE**2 * 1.08
+    # Either the frames now shrink at most MAX_SHRINK times, or the budget is spent.
+    assert shrink([shape], (h, w)) <= MAX_SHRINK * 1.04 or h * w >= MAX_AREA * 288**2 * 0.92
+    assert abs(math.log(w / h / (shape[1] / shape[0]))) < ASPECT_TOLERANCE + 0.02
+    assert h * w >= before.size[0] * before.size[1]
+
+
+def test_mtd_keeps_its_measured_default() -> None:
+    """MTD's crops (~320 px) shrink 1.1x at 288x288: the measured default is untouched."""
+    from edge_agent.export.fit import training_shapes
+    from edge_agent.images import list_images
+
+    shapes = training_shapes(list_images(require_mtd() / "train" / "good"))
+    choice = auto_input_size(shapes, 16)
+    assert choice.size == (DEFAULT_SIDE, DEFAULT_SIDE) and "grown" not in choice.reason
 
 
 def test_square_and_near_square_sets_get_exactly_the_default() -> None:
@@ -142,6 +190,30 @@ def test_fit_falls_back_to_square_on_mixed_shapes(tmp_path: Path) -> None:
     b = load_bundle(tmp_path / "b")
     assert b.input_size == (DEFAULT_SIDE, DEFAULT_SIDE)
     assert "vary" in b.manifest["input"]["size_choice"]
+
+
+@pytest.mark.slow
+def test_fit_grows_the_input_for_large_frames_and_says_why(tmp_path: Path) -> None:
+    data = _wide_set(tmp_path / "good", n=4, shape=(1024, 1024))
+    proc = _cli(
+        "fit", str(data), "--out", str(tmp_path / "b"), "--backbone", "efficientnet_lite0",
+        "--coreset", "0.05", "--precision", "float32", "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    from edge_agent.model.bundle import load_bundle
+
+    b = load_bundle(tmp_path / "b")
+    assert b.input_size == (448, 448) and b.grid == (56, 56)
+    reason = b.manifest["input"]["size_choice"]
+    assert reason.startswith("auto: the training images are square") and "grown to 448" in reason
+    assert f"input 448x448: {reason}" in proc.stdout.splitlines()
+    # Pinned sizes win.
+    pinned = _cli(
+        "fit", str(data), "--out", str(tmp_path / "p"), "--backbone", "efficientnet_lite0",
+        "--coreset", "0.05", "--precision", "float32", "--no-progress", "--image-size", "288",
+    )  # fmt: skip
+    assert pinned.returncode == 0, pinned.stderr
+    assert load_bundle(tmp_path / "p").input_size == (288, 288)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

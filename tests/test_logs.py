@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from edge_agent.cli import main
+from edge_agent.ops import logs
 from edge_agent.ops.logs import RateLimit
 
 
@@ -40,3 +41,22 @@ def test_the_cli_installs_it(
         log.warning("repeated %d", i)
     err = capsys.readouterr().err
     assert err.count("repeated") == 10
+
+
+def test_other_libraries_info_lines_only_with_verbose(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """faiss's loader logs eight INFO lines at every start: a user sees them with -v only; the
+    product's own INFO lines and anyone's warnings always."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", root.level)
+    for verbose in (False, True):
+        root.handlers.clear()
+        logs.setup(logging.DEBUG if verbose else logging.INFO)
+        logging.getLogger("faiss.loader").info("Loading faiss with AVX512 support.")
+        logging.getLogger("faiss.loader").warning("could not load the GPU build")
+        logging.getLogger("edge_agent.export.fit").info("precision auto: int8")
+        err = capsys.readouterr().err
+        assert ("Loading faiss" in err) == verbose
+        assert "could not load the GPU build" in err and "precision auto: int8" in err

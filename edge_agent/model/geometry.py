@@ -13,6 +13,26 @@ with S = 288 (the measured best square side) and m the backbone's deepest stride
 layers used (a side that is not a multiple of it leaves feature maps misaligned). Images of
 varying shape (MVTec-style crops, as in MTD) keep the square S x S: no one aspect is theirs.
 
+Then the scale (issue 34). Frames much larger than the input lose small defects to the
+resize: a 1024 px photograph at 288 px shrinks a 37 px pit to 10 px, about one 8 px patch
+cell, and the surface's texture sets the image score. So where the training frames would be
+shrunk more than MAX_SHRINK times per side, the input grows, same aspect, to shrink them only
+that much, within a budget of MAX_AREA times the default's pixels:
+
+    shrink s = sqrt(median(h * w) / (H * W))
+    if s > MAX_SHRINK:  (H, W) = aspect_size(a, m, side=sqrt(min(median(h * w) / MAX_SHRINK^2,
+                                                                 MAX_AREA * S^2)))
+
+The budget is what one model run may spend. The graph's time grows with its pixels, the
+search's with its queries and the bank (2% of the training patches) with them, so the engine
+is slower by more than the pixel ratio: at 448x448 (2.4x 288x288's pixels) it ran at 0.37-0.51x
+the speed, fit took 2x as long, and fit's peak memory stayed (quantize.calibration_batch).
+Tiling is not chosen automatically: at the default 96 px overlap a 288 px tile
+spends (288 / 192)^2 = 2.25 model pixels per frame pixel, so within this budget one larger
+input always sees the frame at a finer scale; tiles are for frames whose native resolution
+matters more than the budget (`fit --tile`). BENCHMARKS.md ("Defaults on data nobody tuned
+them for") has the measurements.
+
 ASPECT_TOLERANCE (5%) is what "one aspect" means. Rounding both sides to multiples of 16
 near 288 px alone moves an aspect by up to about 5% (8 px of 160 and of 480), so frames closer
 than that are as alike as the model input can make them; and a 5% squeeze moves a point at the
@@ -27,6 +47,11 @@ from dataclasses import dataclass
 
 ASPECT_TOLERANCE = 0.05
 DEFAULT_SIDE = 288  # BENCHMARKS.md: the best square side on MTD for every metric
+# The frames' shrink per side above which auto grows the input (MTD's ~320 px crops shrink
+# 1.1x at 288), and the most it grows it to, in multiples of DEFAULT_SIDE^2 pixels: module
+# docstring and BENCHMARKS.md.
+MAX_SHRINK = 2.0
+MAX_AREA = 2.5
 
 
 @dataclass(frozen=True)
@@ -67,11 +92,64 @@ def aspect_size(target: float, multiple: int, side: int = DEFAULT_SIDE) -> tuple
     return best[1], best[2]
 
 
+def _median(values: Sequence[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def shrink(shapes: Sequence[tuple[int, int]], size: tuple[int, int]) -> float:
+    """sqrt(median(h * w) / (H * W)): how many times per side an input of `size` shrinks the
+    median training frame."""
+    return math.sqrt(_median([h * w for h, w in shapes]) / (size[0] * size[1]))
+
+
+def scaled_side(
+    shapes: Sequence[tuple[int, int]],
+    size: tuple[int, int],
+    side: int = DEFAULT_SIDE,
+    max_shrink: float = MAX_SHRINK,
+    max_area: float = MAX_AREA,
+) -> float | None:
+    """The side of the square whose area the input should have so that the median frame
+    shrinks at most `max_shrink` times, within `max_area` x side^2 (module docstring); None
+    where `size` already shrinks it no more than that."""
+    if shrink(shapes, size) <= max_shrink:
+        return None
+    wanted = math.sqrt(_median([h * w for h, w in shapes])) / max_shrink
+    return min(wanted, math.sqrt(max_area) * side)
+
+
 def auto_input_size(
     shapes: Sequence[tuple[int, int]], multiple: int, side: int = DEFAULT_SIDE
 ) -> SizeChoice:
-    """The model input for training images of these (height, width) shapes: see the module
-    docstring. A square training set gets exactly side x side."""
+    """The model input for training images of these (height, width) shapes: their aspect
+    (aspect_input_size), grown where it would shrink them more than MAX_SHRINK times
+    (scaled_side). See the module docstring."""
+    choice = aspect_input_size(shapes, multiple, side)
+    grown = scaled_side(shapes, choice.size, side)
+    if grown is None:
+        return choice
+    h, w = choice.size
+    if h == w:
+        size = (max(1, round(grown / multiple)) * multiple,) * 2
+    else:
+        size = aspect_size(_median([aspect(s) for s in shapes]), multiple, round(grown))
+    budget = math.sqrt(MAX_AREA) * side
+    limit = f" (the budget's most: {MAX_AREA:g}x {side}x{side}'s pixels)" if grown >= budget else ""
+    return SizeChoice(
+        size,
+        f"{choice.reason}; grown to {size[1]}x{size[0]}{limit}: {w}x{h} would shrink them "
+        f"{shrink(shapes, choice.size):.1f}x per side (more than {MAX_SHRINK:g}x), "
+        f"{size[1]}x{size[0]} {shrink(shapes, size):.1f}x",
+        choice.aspect_range,
+    )
+
+
+def aspect_input_size(
+    shapes: Sequence[tuple[int, int]], multiple: int, side: int = DEFAULT_SIDE
+) -> SizeChoice:
+    """The input's shape for training images of these (height, width) shapes, at about
+    side^2 pixels: their aspect where they share one, else square (module docstring). A
+    square training set gets exactly side x side."""
     if not shapes:
         raise ValueError("no training image shapes")
     aspects = sorted(aspect(s) for s in shapes)

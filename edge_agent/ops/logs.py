@@ -65,4 +65,14 @@ def setup(level: int) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RateLimit())
+    handler.addFilter(_quiet_libraries)
     root.addHandler(handler)
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    """Other libraries' INFO lines (faiss's loader: eight lines on every start) only with -v."""
+    return (
+        record.levelno >= logging.WARNING
+        or record.name.startswith("edge_agent")
+        or logging.getLogger().isEnabledFor(logging.DEBUG)
+    )
