@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -47,6 +48,7 @@ from edge_agent.model.geometry import (
 )
 from edge_agent.model.teach import bank_neighbours
 from edge_agent.model.tiling import DEFAULT_OVERLAP, TILES_PER_RUN, Tiling, default_overlap
+from edge_agent.station.regions import blank, crop, keep_cells, load_ignore_mask
 from edge_agent.tools.dataset import train_folder
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,10 @@ class FitOptions:
     # features stay within MAX_DEVIATION of the float graph's, else float32 (choose_precision).
     precision: str = AUTO
     progress: bool = True
+    # fit --roi / --ignore (a station's inspection): the part of each frame learnt, and its
+    # pixels never learnt (filled, their patches kept out of the bank); both go in the bundle.
+    roi: tuple[int, int, int, int] | None = None
+    ignore: Path | None = None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -198,6 +204,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"than {MAX_DEVIATION} RMS; float32 keeps the exported graph as is (for a GPU); auto: "
         "int8 where it holds, else float32",
     )
+    p.add_argument(
+        "--roi",
+        metavar="X,Y,W,H",
+        help="learn only this region of every training frame (frame pixels; a station's "
+        "inspection): the bundle records it, and run, evaluate, calibrate and teach cut it too",
+    )
+    p.add_argument(
+        "--ignore",
+        type=Path,
+        metavar="MASK",
+        help="a one-channel image, ROI- or frame-sized, white where nothing is learnt or scored "
+        "(a date code, a fixture): those pixels are filled before the backbone sees them and "
+        "their patches never enter the bank; the bundle keeps the mask",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -216,8 +236,22 @@ def parse_image_size(values: str | list[str]) -> tuple[int, int] | None:
     return size[0], size[-1]
 
 
+def parse_roi(text: str) -> tuple[int, int, int, int]:
+    """ "x,y,w,h" in frame pixels -> a ROI; UserError for anything else."""
+    try:
+        x, y, w, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--roi takes x,y,width,height in frame pixels, got {text!r}") from None
+    if x < 0 or y < 0 or w < 1 or h < 1:
+        raise UserError(f"--roi: x and y must be 0 or more, width and height positive: {text!r}")
+    return x, y, w, h
+
+
 def options_from_args(args: argparse.Namespace) -> FitOptions:
     size = parse_image_size(args.image_size)
+    roi = parse_roi(args.roi) if args.roi else None
+    if args.ignore is not None and args.augment != "none":
+        raise UserError("--ignore and --augment: a mirrored frame would not fit its mask")
     if args.tile is not None and min(args.tile) < 32:
         raise UserError("--tile takes HEIGHT WIDTH, each at least 32 pixels")
     if args.overlap is not None and args.overlap < 0:
@@ -259,6 +293,8 @@ def options_from_args(args: argparse.Namespace) -> FitOptions:
         augment=args.augment,
         precision=args.precision,
         progress=not args.no_progress,
+        roi=roi,
+        ignore=args.ignore,
     )
 
 
@@ -396,17 +432,29 @@ def plan_geometry(
 
 
 def _read_training_images(
-    paths: list[Path], size: tuple[int, int]
+    paths: list[Path],
+    size: tuple[int, int],
+    roi: tuple[int, int, int, int] | None = None,
+    ignore: np.ndarray | None = None,
 ) -> tuple[list[np.ndarray], list[str], int]:
+    """Each image decoded, its ROI cut and ignored pixels filled (as the Scorer will at run
+    time), resized; unreadable ones skipped and counted. UserError for an image that does not
+    contain the ROI or fit the mask: the region must be the same part on every frame."""
     frames, hashes, skipped = [], [], 0
     for path in paths:
         try:
             data = path.read_bytes()
-            frames.append(resize(decode_image(data), size))
-            hashes.append(bundle_format.sha256_bytes(data))
+            image = decode_image(data)
         except (OSError, BadImage) as exc:
             log.warning("skipping %s: %s", path, exc)
             skipped += 1
+            continue
+        try:
+            region = blank(crop(image, roi), ignore)
+        except ValueError as exc:
+            raise UserError(f"{path}: {exc} (--roi / --ignore)") from None
+        frames.append(resize(region, size))
+        hashes.append(bundle_format.sha256_bytes(data))
     return frames, hashes, skipped
 
 
@@ -605,7 +653,9 @@ def output_projection(stream: FeatureStream, kind: str, dim: int, seed: int) -> 
     return np.ascontiguousarray(vecs[:, ::-1][:, :dim], dtype=np.float32)
 
 
-def stream_covering_radius(stream: FeatureStream, bank: np.ndarray, progress: bool) -> float:
+def stream_covering_radius(
+    stream: FeatureStream, bank: np.ndarray, progress: bool, keep: np.ndarray | None = None
+) -> float:
     """The coreset's covering radius in the bank's own space (full width, not the projection
     the coreset ran in): r = max over every training patch of the distance to its nearest
     bank row. `teach` keeps taught patches to this radius.
@@ -620,6 +670,10 @@ def stream_covering_radius(stream: FeatureStream, bank: np.ndarray, progress: bo
     index = MemoryBankIndex(bank, kind="ivf-exact", device="cpu")
     worst = 0.0
     for _, feats in stream.batches("radius", progress):
+        if keep is not None:  # the patches the bank was chosen from (fit --ignore)
+            feats = feats.reshape(-1, len(keep), feats.shape[1])[:, keep].reshape(
+                -1, feats.shape[1]
+            )
         bounds = index.search_bounds(feats, 1)[0][:, 0]
         order = np.argsort(-bounds)
         for start in range(0, len(order), 64):
@@ -653,7 +707,11 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
     except ValueError as exc:
         raise UserError(str(exc)) from None
     cell, multiple = extractor.strides()
-    geometry = plan_geometry(opts, training_shapes(paths), cell, multiple)
+    ignore = load_ignore_mask(opts.ignore, opts.roi, "--ignore") if opts.ignore else None
+    shapes = training_shapes(paths)
+    if opts.roi is not None:  # the geometry is the region's, whatever the frames' size
+        shapes = [(opts.roi[3], opts.roi[2])] * len(shapes)
+    geometry = plan_geometry(opts, shapes, cell, multiple)
     tiling = geometry.tiling
     height, width = geometry.size
     log.info("input %dx%d: %s", width, height, geometry.reason)
@@ -666,7 +724,7 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
             grid[0] * grid[1],
         )
 
-    frames, hashes, skipped = _read_training_images(paths, (height, width))
+    frames, hashes, skipped = _read_training_images(paths, (height, width), opts.roi, ignore)
     if not frames:
         raise UserError(f"{folder}: none of the {len(paths)} images could be read")
     if skipped:
@@ -708,15 +766,24 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
     projected = coreset_space(stream, CORESET_PROJ_DIM, opts.seed, opts.progress)
     feature_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    n_patches = len(stream)
+    # Ignored patches (fit --ignore) never enter the bank: the coreset picks among the rest.
+    keep = keep_cells(ignore, grid).ravel() if ignore is not None else None
+    candidates = np.flatnonzero(np.tile(keep, len(frames))) if keep is not None else None
+    if candidates is not None:
+        if len(candidates) == 0:
+            raise UserError("--ignore: the mask leaves no patch of the region to learn")
+        projected = projected[candidates]
+    n_patches = len(projected)
     n_select = max(1, math.ceil(opts.coreset * n_patches))
     selected = approximate_greedy_coreset(
         projected, n_select, proj_dim=None, seed=opts.seed, progress=opts.progress
     )
+    if candidates is not None:
+        selected = candidates[selected]
     del projected
     coreset_s = time.perf_counter() - t0
     bank = gather_rows(stream, selected, opts.progress)
-    radius = stream_covering_radius(stream, bank, opts.progress)
+    radius = stream_covering_radius(stream, bank, opts.progress, keep)
 
     files = [bundle_format.MODEL_FILE, bundle_format.BANK_FILE, bundle_format.TRAINING_IMAGES_FILE]
     np.save(out / bundle_format.BANK_FILE, bank, allow_pickle=False)
@@ -724,6 +791,13 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
         np.save(out / bundle_format.BANK_KNN_FILE, bank_neighbours(bank, opts.reweight_k))
         files.append(bundle_format.BANK_KNN_FILE)
     (out / bundle_format.TRAINING_IMAGES_FILE).write_text(json.dumps({"sha256": hashes}) + "\n")
+    region: dict[str, Any] = {}
+    if opts.roi is not None:
+        region["roi"] = list(opts.roi)
+    if ignore is not None:
+        cv2.imwrite(str(out / bundle_format.IGNORE_FILE), ignore.astype(np.uint8) * 255)
+        files.append(bundle_format.IGNORE_FILE)
+        region["ignore"] = bundle_format.IGNORE_FILE
 
     manifest: dict[str, Any] = {
         "backbone": {"name": opts.backbone, "layers": extractor.layers, "weights": trunk.weights},
@@ -762,6 +836,7 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
             "covering_radius": radius,
         },
         **({"tiling": tiling.as_manifest()} if tiling is not None else {}),
+        **({"region": region} if region else {}),
         "scoring": {
             "k": opts.knn_k,
             "reweight": bool(opts.reweight_k),

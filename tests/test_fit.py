@@ -196,6 +196,7 @@ def test_readme_fit_table_states_the_parser_defaults() -> None:
     rows = dict(re.findall(r"^\| `(--[a-z-]+)[^`]*` \| `?([^`|]+?)`? \|", section, re.M))
     assert set(rows) <= set(defaults), set(rows) - set(defaults)
     expected = {"--weights": "packaged", "--layers": "blocks.2,blocks.4", "--tile": "off"}
+    expected |= {"--roi": "off", "--ignore": "off"}
     expected["--overlap"] = str(DEFAULT_OVERLAP)
     for option, default in defaults.items():
         if option not in rows or option in ("-h",):
@@ -204,4 +205,4 @@ def test_readme_fit_table_states_the_parser_defaults() -> None:
         if want is None:
             want = " ".join(default) if isinstance(default, list) else str(default)
         assert rows[option] == want, (option, rows[option], want)
-    assert {"--image-size", "--tile", "--overlap", "--coreset", "--augment"} <= set(rows)
+    assert {"--image-size", "--tile", "--overlap", "--coreset", "--augment", "--roi"} <= set(rows)

@@ -15,6 +15,7 @@ import numpy as np
 
 from edge_agent.agent.models import Run
 from edge_agent.decide.decision import ERROR, NG, Decision, decide, verdict_for
+from edge_agent.images import BadImage
 from edge_agent.station.regions import crop, ignore_for_frame
 from edge_agent.station.verdicts import worst
 
@@ -45,7 +46,10 @@ def prepare(image: np.ndarray, run: Run) -> Task:
     except ValueError as exc:
         task.error = str(exc)
         return task
-    task.prepared = run.model.scorer.prepare(region)
+    try:
+        task.prepared = run.model.scorer.prepare_region(region)
+    except BadImage as exc:  # a mask fitted for another size of frame
+        task.error = str(exc)
     return task
 
 

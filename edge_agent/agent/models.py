@@ -7,6 +7,7 @@ Inspections that share a bundle share its Scorer, so the service scores them in 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -89,7 +90,31 @@ def bind(
     for i, spec in enumerate(recipe.inspections):
         model = models[spec.bundle]
         where = "" if legacy else f"recipes.{recipe.name}.inspections[{i}]"
+        spec = _as_fitted(config, spec, model.bundle, where or "bundle")
         thresholds = thresholds_for(config, model.bundle, spec, where)
         keep = keep_cells(spec.ignore, model.scorer.grid) if spec.ignore is not None else None
         runs.setdefault(spec.camera, []).append(Run(spec, model, thresholds, keep))
     return {camera: tuple(r) for camera, r in runs.items()}
+
+
+def _as_fitted(config: Config, spec: Inspection, bundle: Bundle, where: str) -> Inspection:
+    """The inspection with the ROI and ignore mask its bundle was fitted with (fit --roi,
+    --ignore): the config may leave them out or repeat them, never contradict them."""
+    roi, ignore = spec.roi, spec.ignore
+    if bundle.roi is not None:
+        if roi is not None and roi != bundle.roi:
+            raise UserError(
+                f"{config.path}: {where}.roi: {list(roi)} is not the ROI the bundle "
+                f"{bundle.path} was fitted on, {list(bundle.roi)} (leave it out, or fit again)"
+            )
+        roi = bundle.roi
+    if bundle.ignore is not None:
+        if ignore is not None and not np.array_equal(ignore, bundle.ignore):
+            raise UserError(
+                f"{config.path}: {where}.ignore: not the mask the bundle {bundle.path} was "
+                "fitted with (leave it out, or fit again)"
+            )
+        ignore = bundle.ignore
+    if roi == spec.roi and ignore is spec.ignore:
+        return spec
+    return dataclasses.replace(spec, roi=roi, ignore=ignore)

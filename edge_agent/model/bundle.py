@@ -18,13 +18,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
+import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from edge_agent.errors import UserError
 from edge_agent.fileio import atomic_write
@@ -35,6 +43,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 BANK_FILE = "bank.npy"
+IGNORE_FILE = "ignore.png"
 BANK_KNN_FILE = "bank_knn.npy"
 TRAINING_IMAGES_FILE = "training_images.json"
 
@@ -162,6 +171,24 @@ class ThresholdsSection(_Section):
     calibrated: dict[str, Any] | None = None  # calibrate's record, for people: not used here
 
 
+class RegionSection(_Section):
+    """fit --roi / --ignore: the part of the frame the bundle learnt, and the pixels of it
+    that it never saw (IGNORE_FILE, white = ignored, ROI-sized), so run cannot disagree."""
+
+    roi: (
+        Annotated[list[Annotated[int, Field(ge=0, le=65535)]], Field(min_length=4, max_length=4)]
+        | None
+    ) = None
+    ignore: FileName | None = None
+
+    @field_validator("roi")
+    @classmethod
+    def _area(cls, roi: list[int] | None) -> list[int] | None:
+        if roi is not None and (roi[2] < 1 or roi[3] < 1):
+            raise ValueError(f"width and height must be positive, got {roi}")
+        return roi
+
+
 class ManifestModel(_Section):
     """manifest.json as fit (export/fit.py) and calibrate (thresholds_section) write it."""
 
@@ -173,6 +200,7 @@ class ManifestModel(_Section):
     features: FeaturesSection
     bank: BankSection | None = None
     tiling: TilingSection | None = None
+    region: RegionSection | None = None
     scoring: ScoringSection
     thresholds: ThresholdsSection | None = None
     # teach: its versions, oldest first; True when the bank changed after calibration (the
@@ -222,6 +250,14 @@ class Bundle:
     manifest: dict[str, Any]
     bank: np.ndarray  # [M, D] float32, C-contiguous
     bank_knn: np.ndarray | None  # [M, k] int32
+    # fit --ignore: bool, the ROI's (or the training frames') size, True = never learnt
+    ignore: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def roi(self) -> tuple[int, int, int, int] | None:
+        """fit --roi: (x, y, w, h) in frame pixels; None: the whole frame."""
+        roi = (self.manifest.get("region") or {}).get("roi")
+        return (int(roi[0]), int(roi[1]), int(roi[2]), int(roi[3])) if roi else None
 
     @property
     def model_path(self) -> Path:
@@ -495,7 +531,28 @@ def load_bundle(bundle_dir: str | os.PathLike[str], *, check_model: bool = True)
                 f"{BANK_KNN_FILE} has {bank_knn.shape[1]} columns but scoring.reweight_k is "
                 f"{reweight_k}",
             )
-    return Bundle(path=bundle_dir, manifest=manifest, bank=bank, bank_knn=bank_knn)
+    ignore = _load_ignore(bundle_dir, manifest)
+    return Bundle(path=bundle_dir, manifest=manifest, bank=bank, bank_knn=bank_knn, ignore=ignore)
+
+
+def _load_ignore(bundle_dir: Path, manifest: dict[str, Any]) -> np.ndarray | None:
+    """The region's ignore mask (checksummed with the other files), as fit wrote it."""
+    region = manifest.get("region") or {}
+    name = region.get("ignore")
+    if not name:
+        return None
+    if name not in manifest["files"]:
+        raise _fail(bundle_dir, f"region.ignore: {name} is not among the checksummed files")
+    data = cv2.imread(str(bundle_dir / name), cv2.IMREAD_UNCHANGED)
+    if data is None or data.ndim != 2:
+        raise _fail(bundle_dir, f"region.ignore: {name} is not a one-channel image")
+    roi = region.get("roi")
+    if roi and data.shape != (roi[3], roi[2]):
+        raise _fail(
+            bundle_dir,
+            f"region.ignore: {name} is {data.shape[1]}x{data.shape[0]}, the ROI {roi[2]}x{roi[3]}",
+        )
+    return data > 127
 
 
 def _load_bank_knn(bundle_dir: Path, rows: int) -> np.ndarray:

@@ -26,12 +26,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from edge_agent.images import resize, to_bgr
+from edge_agent.images import BadImage, resize, to_bgr
 from edge_agent.model import devicemem, scoring
 from edge_agent.model.bundle import Bundle
 from edge_agent.model.knn import DEFAULT_INDEX, DEFAULT_NPROBE, MemoryBankIndex
 from edge_agent.model.tiling import TILES_PER_RUN
 from edge_agent.ops.threads import default_threads
+from edge_agent.station.regions import blank, crop, keep_cells
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,8 @@ class Scorer:
         self._io = self.session.io_binding() if self.bind_io else None
         self.input_size = bundle.input_size
         self.grid = bundle.grid
+        # fit --ignore: the patches the bank never learnt are never scored either.
+        self.kept = keep_cells(bundle.ignore, self.grid) if bundle.ignore is not None else None
         # The latest batch score() returned: the agent answers a batch's frames (and draws
         # their maps) before it scores the next one.
         self.last: BatchScores | None = None
@@ -179,8 +182,27 @@ class Scorer:
 
     def prepare(self, bgr: np.ndarray) -> np.ndarray:
         """A uint8 BGR frame (what images.read_image/decode_image/to_bgr return) -> at the
-        model's input size. Callers convert once, so the agent does not pay it twice."""
-        return resize(bgr, self.input_size)
+        model's input size: the bundle's ROI cut (fit --roi), its ignored pixels filled, resized.
+        Callers convert once, so the agent does not pay it twice. BadImage for a frame that
+        does not contain the ROI."""
+        return self.prepare_region(self.region(bgr))
+
+    def region(self, image: np.ndarray) -> np.ndarray:
+        """The bundle's ROI of a frame (or of its ground-truth mask); the frame itself without
+        one. BadImage when the frame does not contain it."""
+        try:
+            return crop(image, self.bundle.roi)
+        except ValueError as exc:
+            raise BadImage(f"the bundle's {exc}") from None
+
+    def prepare_region(self, region: np.ndarray) -> np.ndarray:
+        """An already cut region -> at the model's input size, its ignored pixels (fit
+        --ignore) filled as fit filled them. BadImage when its size is not the mask's."""
+        try:
+            region = blank(region, self.bundle.ignore)
+        except ValueError as exc:
+            raise BadImage(str(exc)) from None
+        return resize(region, self.input_size)
 
     def features(self, batch: np.ndarray) -> np.ndarray:
         """uint8 [B, H, W, 3] -> float32 [B, h*w, D]; a tiled bundle's B frames are cut into
@@ -205,6 +227,9 @@ class Scorer:
         leaves patches out: an ignored patch's score is 0 (the floor of a distance), so it is
         never an image's maximum, never re-checked, and adds nothing to a map.
         """
+        if self.kept is not None:
+            keep = self.kept if keep is None else keep & self.kept
+            keep = np.broadcast_to(keep, (len(batch), *self.grid))
         if self._io is not None:
             return self._score_bound(batch, stage_s, keep)
         t0 = time.perf_counter()

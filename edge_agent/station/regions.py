@@ -16,6 +16,10 @@ import numpy as np
 from edge_agent.errors import UserError
 
 Roi = tuple[int, int, int, int]
+IGNORE_FILL = (104, 116, 124)
+"""BGR of ignored pixels before a bundle fitted with an ignore mask sees them (at fit and at
+run time alike): ImageNet's mean colour, the value the graph's normalisation maps to zero, so
+what varies there (a date code, a defect) cannot reach the neighbouring patches either."""
 
 
 def roi_problem(roi: Roi, frame_hw: tuple[int, int]) -> str | None:
@@ -87,3 +91,14 @@ def keep_cells(ignored: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     rows = np.minimum(((np.arange(h) + 0.5) * big_h / h).astype(np.int64), big_h - 1)
     cols = np.minimum(((np.arange(w) + 0.5) * big_w / w).astype(np.int64), big_w - 1)
     return ~ignored[np.ix_(rows, cols)]
+
+
+def blank(region: np.ndarray, ignored: np.ndarray | None) -> np.ndarray:
+    """``region`` (BGR) with its ignored pixels set to IGNORE_FILL: a copy where anything is
+    ignored, the region itself where nothing is. ValueError when the mask is another size."""
+    if ignored is None or not ignored.any():
+        return region
+    ignore_for_frame(ignored, region.shape[:2])
+    out = region.copy()
+    out[ignored] = IGNORE_FILL
+    return out

@@ -65,6 +65,11 @@ def _load(sample: TestSample, scorer: Scorer) -> tuple[np.ndarray, np.ndarray] |
     mask = cv2.imread(str(sample.mask_path), cv2.IMREAD_GRAYSCALE)
     if mask is None:
         raise UserError(f"{sample.mask_path}: unreadable ground-truth mask")
+    try:
+        mask = scorer.region(mask)  # a bundle fitted on a ROI is judged on it (fit --roi)
+    except BadImage as exc:
+        log.warning("skipping %s: its mask: %s", sample.path, exc)
+        return None
     return image, cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST) > 127
 
 

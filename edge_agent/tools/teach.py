@@ -204,7 +204,10 @@ def _scores(bundle: fmt.Bundle, frames: list[np.ndarray], batch: int, **kw: Any)
     scores, feats = [], []
     for start in range(0, len(frames), batch):
         chunk = np.stack([scorer.prepare(f) for f in frames[start : start + batch]])
-        feats.append(scorer.features(chunk).reshape(-1, bundle.dim))
+        patches = scorer.features(chunk)
+        if scorer.kept is not None:  # fit --ignore: ignored patches never enter the bank
+            patches = patches[:, scorer.kept.ravel()]
+        feats.append(patches.reshape(-1, bundle.dim))
         scores.append(scorer.score(chunk).image_scores)
     return np.concatenate(scores), np.concatenate(feats)
 
