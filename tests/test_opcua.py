@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import json
 import math
 import shutil
 import socket
@@ -29,12 +30,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import ValidationError
 
 from edge_agent.errors import UserError
-from edge_agent.publish import opcua
+from edge_agent.publish import contract, opcua
 from edge_agent.publish.opcua import (
     CONNECTION_STATS,
     COUNTERS,
     EVENT_TYPE,
     MAX_PENDING_EVENTS,
+    PART_EVENT_TYPE,
+    PART_FIELDS,
+    RECIPE_FIELDS,
     RESULT_FIELDS,
     OpcUaServer,
     check_settings,
@@ -49,6 +53,7 @@ from edge_agent.publish.opcua_config import (
     OpcUaModel,
     camera_state,
 )
+from edge_agent.station.recipes import MAX_COMMAND_BYTES, MAX_NUMBER, Select
 
 NS = "urn:edge-agent:test"
 CAMERAS = ["read", "events", "trigger", "slow", "line.3"]
@@ -145,7 +150,15 @@ def test_browse_the_tree_with_stable_node_ids(served: tuple[OpcUaServer, Trigger
         root = top["EdgeAgent"]
         assert root.nodeid == ua.NodeId("EdgeAgent", idx)
         below = await children(root)
-        assert set(below) == {*CAMERAS, "ModelId"}
+        assert set(below) == {*CAMERAS, "ModelId", "Recipe", "Part"}
+        recipe = await children(below["Recipe"])
+        assert set(recipe) == {n for n, _ in RECIPE_FIELDS} | {"SelectRecipe"}
+        assert recipe["SelectRecipe"].nodeid == ua.NodeId("EdgeAgent.Recipe.SelectRecipe", idx)
+        part = await children(below["Part"])
+        assert set(part) == {n for n, _ in PART_FIELDS} | {"PartReady", "EventsDropped"}
+        assert part["Missing"].nodeid == ua.NodeId("EdgeAgent.Part.Missing", idx)
+        assert await part["Missing"].read_value_rank() == ua.ValueRank.OneDimension
+        assert await part["PartReady"].read_value() == 0
         assert await below["ModelId"].read_value() == "model-a"
         cam = below["line.3"]  # a dotted camera id keeps its own name and node ids
         assert cam.nodeid == ua.NodeId("EdgeAgent.line.3", idx)
@@ -304,6 +317,252 @@ def test_trigger_method_calls_on_trigger(served: tuple[OpcUaServer, Triggers]) -
         with pytest.raises(ua.uaerrors.BadInvalidState):
             await cam.call_method(method, "PART-44")
         triggers.refuse.clear()
+
+    run(server, body)
+
+
+# -- the station: recipe state, SelectRecipe, part verdicts ----------------------------------
+
+
+def recipe_state(
+    active: str, number: int, result: str, reason: str | None, changed_at: float
+) -> dict[str, Any]:
+    return contract.recipe_message(
+        active=active,
+        number=number,
+        result=result,
+        reason=reason,
+        request_id=None,
+        changed_at=changed_at,
+    )
+
+
+def part(part_id: str, verdict: str, missing: list[str], decided_at: float) -> dict[str, Any]:
+    inspections = [
+        {"id": "cap", "camera": "cam", "verdict": verdict, "score": 31.5, "normalised_score": 0.6,
+         "threshold": 30.0, "regions": [{"bbox": [1, 2, 3, 4], "area": 9, "peak": 33.0}]},
+    ]  # fmt: skip
+    message = {
+        "part_id": part_id,
+        "recipe": "bottle-b",
+        "verdict": verdict,
+        "inspections": inspections,
+        "missing": missing,
+    }
+    return contract.part_message(message, decided_at)
+
+
+class Selections:
+    """A recipe handler as the agent's: records each call; refuses what the book lacks."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Select, str]] = []
+        self.fail = False
+
+    def __call__(self, select: Select, source: str) -> str | None:
+        self.calls.append((select, source))
+        if self.fail:
+            raise RuntimeError("a bug in the recipe handler")
+        if select.name not in (None, "bottle-a", "bottle-b") or select.number not in (None, 1, 2):
+            return f"no recipe {select.describe()}"
+        return None
+
+
+STARTED = 1_700_000_000.25  # when the active recipe became active (s)
+
+
+@pytest.fixture(scope="module")
+def station(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OpcUaServer, Selections]]:
+    selections = Selections()
+    server = OpcUaServer(
+        settings(tmp_path_factory.mktemp("opcua"), allow_anonymous=True), Triggers()
+    )
+    server.set_recipe_handler(selections)
+    server.set_recipe(recipe_state("bottle-a", 1, "ok", "started", STARTED))  # before start
+    server.start(["cam"], "model-a")
+    yield server, selections
+    server.stop()
+
+
+def test_recipe_state_is_there_from_the_start_and_follows_set_recipe(
+    station: tuple[OpcUaServer, Selections],
+) -> None:
+    server, _ = station
+
+    async def body(client: Client, idx: int) -> None:
+        async def read() -> dict[str, Any]:
+            return {n: await node(client, idx, f"EdgeAgent.Recipe.{n}").read_value()
+                    for n, _ in RECIPE_FIELDS}  # fmt: skip
+
+        assert await read() == {  # the first read: no waiting for the loop's first pass
+            "Active": "bottle-a",
+            "Number": 1,
+            "Result": "ok",
+            "Reason": "started",
+            "ChangedAt": dt.datetime.fromtimestamp(STARTED, dt.timezone.utc),
+        }
+        number = node(client, idx, "EdgeAgent.Recipe.Number")
+        assert await number.read_data_type_as_variant_type() == ua.VariantType.Int32
+        server.set_recipe(recipe_state("bottle-a", 1, "refused", "no recipe 'x'", STARTED))
+        refused = await until(read, lambda v: v["Result"] == "refused")
+        assert (refused["Reason"], refused["Active"]) == ("no recipe 'x'", "bottle-a")
+        server.set_recipe(recipe_state("bottle-b", 2, "ok", None, STARTED + 60))
+        switched = await until(read, lambda v: v["Active"] == "bottle-b")
+        assert switched == {
+            "Active": "bottle-b",
+            "Number": 2,
+            "Result": "ok",
+            "Reason": "",  # null: a PLC variable has none
+            "ChangedAt": dt.datetime.fromtimestamp(STARTED + 60, dt.timezone.utc),
+        }
+
+    run(server, body)
+
+
+async def call_select(client: Client, idx: int, *args: Any) -> tuple[ua.StatusCode, list[Any]]:
+    """SelectRecipe through the Call service itself: its status and outputs both (a Bad
+    status makes Node.call_method raise and drop the outputs)."""
+    request = ua.CallMethodRequest()
+    request.ObjectId = ua.NodeId("EdgeAgent.Recipe", idx)
+    request.MethodId = ua.NodeId("EdgeAgent.Recipe.SelectRecipe", idx)
+    request.InputArguments = [a if isinstance(a, ua.Variant) else ua.Variant(a) for a in args]
+    (result,) = await client.uaclient.call([request])
+    return result.StatusCode, [v.Value for v in result.OutputArguments or []]
+
+
+def int32(value: int) -> ua.Variant:
+    return ua.Variant(value, ua.VariantType.Int32)
+
+
+def test_select_recipe_hands_the_selection_to_the_agent(
+    station: tuple[OpcUaServer, Selections],
+) -> None:
+    server, selections = station
+
+    async def body(client: Client, idx: int) -> None:
+        selections.calls.clear()
+        obj = node(client, idx, "EdgeAgent.Recipe")
+        method = ua.NodeId("EdgeAgent.Recipe.SelectRecipe", idx)
+        assert await obj.call_method(method, "bottle-b", int32(0)) == ""  # Good, Reason ""
+        assert await obj.call_method(method, "", int32(2)) == ""
+        assert selections.calls == [(Select(name="bottle-b"), "opcua"), (Select(number=2), "opcua")]
+
+        # The agent refuses: a Bad status, its reason as the output.
+        status, out = await call_select(client, idx, "bottle-z", int32(0))
+        assert status.value == ua.StatusCodes.BadInvalidArgument
+        assert out == ["no recipe 'bottle-z'"]
+        status, out = await call_select(client, idx, "", int32(9))
+        assert (status.value, out) == (ua.StatusCodes.BadInvalidArgument, ["no recipe number 9"])
+        with pytest.raises(ua.uaerrors.BadInvalidArgument):
+            await obj.call_method(method, "bottle-z", int32(0))
+        assert len(selections.calls) == 5
+        status, out = await call_select(client, idx, "bottle-b", int32(0))
+        assert status.is_good() and out == [""]
+
+    run(server, body)
+
+
+BAD_SELECTIONS = {
+    "both": ("bottle-a", int32(1)),
+    "neither": ("", int32(0)),
+    "a line break": ("bottle\nb", int32(0)),
+    "a name too long": ("x" * (MAX_COMMAND_BYTES + 1), int32(0)),
+    "a negative number": ("", int32(-1)),
+    "past the largest number": ("", int32(MAX_NUMBER + 1)),
+    "a number as the name": (int32(2), int32(0)),
+    "a name as the number": ("", "2"),
+    "a Boolean number": ("", ua.Variant(True, ua.VariantType.Boolean)),
+    "a Double number": ("", ua.Variant(2.0, ua.VariantType.Double)),
+}
+
+
+def test_select_recipe_refuses_bad_arguments_with_a_reason(
+    station: tuple[OpcUaServer, Selections],
+) -> None:
+    server, selections = station
+
+    async def body(client: Client, idx: int) -> None:
+        selections.calls.clear()
+        for what, args in BAD_SELECTIONS.items():
+            status, out = await call_select(client, idx, *args)
+            assert status.value == ua.StatusCodes.BadInvalidArgument, what
+            assert len(out) == 1 and out[0] and "\n" not in out[0], (what, out)
+        status, out = await call_select(client, idx, "bottle-a")
+        assert status.value == ua.StatusCodes.BadArgumentsMissing
+        status, out = await call_select(client, idx, "bottle-a", int32(0), int32(0))
+        assert status.value == ua.StatusCodes.BadTooManyArguments
+        # Through another object than EdgeAgent.Recipe.
+        with pytest.raises(ua.uaerrors.BadMethodInvalid):
+            await node(client, idx, "EdgeAgent.cam").call_method(
+                ua.NodeId("EdgeAgent.Recipe.SelectRecipe", idx), "bottle-a", int32(0)
+            )
+        assert selections.calls == []  # none of them reached the agent
+
+        selections.fail = True  # a bug of ours: an internal error, the server goes on
+        try:
+            status, _ = await call_select(client, idx, "bottle-a", int32(0))
+        finally:
+            selections.fail = False
+        assert status.value == ua.StatusCodes.BadInternalError
+        status, _ = await call_select(client, idx, "bottle-a", int32(0))
+        assert status.is_good()  # and the next call is served
+
+    run(server, body)
+
+
+def test_select_recipe_without_a_handler_is_bad_invalid_state(
+    served: tuple[OpcUaServer, Triggers],
+) -> None:
+    server, _ = served
+
+    async def body(client: Client, idx: int) -> None:
+        status, out = await call_select(client, idx, "bottle-a", int32(0))
+        assert status.value == ua.StatusCodes.BadInvalidState and out[0]
+
+    run(server, body)
+
+
+def test_last_part_and_one_event_per_part(station: tuple[OpcUaServer, Selections]) -> None:
+    server, _ = station
+
+    async def body(client: Client, idx: int) -> None:
+        handler = Events()
+        sub = await client.create_subscription(20, handler)
+        etype = node(client, idx, f"EdgeAgent.{PART_EVENT_TYPE}")
+        await sub.subscribe_events(node(client, idx, "EdgeAgent.Part"), etype)
+        await asyncio.sleep(0.2)  # the monitored item exists before the first part
+        first = part("P-1", "NG", [], 1_700_000_100.5)
+        second = part("P-2", "ERROR", ["side", "top"], 1_700_000_101.25)
+        server.publish_part(first)
+        server.publish_part(second)
+        ready = node(client, idx, "EdgeAgent.Part.PartReady")
+        assert await until(ready.read_value, lambda v: v == 2) == 2
+        values = {n: await node(client, idx, f"EdgeAgent.Part.{n}").read_value()
+                  for n, _ in PART_FIELDS}  # fmt: skip
+        assert values == {
+            "PartId": "P-2",
+            "Recipe": "bottle-b",
+            "Verdict": "ERROR",
+            "Missing": ["side", "top"],
+            "Inspections": json.dumps(second["inspections"], separators=(",", ":")),
+            "Timestamp": dt.datetime.fromtimestamp(1_700_000_101.25, dt.timezone.utc),
+        }
+        assert json.loads(values["Inspections"])[0]["regions"][0]["bbox"] == [1, 2, 3, 4]
+        assert await node(client, idx, "EdgeAgent.Part.EventsDropped").read_value() == 0
+
+        await until(lambda: asyncio.sleep(0, len(handler.received)), lambda n: n >= 2)
+        await asyncio.sleep(0.3)  # nothing more comes
+        got = handler.received
+        assert [e.PartId for e in got] == ["P-1", "P-2"]
+        assert [e.Verdict for e in got] == ["NG", "ERROR"]
+        assert [e.Missing for e in got] == [[], ["side", "top"]]
+        assert {e.Recipe for e in got} == {"bottle-b"}
+        assert got[0].Inspections == json.dumps(first["inspections"], separators=(",", ":"))
+        assert got[1].Timestamp == values["Timestamp"]
+        assert got[1].Severity > got[0].Severity
+        assert got[0].SourceNode == ua.NodeId("EdgeAgent.Part", idx)
+        assert got[1].Message.Text == "part P-2: ERROR (recipe bottle-b)"
+        await sub.delete()
 
     run(server, body)
 
@@ -627,6 +886,9 @@ def test_start_refuses_an_endpoint_in_use_and_colliding_camera_ids(tmp_path: Pat
         OpcUaServer(opts, Triggers()).start(["a", "a.LastResult"], "m")
     with pytest.raises(UserError, match="ModelId"):
         OpcUaServer(opts, Triggers()).start(["ModelId"], "m")
+    for camera in ("Recipe", "Part", "Recipe.SelectRecipe", "PartEventType"):
+        with pytest.raises(UserError, match=f"camera '{camera}' would have the node"):
+            OpcUaServer(opts, Triggers()).start([camera], "m")
     port = int(opts.endpoint.rsplit(":", 1)[1].split("/")[0])
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
@@ -962,6 +1224,26 @@ def test_the_agent_serves_results_state_and_takes_triggers(
                         lambda: read("EdgeAgent.station.LastResult.PartId"), lambda v: v == "PLC-7"
                     )
                     assert part == "PLC-7"
+                    # The part it makes (one inspection: the station camera's) is served too.
+                    part = await until(
+                        lambda: read("EdgeAgent.Part.PartId"), lambda v: v == "PLC-7"
+                    )
+                    assert part == "PLC-7"
+                    assert await read("EdgeAgent.Part.Recipe") == "default"
+                    assert await read("EdgeAgent.Part.Verdict") in ("OK", "NG")
+                    # The recipe: its state from the start, and SelectRecipe to the agent.
+                    assert await read("EdgeAgent.Recipe.Active") == "default"
+                    assert await read("EdgeAgent.Recipe.Number") == 1
+                    status, out = await call_select(client, idx, "default", int32(0))
+                    assert status.is_good() and out == [""]
+                    status, out = await call_select(client, idx, "nope", int32(0))
+                    assert status.value == ua.StatusCodes.BadInvalidArgument
+                    assert out == ["no recipe named 'nope'"]
+                    result = await until(
+                        lambda: read("EdgeAgent.Recipe.Result"), lambda v: v == "refused"
+                    )
+                    assert result == "refused"
+                    assert await read("EdgeAgent.Recipe.Reason") == "no recipe named 'nope'"
                     # A free-running camera refuses triggers (BadInvalidState).
                     with pytest.raises(ua.uaerrors.BadInvalidState):
                         await node(client, idx, "EdgeAgent.free").call_method(

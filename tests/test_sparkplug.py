@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.agent.config import load_config
 from edge_agent.errors import UserError
+from edge_agent.publish import contract
 from edge_agent.publish import sparkplug as sp
 from edge_agent.publish import sparkplug_b_pb2 as pb
 from edge_agent.publish.publisher import MqttSettings
@@ -31,9 +33,12 @@ from edge_agent.publish.sparkplug import (
     DEVICE_METRICS,
     METRIC_NAMES,
     NODE_METRICS,
+    PART_METRICS,
+    RECIPE_METRICS,
     SparkplugNode,
     metric_value,
 )
+from edge_agent.station.recipes import MAX_COMMAND_BYTES, MAX_NUMBER, Select
 from tests.brokers import Broker, Gate, Received, Subscriber, free_port
 from tests.conftest import require_mtd
 
@@ -382,6 +387,149 @@ def test_commands_from_mutated_payloads(seed: bytes, data: st.DataObject) -> Non
         i = data.draw(st.integers(0, len(mutated) - 1))
         mutated[i] = data.draw(st.integers(0, 255))
     assert sp.is_rebirth_request(bytes(mutated)) in (True, False)
+
+
+def _select(*metrics: dict[str, Any]) -> bytes:
+    payload = pb.Payload(timestamp=1)
+    for fields in metrics:
+        payload.metrics.add(**fields)
+    return payload.SerializeToString()
+
+
+SELECT_ALIAS = sp.node_alias(sp.RECIPE_SELECT)
+BY = {"name": sp.RECIPE_SELECT}
+SELECTS = {
+    "a name": (_select({**BY, "datatype": pb.String, "string_value": "bottle-b"}), "bottle-b"),
+    "a name by alias": (
+        _select({"alias": SELECT_ALIAS, "datatype": pb.String, "string_value": "b.2"}),
+        "b.2",
+    ),
+    "Int32": (_select({**BY, "datatype": pb.Int32, "int_value": 2}), 2),
+    "UInt32 in int_value (3.0)": (_select({**BY, "datatype": pb.UInt32, "int_value": 3}), 3),
+    "UInt32 in long_value (Tahu JS)": (
+        _select({**BY, "datatype": pb.UInt32, "long_value": 4}),
+        4,
+    ),
+    "Int64 by alias": (
+        _select({"alias": SELECT_ALIAS, "datatype": pb.Int64, "long_value": 5}),
+        5,
+    ),
+    "UInt64, the largest number": (
+        _select({**BY, "datatype": pb.UInt64, "long_value": MAX_NUMBER}),
+        MAX_NUMBER,
+    ),
+    "an integer, no datatype": (_select({**BY, "int_value": 1}), 1),
+    "a name, no datatype": (_select({**BY, "string_value": "x"}), "x"),
+}
+HOSTILE_SELECTS = {
+    "a Boolean": _select({**BY, "datatype": pb.Boolean, "boolean_value": True}),
+    "a Double": _select({**BY, "datatype": pb.Double, "double_value": 2.0}),
+    "a Float": _select({**BY, "datatype": pb.Float, "float_value": 2.0}),
+    "an Int16": _select({**BY, "datatype": pb.Int16, "int_value": 2}),
+    "Bytes": _select({**BY, "datatype": pb.Bytes, "bytes_value": b"2"}),
+    "a datatype that does not exist": _select({**BY, "datatype": 999, "long_value": 2}),
+    "a String in long_value": _select({**BY, "datatype": pb.String, "long_value": 2}),
+    "an Int64 in string_value": _select({**BY, "datatype": pb.Int64, "string_value": "2"}),
+    "an Int64 in int_value": _select({**BY, "datatype": pb.Int64, "int_value": 2}),
+    "null": _select({**BY, "datatype": pb.String, "is_null": True, "string_value": "a"}),
+    "no value": _select({**BY, "datatype": pb.String}),
+    "an empty name": _select({**BY, "datatype": pb.String, "string_value": ""}),
+    "a line break": _select({**BY, "datatype": pb.String, "string_value": "a\nb"}),
+    "a bidi override": _select({**BY, "datatype": pb.String, "string_value": "a\u202eb"}),
+    "a name too long": _select(
+        {**BY, "datatype": pb.String, "string_value": "x" * (MAX_COMMAND_BYTES + 1)}
+    ),
+    "invalid UTF-8": _field(2, _field(1, sp.RECIPE_SELECT.encode()) + _field(15, b"\xff\xfe")),
+    "zero": _select({**BY, "datatype": pb.Int64, "long_value": 0}),
+    "Int32 -1": _select({**BY, "datatype": pb.Int32, "int_value": (1 << 32) - 1}),
+    "Int64 -5": _select({**BY, "datatype": pb.Int64, "long_value": (1 << 64) - 5}),
+    "UInt64 past the largest": _select({**BY, "datatype": pb.UInt64, "long_value": MAX_NUMBER + 1}),
+    "UInt64 2**64-1": _select({**BY, "datatype": pb.UInt64, "long_value": (1 << 64) - 1}),
+    "two selections": _select(
+        {**BY, "datatype": pb.Int64, "long_value": 1}, {**BY, "datatype": pb.Int64, "long_value": 2}
+    ),
+}
+
+
+def _wanted(value: str | int) -> Select:
+    return Select(name=value) if isinstance(value, str) else Select(number=value)
+
+
+@pytest.mark.parametrize(("payload", "value"), SELECTS.values(), ids=SELECTS.keys())
+def test_recipe_select_by_number_or_name(payload: bytes, value: str | int) -> None:
+    command = sp.decode_command(payload)
+    assert command is not None
+    assert sp.recipe_select(command) == _wanted(value)
+    assert not sp.wants_rebirth(command)
+
+
+@pytest.mark.parametrize("payload", HOSTILE_SELECTS.values(), ids=HOSTILE_SELECTS.keys())
+def test_hostile_recipe_selects_are_refused_with_a_reason(payload: bytes) -> None:
+    command = sp.decode_command(payload)
+    assert command is not None
+    reason = sp.recipe_select(command)
+    assert isinstance(reason, str) and reason and "\n" not in reason and len(reason) < 200
+
+
+def test_a_refused_number_is_named_as_the_host_wrote_it() -> None:
+    # Int32 and Int64 are two's complement on the wire: -1 is -1 in the reason, not 2**32-1.
+    for payload in (HOSTILE_SELECTS["Int32 -1"], HOSTILE_SELECTS["Int64 -5"]):
+        command = sp.decode_command(payload)
+        assert command is not None
+        assert str(sp.recipe_select(command)).endswith(("got -1", "got -5"))
+
+
+def test_commands_without_a_recipe_select() -> None:
+    others = [REBIRTH_YES, *NOT_REBIRTH_COMMANDS.values()]
+    others.append(_select({"name": "Recipe/Active", "datatype": pb.String, "string_value": "a"}))
+    others.append(_select({"alias": SELECT_ALIAS + 1, "datatype": pb.Int64, "long_value": 1}))
+    others.append(  # a name decides, not the alias beside it
+        _select({"name": "Other", "alias": SELECT_ALIAS, "datatype": pb.Int64, "long_value": 1})
+    )
+    for payload in others:
+        command = sp.decode_command(payload)
+        assert command is not None and sp.recipe_select(command) is None
+
+
+@FUZZ
+@given(st.binary(max_size=512))
+def test_recipe_select_from_random_bytes(payload: bytes) -> None:
+    command = sp.decode_command(payload)
+    if command is not None:
+        assert isinstance(sp.recipe_select(command), Select | str | None)
+
+
+@FUZZ
+@given(st.sampled_from([v for v, _ in SELECTS.values()]), st.data())
+def test_recipe_select_from_mutated_payloads(seed: bytes, data: st.DataObject) -> None:
+    mutated = bytearray(seed)
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(mutated) - 1))
+        mutated[i] = data.draw(st.integers(0, 255))
+    command = sp.decode_command(bytes(mutated))
+    if command is not None:
+        found = sp.recipe_select(command)
+        if isinstance(found, Select):
+            assert (found.name is None) != (found.number is None)
+            assert found.number is None or 1 <= found.number <= MAX_NUMBER
+            assert found.name is None or found.name.isprintable()
+
+
+def test_recipe_and_part_metrics() -> None:
+    state = _recipe_state("bottle-b", 2, "refused", "no recipe named 'x'", changed_ms=5)
+    assert sp.recipe_values(state) == {
+        "Recipe/Active": "bottle-b",
+        "Recipe/Number": 2,
+        "Recipe/Result": "refused",
+        "Recipe/Reason": "no recipe named 'x'",
+    }
+    assert tuple(sp.recipe_values(state)) == RECIPE_METRICS
+    values = sp.part_values(_part("P-1", "ERROR", missing=["side", "top"]))
+    assert tuple(values) == PART_METRICS
+    assert values["Part/Missing"] == "side,top"
+    inspections = _part("P-1", "ERROR")["inspections"]
+    assert values["Part/Inspections"] == json.dumps(inspections, separators=(",", ":"))
+    assert sp.part_values(_part("P-2", "OK"))["Part/Missing"] == ""
 
 
 def test_every_metric_has_a_type_all_decoders_read_alike() -> None:
@@ -751,6 +899,215 @@ def test_broker_restart_sends_the_backlog_historical_in_order_after_rebirth(
     assert node.stats["dropped"] == 0
 
 
+def _recipe_state(
+    active: str, number: int, result: str, reason: str | None, *, changed_ms: int
+) -> dict[str, Any]:
+    return contract.recipe_message(
+        active=active,
+        number=number,
+        result=result,
+        reason=reason,
+        request_id=None,
+        changed_at=changed_ms / 1000,
+    )
+
+
+def _part(part_id: str, verdict: str, missing: list[str] | None = None) -> dict[str, Any]:
+    inspection = {
+        "id": "top",
+        "camera": "a",
+        "verdict": "NG",
+        "score": 31.5,
+        "normalised_score": 0.55,
+        "threshold": 30.0,
+        "regions": [{"bbox": [1, 2, 3, 4], "area": 12, "peak": 33.2}],
+    }
+    part = {
+        "part_id": part_id,
+        "recipe": "bottle-b",
+        "verdict": verdict,
+        "inspections": [inspection],
+        "missing": missing or [],
+    }
+    return contract.part_message(part, decided_at=1_700_000_100 + len(part_id) / 1000)
+
+
+def _node_data(d: Decoded) -> dict[str, Any]:
+    names = {sp.node_alias(m.name): m.name for m in NODE_METRICS}
+    assert all(not m.name for m in d.payload.metrics)  # data by alias only
+    return {names[m.alias]: metric_value(m) for m in d.payload.metrics}
+
+
+class Selections:
+    """A recipe handler as the agent's: records each call; refuses names in `unknown`."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Select, str]] = []
+        self.unknown = {"nope"}
+
+    def __call__(self, select: Select, source: str) -> str | None:
+        self.calls.append((select, source))
+        return f"no recipe named {select.name!r}" if select.name in self.unknown else None
+
+
+def test_recipe_state_rides_the_births_and_goes_out_as_ndata_when_it_changes(
+    tmp_path: Path, broker: Broker, sub: Subscriber, nodes: list[SparkplugNode]
+) -> None:
+    node = SparkplugNode(_settings(tmp_path, broker.port), ["a"], version="9.9.9")
+    nodes.append(node)
+    node.set_recipe(_recipe_state("bottle-a", 1, "ok", "started", changed_ms=_stamp(1)))
+    node.start(wait_s=5.0)
+    birth = _wait_kind(sub, "NBIRTH")[0]
+    values = birth.by_name()
+    assert {n: values[n] for n in RECIPE_METRICS} == {
+        "Recipe/Active": "bottle-a",
+        "Recipe/Number": 1,
+        "Recipe/Result": "ok",
+        "Recipe/Reason": "started",
+    }
+    assert values[sp.RECIPE_SELECT] is None  # written by hosts, never read
+    assert all(values[n] is None for n in PART_METRICS)  # no part yet
+    stamps = {m.name: m.timestamp for m in birth.payload.metrics}
+    assert stamps["Recipe/Active"] == stamps["Recipe/Number"] == _stamp(1)  # when it changed
+
+    node.set_recipe(_recipe_state("bottle-b", 2, "ok", None, changed_ms=_stamp(2)))
+    ndata = _wait_kind(sub, "NDATA")[0]
+    assert _node_data(ndata) == {
+        "Recipe/Active": "bottle-b",
+        "Recipe/Number": 2,
+        "Recipe/Result": "ok",
+        "Recipe/Reason": None,
+    }
+    assert {m.timestamp for m in ndata.payload.metrics[:2]} == {_stamp(2)}
+    node.set_recipe(_recipe_state("bottle-b", 2, "refused", "no recipe named 'x'", changed_ms=2))
+    refused = _node_data(_wait_kind(sub, "NDATA", 2)[1])
+    assert (refused["Recipe/Result"], refused["Recipe/Reason"]) == (
+        "refused",
+        "no recipe named 'x'",
+    )
+    assert [d.seq for d in _decoded(sub)] == [0, 1, 2, 3]
+
+
+def test_each_part_is_one_ndata_of_the_part_metrics(
+    tmp_path: Path, broker: Broker, sub: Subscriber, nodes: list[SparkplugNode]
+) -> None:
+    node = _node(nodes, _settings(tmp_path, broker.port))
+    node.publish_verdict("a", _values(0), _stamp(0))
+    node.publish_part(_part("P-1", "NG"))
+    node.publish_part(_part("P-22", "ERROR", missing=["side", "top"]))
+    _wait_kind(sub, "NDATA", 2)
+    messages = _decoded(sub)
+    assert [d.kind for d in messages] == ["NBIRTH", "DBIRTH", "DDATA", "NDATA", "NDATA"]
+    first, second = (_node_data(d) for d in messages[3:])
+    assert first == {
+        "Part/ID": "P-1",
+        "Part/Recipe": "bottle-b",
+        "Part/Verdict": "NG",
+        "Part/Missing": "",
+        "Part/Inspections": sp.compact_json(_part("P-1", "NG")["inspections"]),
+    }
+    assert json.loads(first["Part/Inspections"])[0]["regions"][0]["bbox"] == [1, 2, 3, 4]
+    assert (second["Part/ID"], second["Part/Verdict"]) == ("P-22", "ERROR")
+    assert second["Part/Missing"] == "side,top"
+    for d, part in zip(messages[3:], ("P-1", "P-22"), strict=True):
+        # Stamped with when the part was decided; live, not historical.
+        assert {m.timestamp for m in d.payload.metrics} == {_part(part, "OK")["timestamp"]}
+        assert not any(m.is_historical for m in d.payload.metrics)
+    assert [d.seq for d in messages] == [0, 1, 2, 3, 4]
+
+
+def test_parts_wait_in_the_spool_and_the_births_carry_the_latest_recipe_and_part(
+    tmp_path: Path, broker: Broker, sub: Subscriber, nodes: list[SparkplugNode]
+) -> None:
+    node = SparkplugNode(
+        _settings(tmp_path, broker.port, primary_host_id="scada"), ["a"], version="9.9.9"
+    )
+    nodes.append(node)
+    node.set_recipe(_recipe_state("bottle-a", 1, "ok", "started", changed_ms=1))
+    node.start()
+    _wait(lambda: node.stats["state"] == "waiting", what="the node to connect")
+    node.publish_part(_part("P-1", "OK"))
+    node.publish_part(_part("P-22", "NG"))
+    node.set_recipe(_recipe_state("bottle-b", 2, "ok", None, changed_ms=2))
+    time.sleep(0.3)
+    assert _decoded(sub) == []  # not born: nothing goes out
+    _publish_state(broker.port, "scada", True, 100)
+    _wait_kind(sub, "NDATA", 2)
+    time.sleep(0.3)
+    messages = _decoded(sub)
+    # The births hold the state; no recipe NDATA follows them.
+    assert [d.kind for d in messages] == ["NBIRTH", "DBIRTH", "NDATA", "NDATA"]
+    birth = messages[0].by_name()
+    assert (birth["Recipe/Active"], birth["Recipe/Number"]) == ("bottle-b", 2)
+    assert (birth["Part/ID"], birth["Part/Verdict"]) == ("P-22", "NG")
+    parts = [_node_data(d) for d in messages[2:]]
+    assert [p["Part/ID"] for p in parts] == ["P-1", "P-22"]  # in order, from the spool
+    assert all(m.is_historical for d in messages[2:] for m in d.payload.metrics)
+
+
+def test_ncmd_recipe_select_reaches_the_handler_and_hostile_ones_are_refused(
+    tmp_path: Path,
+    broker: Broker,
+    sub: Subscriber,
+    nodes: list[SparkplugNode],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    node = _node(nodes, _settings(tmp_path, broker.port))
+    _wait_kind(sub, "DBIRTH")
+    ncmd = f"{BASE}/NCMD/{NODE}"
+    # No handler (a node the agent did not give one): refused, counted.
+    _publish(broker.port, ncmd, SELECTS["Int32"][0])
+    _wait(lambda: node.stats["commands_refused"] == 1, what="a selection without a handler")
+
+    handler = Selections()
+    node.set_recipe_handler(handler)
+    _publish(broker.port, ncmd, *(payload for payload, _ in SELECTS.values()))
+    _wait(lambda: len(handler.calls) == len(SELECTS), what="the selections to reach the handler")
+    assert handler.calls == [(_wanted(value), "sparkplug") for _, value in SELECTS.values()]
+
+    handler.calls.clear()
+    with caplog.at_level(logging.INFO, logger="edge_agent.publish.sparkplug"):
+        nope = _select({**BY, "datatype": pb.String, "string_value": "nope"})
+        _publish(broker.port, ncmd, nope)
+        _wait(lambda: len(handler.calls) == 1, what="the unknown name to reach the handler")
+        _wait(lambda: "no recipe named 'nope'" in caplog.text, what="the refusal to be logged")
+    assert node.stats["commands_refused"] == 1  # the handler's refusal is the agent's to count
+
+    _publish(broker.port, ncmd, *HOSTILE_SELECTS.values())
+    _wait(
+        lambda: node.stats["commands_refused"] == 1 + len(HOSTILE_SELECTS),
+        what="the hostile selections to be refused",
+    )
+    # A rebirth and a selection in one command: both are done.
+    both = _select(
+        {"name": sp.REBIRTH, "datatype": pb.Boolean, "boolean_value": True},
+        {**BY, "datatype": pb.Int64, "long_value": 7},
+    )
+    _publish(broker.port, ncmd, both)
+    _wait_kind(sub, "NBIRTH", 2)
+    assert handler.calls == [(Select(name="nope"), "sparkplug"), (Select(number=7), "sparkplug")]
+    stats = node.stats
+    assert (stats["state"], stats["connects"], stats["message_errors"]) == ("born", 1, 0)
+
+
+def test_a_failing_recipe_handler_costs_the_command_not_the_connection(
+    tmp_path: Path, broker: Broker, sub: Subscriber, nodes: list[SparkplugNode]
+) -> None:
+    node = _node(nodes, _settings(tmp_path, broker.port))
+
+    def broken(_select: Select, _source: str) -> str | None:
+        raise RuntimeError("a bug in the recipe handler")
+
+    node.set_recipe_handler(broken)
+    _wait_kind(sub, "DBIRTH")
+    _publish(broker.port, f"{BASE}/NCMD/{NODE}", SELECTS["a name"][0], SELECTS["Int32"][0])
+    _wait(lambda: node.stats["message_errors"] == 2, what="the failing selections to be counted")
+    node.publish_part(_part("P-1", "OK"))
+    _wait_kind(sub, "NDATA")
+    assert [d.kind for d in _decoded(sub)] == ["NBIRTH", "DBIRTH", "NDATA"]
+    assert node.stats["connects"] == 1 and node.stats["state"] == "born"
+
+
 def test_a_dead_broker_never_slows_the_caller(tmp_path: Path, nodes: list[SparkplugNode]) -> None:
     node = _node(nodes, _settings(tmp_path, free_port()))  # nothing listens there
     values = _values(1)
@@ -828,6 +1185,13 @@ def test_agent_sends_births_then_one_ddata_per_answered_frame(
     nbirth = messages[0].by_name()
     assert "cpu" in nbirth["Properties/Device"] and nbirth["Properties/Model ID"]
     assert _bdseq(messages[-1]) == _bdseq(messages[0])
+    # The agent's recipe state rides the first NBIRTH (a top-level bundle: recipe "default").
+    assert {n: nbirth[n] for n in RECIPE_METRICS} == {
+        "Recipe/Active": "default",
+        "Recipe/Number": 1,
+        "Recipe/Result": "ok",
+        "Recipe/Reason": "started",
+    }
 
 
 @pytest.mark.slow

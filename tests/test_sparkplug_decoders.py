@@ -4,9 +4,11 @@ The decoder is Eclipse Tahu's JavaScript codec (npm ``sparkplug-payload`` 1.0.3,
 tests/sparkplug_decoder/ from its package-lock.json), which much SCADA tooling embeds. It is
 the one that disagrees with the 3.0 specification about where UInt32 travels (it reads
 long_value, the specification says int_value), so a metric declared UInt32 decoded as null
-there (issue 29). A real node on a real Mosquitto publishes births, data, a rebirth and its
-death; each NBIRTH, DBIRTH, NDATA, DDATA and NDEATH is decoded by Tahu and every metric's name,
-alias, datatype and value is compared with what the test asked the node to send.
+there (issue 29). A real node on a real Mosquitto publishes births, data, the recipe state, a
+part, a rebirth and its death; each NBIRTH, DBIRTH, NDATA, DDATA and NDEATH is decoded by Tahu
+and every metric's name, alias, datatype and value is compared with what the test asked the
+node to send. The other way round, ``Recipe/Select`` commands encoded by Tahu (encode.js) are
+read as the host meant them.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_agent.publish import contract
 from edge_agent.publish import sparkplug as sp
 from edge_agent.publish import sparkplug_b_pb2 as pb
 from edge_agent.publish.publisher import MqttSettings
 from edge_agent.publish.sparkplug import DEVICE_METRICS, NODE_METRICS, SparkplugNode
+from edge_agent.station.recipes import Select
 from tests.brokers import Broker, Subscriber
 from tests.conftest import unavailable
 
@@ -41,20 +45,39 @@ NODE_VALUES = {
     "Properties/Model ID": "m1",
     "Properties/Device": "cpu",
 }
+RECIPES = [
+    contract.recipe_message(
+        active="bottle-a", number=1, result="ok", reason="started", request_id=None, changed_at=1.0
+    ),
+    contract.recipe_message(
+        active="bottle-b", number=32767, result="ok", reason=None, request_id="r1", changed_at=2.0
+    ),
+]
+PART = contract.part_message(
+    {
+        "part_id": "P-7",
+        "recipe": "bottle-b",
+        "verdict": "ERROR",
+        "inspections": [
+            contract.inspection_message("top", "a", None, "no frame"),
+            {"id": "cap", "camera": "b", "verdict": "NG", "score": 31.5, "threshold": 30.0},
+        ],
+        "missing": ["side", "neck"],
+    },
+    1_700_000_000.5,
+)
 
 
-def tahu_decode(payloads: list[bytes]) -> list[dict[str, Any]]:
-    """The payloads as Tahu's ``decodePayload`` returns them (tests/sparkplug_decoder/decode.js
-    says how 64-bit and undefined values are carried over JSON)."""
+def _tahu(script: str, request: str) -> Any:
+    """Run tests/sparkplug_decoder/<script> on node with ``request`` as stdin; its JSON."""
     node = shutil.which("node")
     if node is None or not (DECODER / "node_modules" / "sparkplug-payload").is_dir():
         unavailable(
             "Tahu's Sparkplug decoder is not installed (scripts/setup.sh: "
             "apt-get install nodejs npm; npm ci --ignore-scripts --prefix tests/sparkplug_decoder)"
         )
-    request = json.dumps([base64.b64encode(p).decode() for p in payloads])
     done = subprocess.run(
-        [node, str(DECODER / "decode.js")],
+        [node, str(DECODER / script)],
         input=request,
         capture_output=True,
         text=True,
@@ -62,8 +85,21 @@ def tahu_decode(payloads: list[bytes]) -> list[dict[str, Any]]:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    decoded: list[dict[str, Any]] = json.loads(done.stdout)
+    return json.loads(done.stdout)
+
+
+def tahu_decode(payloads: list[bytes]) -> list[dict[str, Any]]:
+    """The payloads as Tahu's ``decodePayload`` returns them (tests/sparkplug_decoder/decode.js
+    says how 64-bit and undefined values are carried over JSON)."""
+    decoded: list[dict[str, Any]] = _tahu(
+        "decode.js", json.dumps([base64.b64encode(p).decode() for p in payloads])
+    )
     return decoded
+
+
+def tahu_encode(payloads: list[dict[str, Any]]) -> list[bytes]:
+    """The payloads as Tahu's ``encodePayload`` writes them (tests/sparkplug_decoder/encode.js)."""
+    return [base64.b64decode(p) for p in _tahu("encode.js", json.dumps(payloads))]
 
 
 class Undefined:
@@ -201,11 +237,13 @@ def test_tahu_js_reads_every_metric_as_meant(tmp_path: Path, broker: Broker) -> 
         node.update_node(
             **{k: v for k, v in NODE_VALUES.items() if k != "Properties/Agent Version"}
         )
+        node.set_recipe(RECIPES[0])  # before start, as the agent does: in the NBIRTH
         try:
             node.start(wait_s=5.0)
             _wait_count(sub, "DBIRTH", 2)
             bdseq = node.stats["bdseq"]
             births = {sp.BDSEQ: bdseq, sp.REBIRTH: False, **NODE_VALUES}
+            births |= sp.recipe_values(RECIPES[0])
             expected += [("NBIRTH", None, births), ("DBIRTH", "a", {}), ("DBIRTH", "b", {})]
 
             for seq, (camera, kind) in enumerate(
@@ -228,8 +266,16 @@ def test_tahu_js_reads_every_metric_as_meant(tmp_path: Path, broker: Broker) -> 
             expected.append(("NDATA", None, ndata))
             _wait_count(sub, "NDATA", 1)
 
-            _rebirth(broker.port)  # births again, with the devices' latest values
+            node.set_recipe(RECIPES[1])  # recipe NDATA
+            expected.append(("NDATA", None, sp.recipe_values(RECIPES[1])))
+            _wait_count(sub, "NDATA", 2)
+            node.publish_part(PART)  # part NDATA
+            expected.append(("NDATA", None, sp.part_values(PART)))
+            _wait_count(sub, "NDATA", 3)
+
+            _rebirth(broker.port)  # births again, with the latest values
             births = {**births, "Properties/Model ID": "m2"}
+            births |= sp.recipe_values(RECIPES[1]) | sp.part_values(PART)
             expected += [("NBIRTH", None, births), ("DBIRTH", "a", latest["a"])]
             expected.append(("DBIRTH", "b", latest["b"]))
             _wait_count(sub, "DBIRTH", 4)
@@ -268,3 +314,36 @@ def test_tahu_js_reads_every_metric_as_meant(tmp_path: Path, broker: Broker) -> 
                 assert g_value == value and type(g_value) is type(value), (
                     f"{where}: {name} ({datatype}) decoded as {g_value!r}, sent {value!r}"
                 )
+
+
+def test_recipe_selections_tahu_js_writes_are_read_as_meant() -> None:
+    """An NCMD ``Recipe/Select`` as a host on Tahu's JavaScript codec writes it: UInt32 lands in
+    long_value there (not int_value, as 3.0 says), Int32 in int_value, negative ones as two's
+    complement."""
+    writes: list[tuple[str, Any, Select | None]] = [
+        ("Int32", 2, Select(number=2)),
+        ("UInt32", 3, Select(number=3)),
+        ("Int64", 4, Select(number=4)),
+        ("UInt64", 32767, Select(number=32767)),
+        ("String", "bottle-b", Select(name="bottle-b")),
+        ("Int32", -2, None),
+        ("Int64", -2, None),
+        ("UInt32", 0, None),
+        ("Boolean", True, None),
+        ("Double", 2.0, None),
+        ("Float", 2.0, None),
+        ("Int16", 2, None),
+        ("String", "", None),
+    ]
+    payloads = [
+        {"timestamp": 1, "metrics": [{"name": sp.RECIPE_SELECT, "type": kind, "value": value}]}
+        for kind, value, _ in writes
+    ]
+    for (kind, value, wanted), encoded in zip(writes, tahu_encode(payloads), strict=True):
+        command = sp.decode_command(encoded)
+        assert command is not None, (kind, value)
+        found = sp.recipe_select(command)
+        if wanted is None:
+            assert isinstance(found, str), (kind, value, found)
+        else:
+            assert found == wanted, (kind, value, found)

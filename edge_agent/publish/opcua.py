@@ -1,12 +1,14 @@
 """OPC UA server for PLCs (asyncua): each camera's state, last result, counters, one event per
-verdict and a Trigger method, beside MQTT contract v1 (README.md, "OPC UA server", documents
-the address space and the connection rules for integrators).
+verdict and a Trigger method; the line's recipe (its state and a SelectRecipe method) and its
+last part verdict, one event per part; beside MQTT contract v1 (README.md, "OPC UA server",
+documents the address space and the connection rules for integrators).
 
 asyncua runs in its own thread on its own event loop. The agent's side (`publish`,
-`set_state`, `set_model_id`) only stores values under a lock and, at most once per batch of
-changes, wakes that loop: it never waits for the loop, a client or the network. The loop then
-writes the newest values (latest wins when it fell behind) and emits the pending events (up
-to MAX_PENDING_EVENTS per camera; older ones are dropped and counted in EventsDropped).
+`publish_part`, `set_state`, `set_model_id`, `set_recipe`) only stores values under a lock
+and, at most once per batch of changes, wakes that loop: it never waits for the loop, a client
+or the network. The loop then writes the newest values (latest wins when it fell behind) and
+emits the pending events (up to MAX_PENDING_EVENTS per camera and for parts; older ones are
+dropped and counted in EventsDropped).
 
 Connections (_Guard): a socket must say Hello within `hello_timeout_s` or it is closed; at
 MAX_SOCKETS open sockets the oldest one without an activated session makes room for the new
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import math
 import socket
@@ -33,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, cast
 
-from asyncua import Server, ua
+from asyncua import Node, Server, ua
 from asyncua.common.utils import Buffer, NotEnoughData, ServiceError
 from asyncua.crypto import uacrypto
 from asyncua.crypto.permission_rules import User, UserRole
@@ -52,11 +55,18 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from edge_agent.errors import UserError
 from edge_agent.publish.contract import MAX_PART_ID
 from edge_agent.publish.opcua_config import MAX_SOCKETS, PREOPERATIONAL, STATES, OpcUaModel
+from edge_agent.station import recipes
+from edge_agent.station.recipes import Select
 
 log = logging.getLogger(__name__)
 
 ROOT = "EdgeAgent"  # the folder under Objects, and the first part of every string node id
 EVENT_TYPE = "VerdictEventType"
+PART_EVENT_TYPE = "PartEventType"
+RECIPE = "Recipe"  # EdgeAgent.Recipe: the recipe state and SelectRecipe
+SELECT_RECIPE = "SelectRecipe"
+PART = "Part"  # EdgeAgent.Part: the last part verdict; emits PartEventType
+SOURCE = "opcua"  # the recipe handler's `source`: which protocol a selection came by
 MAX_PENDING_EVENTS = 1024  # per camera, while the server's loop is behind
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
@@ -97,9 +107,30 @@ RESULT_FIELDS: tuple[tuple[str, ua.VariantType], ...] = (
     ("Error", VT.String),
 )
 COUNTERS = ("Inspected", "NG", "Errors", "EventsDropped")
-SEVERITY = {"OK": 100, "NG": 500, "ERROR": 700}  # of the verdict event (1..1000)
+SEVERITY = {"OK": 100, "NG": 500, "ERROR": 700}  # of the verdict and part events (1..1000)
+# EdgeAgent.Recipe's variables (recipe_values).
+RECIPE_FIELDS: tuple[tuple[str, ua.VariantType], ...] = (
+    ("Active", VT.String),
+    ("Number", VT.Int32),  # a PLC's INT/DINT; recipe numbers are 1..32767
+    ("Result", VT.String),
+    ("Reason", VT.String),
+    ("ChangedAt", VT.DateTime),
+)
+# EdgeAgent.Part's variables and the part event's fields (part_values); Missing is an array.
+PART_FIELDS: tuple[tuple[str, ua.VariantType], ...] = (
+    ("PartId", VT.String),
+    ("Recipe", VT.String),
+    ("Verdict", VT.String),
+    ("Missing", VT.String),
+    ("Inspections", VT.String),
+    ("Timestamp", VT.DateTime),
+)
+PART_READY = "PartReady"  # UInt32, + 1 per part, written after the part's variables
+EVENTS_DROPPED = "EventsDropped"
 
 TriggerHandler = Callable[[str, str], "bool | None"]
+RecipeHandler = Callable[[Select, str], "str | None"]
+"""``handler(select, source)``: None when accepted, else the reason it is refused."""
 
 
 def node_id(*path: str) -> str:
@@ -133,6 +164,66 @@ def result_values(msg: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 EMPTY_RESULT = ("", math.nan, math.nan, "", NULL_TIME, "", 0, "", 0, "")
+EMPTY_RECIPE = ("", 0, "", "", NULL_TIME)
+EMPTY_PART: tuple[Any, ...] = ("", "", "", [], "[]", NULL_TIME)
+
+
+def _utc(ms: Any) -> datetime:
+    return NULL_TIME if ms is None else datetime.fromtimestamp(ms / 1000.0, timezone.utc)
+
+
+def recipe_values(state: Mapping[str, Any]) -> tuple[Any, ...]:
+    """RECIPE_FIELDS' values from a recipe state (``contract.recipe_message``); a null reason
+    is "" (a PLC variable has no null)."""
+    reason = state.get("reason")
+    return (
+        str(state["active"]),
+        int(state["number"]),
+        str(state["result"]),
+        "" if reason is None else str(reason),
+        _utc(state.get("changed_at")),
+    )
+
+
+def part_values(part: Mapping[str, Any]) -> tuple[Any, ...]:
+    """PART_FIELDS' values from a part verdict (``contract.part_message``): the silent
+    inspections' ids as an array, the inspections' results as compact JSON text."""
+    return (
+        str(part["part_id"]),
+        str(part["recipe"]),
+        str(part["verdict"]),
+        [str(i) for i in part.get("missing") or ()],
+        json.dumps(part.get("inspections") or [], separators=(",", ":"), default=_plain),
+        _utc(part.get("timestamp")),
+    )
+
+
+def _plain(obj: Any) -> Any:
+    # numpy values as plain numbers; anything else JSON has no form for as its text, so a
+    # part's results are still served, never lost to a TypeError on the inference thread.
+    return obj.tolist() if hasattr(obj, "tolist") else str(obj)
+
+
+def method_select(name: Any, number: Any) -> Select | str:
+    """SelectRecipe's arguments -> a Select, else the reason it is refused. ``name`` (String,
+    "" = not given) or ``number`` (an integer, 0 = not given), exactly one; a name is printable
+    text of at most recipes.MAX_COMMAND_BYTES characters (what the MQTT command can carry), a
+    number 1..recipes.MAX_NUMBER. A null argument counts as not given."""
+    name = "" if name is None else name
+    number = 0 if number is None else number
+    if not isinstance(name, str):
+        return "Recipe must be a String (the recipe's name, or empty)"
+    if isinstance(number, bool) or not isinstance(number, int):
+        return "Number must be an integer (the recipe's number, or 0)"
+    if (name == "") == (number == 0):
+        return "give exactly one of Recipe (a name) and Number (the other empty or 0)"
+    if name:
+        if len(name) > recipes.MAX_COMMAND_BYTES or not name.isprintable():
+            return f"a recipe name is printable text of 1..{recipes.MAX_COMMAND_BYTES} characters"
+        return Select(name=name)
+    if not 1 <= number <= recipes.MAX_NUMBER:
+        return f"a recipe number is 1..{recipes.MAX_NUMBER}, got {number}"
+    return Select(number=number)
 
 
 @dataclass
@@ -155,6 +246,35 @@ class _Update:
     counts: dict[str, int]
     events: list[tuple[Any, ...]]
     state: str
+
+
+@dataclass
+class _Parts:
+    """The part verdicts handed over (under OpcUaServer._lock)."""
+
+    last: tuple[Any, ...] = EMPTY_PART
+    ready: int = 0  # PartReady: parts handed over
+    dropped: int = 0  # EventsDropped
+    events: deque[tuple[Any, ...]] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_EVENTS))
+    dirty: bool = False
+
+
+@dataclass(frozen=True)
+class _PartUpdate:
+    last: tuple[Any, ...]
+    ready: int
+    dropped: int
+    events: list[tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
+class _Changes:
+    """What the loop writes in one pass: None where nothing changed."""
+
+    cameras: list[_Update]
+    model_id: str | None
+    recipe: tuple[Any, ...] | None
+    parts: _PartUpdate | None
 
 
 class _Users(UserManager):
@@ -600,7 +720,8 @@ class _Server(Server):
 class OpcUaServer:
     """The OPC UA server of one agent. `on_trigger(camera, part_id)` is called, on a worker
     thread of asyncua's, when a client calls a camera's Trigger method; it may return False
-    to refuse (BadInvalidState, e.g. a camera that is not in trigger mode)."""
+    to refuse (BadInvalidState, e.g. a camera that is not in trigger mode). The recipe handler
+    (`set_recipe_handler`) is called there too, for SelectRecipe."""
 
     def __init__(self, settings: OpcUaModel, on_trigger: TriggerHandler) -> None:
         self.settings = settings
@@ -609,6 +730,10 @@ class OpcUaServer:
         self._cameras: dict[str, _Camera] = {}
         self._model_id = ""
         self._model_dirty = True
+        self._recipe: tuple[Any, ...] = EMPTY_RECIPE
+        self._recipe_dirty = False  # the build writes the first value
+        self._recipe_handler: RecipeHandler | None = None
+        self._parts = _Parts()
         self._wake_pending = False
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -702,6 +827,38 @@ class OpcUaServer:
         if wake:
             self._wake()
 
+    def set_recipe_handler(self, handler: RecipeHandler) -> None:
+        """Where SelectRecipe goes (before `start`): ``handler(select, "opcua")``, called on a
+        worker thread of asyncua's."""
+        self._recipe_handler = handler
+
+    def set_recipe(self, state: Mapping[str, Any]) -> None:
+        """The recipe state (``contract.recipe_message``) into EdgeAgent.Recipe; set before
+        `start`, the server starts with it. Returns at once."""
+        values = recipe_values(state)
+        with self._lock:
+            self._recipe = values
+            self._recipe_dirty = True
+            wake = self._mark_pending()
+        if wake:
+            self._wake()
+
+    def publish_part(self, part: Mapping[str, Any]) -> None:
+        """Hand over one part verdict (``contract.part_message``): EdgeAgent.Part, PartReady
+        and one PartEventType event. Returns at once."""
+        values = part_values(part)
+        with self._lock:
+            parts = self._parts
+            parts.last = values
+            parts.ready = (parts.ready + 1) & 0xFFFFFFFF  # UInt32, as ResultReady
+            if len(parts.events) == MAX_PENDING_EVENTS:
+                parts.dropped += 1  # the deque drops the oldest
+            parts.events.append(values)
+            parts.dirty = True
+            wake = self._mark_pending()
+        if wake:
+            self._wake()
+
     def set_state(self, camera: str, state: str) -> None:
         """The camera's system state, one of STATES (opcua_config.camera_state maps capture
         stats to it); cheap to call every tick, only a change reaches the server."""
@@ -781,7 +938,7 @@ class OpcUaServer:
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(wakeup.set)
 
-    def _take(self) -> tuple[list[_Update], str | None, bool]:
+    def _take(self) -> tuple[_Changes, bool]:
         with self._lock:
             self._wake_pending = False
             updates = []
@@ -797,7 +954,13 @@ class OpcUaServer:
                 cam.dirty = False
             model_id = self._model_id if self._model_dirty else None
             self._model_dirty = False
-            return updates, model_id, self._stopping
+            recipe = self._recipe if self._recipe_dirty else None
+            self._recipe_dirty = False
+            p = self._parts
+            parts = _PartUpdate(p.last, p.ready, p.dropped, list(p.events)) if p.dirty else None
+            p.events.clear()
+            p.dirty = False
+            return _Changes(updates, model_id, recipe, parts), self._stopping
 
     # -- the server's thread ----------------------------------------------------------------
 
@@ -839,11 +1002,11 @@ class OpcUaServer:
         self._started.set()
         try:
             while True:
-                updates, model_id, stopping = self._take()
+                changes, stopping = self._take()
                 if stopping:
                     break
                 try:
-                    await space.apply(updates, model_id)
+                    await space.apply(changes)
                 except Exception:
                     log.exception("opcua: cannot update the address space")
                 await self._wakeup.wait()
@@ -887,10 +1050,11 @@ class OpcUaServer:
         )
         idx = await server.register_namespace(s.namespace_uri)
         self.namespace_index = idx
-        space = _AddressSpace(server, idx, self._trigger)
+        space = _AddressSpace(server, idx, self._trigger, self._select_recipe)
         with self._lock:
-            model_id = self._model_id
-        await space.build(cameras, model_id)
+            model_id, recipe = self._model_id, self._recipe
+            self._recipe_dirty = False  # built with it: there from the first client on
+        await space.build(cameras, model_id, recipe)
         return server, space
 
     def _trigger(self, camera: str, args: Sequence[ua.Variant]) -> ua.StatusCode:
@@ -914,6 +1078,40 @@ class OpcUaServer:
             return ua.StatusCode(ua.StatusCodes.BadInvalidState)
         return ua.StatusCode(ua.StatusCodes.Good)
 
+    def _select_recipe(self, args: Sequence[ua.Variant]) -> ua.CallMethodResult:
+        """SelectRecipe(Recipe, Number) -> Reason, on asyncua's worker thread: Good and ""
+        when the agent takes the selection (it switches at the next frame boundary and
+        EdgeAgent.Recipe then shows it), else a Bad status with the reason as the output."""
+        if len(args) < 2:
+            return _answer(ua.StatusCodes.BadArgumentsMissing, "give Recipe and Number")
+        if len(args) > 2:
+            return _answer(ua.StatusCodes.BadTooManyArguments, "give Recipe and Number only")
+        name, number = (a.Value if isinstance(a, ua.Variant) else a for a in args)
+        select = method_select(name, number)
+        if isinstance(select, str):
+            log.warning("opcua: refused a SelectRecipe call: %s", select)
+            return _answer(ua.StatusCodes.BadInvalidArgument, select)
+        handler = self._recipe_handler
+        if handler is None:
+            return _answer(ua.StatusCodes.BadInvalidState, "this agent takes no recipe selections")
+        try:
+            reason = handler(select, SOURCE)
+        except Exception:
+            log.exception("opcua: the recipe handler failed for %s", select.describe())
+            return _answer(ua.StatusCodes.BadInternalError, "the agent failed to take it")
+        if reason is not None:  # the agent publishes the refusal as the recipe state too
+            log.info("opcua: recipe %s refused (SelectRecipe): %s", select.describe(), reason)
+            return _answer(ua.StatusCodes.BadInvalidArgument, reason)
+        log.info("opcua: recipe %s selected (SelectRecipe)", select.describe())
+        return _answer(ua.StatusCodes.Good, "")
+
+
+def _answer(code: int, reason: str) -> ua.CallMethodResult:
+    """A method's result: its status and the Reason output ("" when Good)."""
+    return ua.CallMethodResult(
+        StatusCode=ua.StatusCode(code), OutputArguments=[ua.Variant(reason, VT.String)]
+    )
+
 
 def _check_node_ids(cameras: Sequence[str]) -> None:
     """Camera ids may contain '.', the node ids' separator: refuse ids whose nodes would
@@ -921,8 +1119,13 @@ def _check_node_ids(cameras: Sequence[str]) -> None:
     have 'EdgeAgent.a.LastResult.Score' too), or hit a shared node (a camera 'ModelId')."""
     if len(set(cameras)) != len(cameras):
         raise UserError("opcua: camera ids must be unique")
-    shared = [node_id(EVENT_TYPE), node_id("ModelId")]
+    shared = [node_id(EVENT_TYPE), node_id("ModelId"), node_id(PART_EVENT_TYPE)]
     shared += [node_id(EVENT_TYPE, name) for name in ("Camera", *(n for n, _ in RESULT_FIELDS))]
+    shared += [node_id(PART_EVENT_TYPE, name) for name, _ in PART_FIELDS]
+    shared += [node_id(RECIPE), node_id(RECIPE, SELECT_RECIPE)]
+    shared += [node_id(RECIPE, name) for name, _ in RECIPE_FIELDS]
+    shared += [node_id(PART), node_id(PART, PART_READY), node_id(PART, EVENTS_DROPPED)]
+    shared += [node_id(PART, name) for name, _ in PART_FIELDS]
     seen = dict.fromkeys(shared, "")
     for camera in cameras:
         for nid in _camera_node_ids(camera):
@@ -950,11 +1153,14 @@ class _AddressSpace:
         server: Server,
         idx: int,
         trigger: Callable[[str, Sequence[ua.Variant]], ua.StatusCode],
+        select: Callable[[Sequence[ua.Variant]], ua.CallMethodResult],
     ) -> None:
         self.server = server
         self.idx = idx
         self.trigger = trigger
+        self.select = select
         self.events: dict[str, EventGenerator] = {}
+        self.part_events: EventGenerator | None = None
         self.model_node: ua.NodeId | None = None
         # What each variable last got: a value that did not change is not written again
         # (threshold, model id, most counters stay put from verdict to verdict), which halves
@@ -967,13 +1173,15 @@ class _AddressSpace:
     def qname(self, name: str) -> ua.QualifiedName:
         return ua.QualifiedName(name, self.idx)
 
-    async def build(self, cameras: list[str], model_id: str) -> None:
+    async def build(self, cameras: list[str], model_id: str, recipe: tuple[Any, ...]) -> None:
         server = self.server
         root = await server.nodes.objects.add_folder(self.nid(), self.qname(ROOT))
         model = await root.add_variable(
             self.nid("ModelId"), self.qname("ModelId"), model_id, VT.String
         )
         self.model_node = model.nodeid
+        await self._build_recipe(root, recipe)
+        await self._build_part(root)
         base_event = server.get_node(ua.ObjectIds.BaseEventType)
         etype = await base_event.add_object_type(self.nid(EVENT_TYPE), self.qname(EVENT_TYPE))
         for name, vt in (("Camera", VT.String), *RESULT_FIELDS):
@@ -1013,6 +1221,67 @@ class _AddressSpace:
             )
             self.events[camera] = await server.get_event_generator(etype, obj)
 
+    async def _build_recipe(self, root: Node, values: tuple[Any, ...]) -> None:
+        """EdgeAgent.Recipe: the state (built with its current value) and SelectRecipe."""
+        obj = await root.add_object(self.nid(RECIPE), self.qname(RECIPE))
+        for (name, vt), value in zip(RECIPE_FIELDS, values, strict=True):
+            await obj.add_variable(self.nid(RECIPE, name), self.qname(name), value, vt)
+        inputs = [
+            ua.Argument(
+                Name="Recipe",
+                DataType=ua.NodeId(ua.ObjectIds.String),
+                ValueRank=-1,
+                Description=ua.LocalizedText("the recipe's name; empty to select by Number"),
+            ),
+            ua.Argument(
+                Name="Number",
+                DataType=ua.NodeId(ua.ObjectIds.Int32),
+                ValueRank=-1,
+                Description=ua.LocalizedText("the recipe's number; 0 to select by Recipe"),
+            ),
+        ]
+        reason = ua.Argument(
+            Name="Reason",
+            DataType=ua.NodeId(ua.ObjectIds.String),
+            ValueRank=-1,
+            Description=ua.LocalizedText("why it was refused; empty when accepted"),
+        )
+        object_id = obj.nodeid
+
+        def call(parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
+            if parent != object_id:  # Part 4: a method is called on the object it belongs to
+                return _answer(ua.StatusCodes.BadMethodInvalid, f"call it on {node_id(RECIPE)}")
+            return self.select(args)
+
+        await obj.add_method(
+            self.nid(RECIPE, SELECT_RECIPE), self.qname(SELECT_RECIPE), call, inputs, [reason]
+        )
+
+    async def _build_part(self, root: Node) -> None:
+        """EdgeAgent.Part (the last part, PartReady, EventsDropped) and PartEventType."""
+        obj = await root.add_object(self.nid(PART), self.qname(PART))
+        for (name, vt), value in zip(PART_FIELDS, EMPTY_PART, strict=True):
+            var = await obj.add_variable(self.nid(PART, name), self.qname(name), value, vt)
+            if isinstance(value, list):  # a one-dimensional array of any length
+                await var.write_value_rank(ua.ValueRank.OneDimension)
+                await var.write_array_dimensions([0])
+        await obj.add_variable(self.nid(PART, PART_READY), self.qname(PART_READY), 0, VT.UInt32)
+        await obj.add_variable(
+            self.nid(PART, EVENTS_DROPPED), self.qname(EVENTS_DROPPED), 0, VT.UInt64
+        )
+        base_event = self.server.get_node(ua.ObjectIds.BaseEventType)
+        etype = await base_event.add_object_type(
+            self.nid(PART_EVENT_TYPE), self.qname(PART_EVENT_TYPE)
+        )
+        for (name, vt), value in zip(PART_FIELDS, EMPTY_PART, strict=True):
+            prop = await etype.add_property(
+                self.nid(PART_EVENT_TYPE, name), self.qname(name), value, vt
+            )
+            if isinstance(value, list):
+                await prop.write_value_rank(ua.ValueRank.OneDimension)
+                await prop.write_array_dimensions([0])
+        self.part_events = await self.server.get_event_generator(etype, obj)
+
     def _method(self, camera: str, object_id: ua.NodeId) -> Callable[..., ua.StatusCode]:
         def call(parent: ua.NodeId, *args: ua.Variant) -> ua.StatusCode:
             if parent != object_id:  # Part 4: a method is called on the object it belongs to
@@ -1027,10 +1296,15 @@ class _AddressSpace:
         await self.server.write_attribute_value(nid, ua.DataValue(ua.Variant(value, vt)))
         self._written[nid] = (value, vt)
 
-    async def apply(self, updates: list[_Update], model_id: str | None) -> None:
-        if model_id is not None and self.model_node is not None:
-            await self.write(self.model_node, model_id, VT.String)
-        for u in updates:
+    async def apply(self, changes: _Changes) -> None:
+        if changes.model_id is not None and self.model_node is not None:
+            await self.write(self.model_node, changes.model_id, VT.String)
+        if changes.recipe is not None:
+            for (name, vt), value in zip(RECIPE_FIELDS, changes.recipe, strict=True):
+                await self.write(self.nid(RECIPE, name), value, vt)
+        if changes.parts is not None:
+            await self._apply_parts(changes.parts)
+        for u in changes.cameras:
             cam = u.camera
             await self.write(self.nid(cam, "State"), u.state, VT.String)
             for (name, vt), value in zip(RESULT_FIELDS, u.result, strict=True):
@@ -1042,6 +1316,23 @@ class _AddressSpace:
             generator = self.events[cam]
             for values in u.events:
                 await self._emit(generator, cam, values)
+
+    async def _apply_parts(self, parts: _PartUpdate) -> None:
+        for (name, vt), value in zip(PART_FIELDS, parts.last, strict=True):
+            await self.write(self.nid(PART, name), value, vt)
+        await self.write(self.nid(PART, EVENTS_DROPPED), parts.dropped, VT.UInt64)
+        # Last: a PLC that sees PartReady change reads a complete part.
+        await self.write(self.nid(PART, PART_READY), parts.ready, VT.UInt32)
+        generator = self.part_events
+        if generator is None:
+            return
+        for values in parts.events:
+            event = generator.event
+            for (name, _), value in zip(PART_FIELDS, values, strict=True):
+                setattr(event, name, value)
+            part_id, recipe, verdict = values[:3]
+            event.Severity = SEVERITY.get(verdict, 700)
+            await generator.trigger(message=f"part {part_id}: {verdict} (recipe {recipe})")
 
     async def _emit(self, generator: EventGenerator, camera: str, values: tuple[Any, ...]) -> None:
         event = generator.event

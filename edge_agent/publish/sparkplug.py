@@ -21,10 +21,11 @@ append to a bounded inbox and wake the thread, so the inference thread never wai
 4. NBIRTH (seq 0, bdSeq b, every node metric), then one DBIRTH per camera, then DDATA.
 
 ``seq`` counts every NBIRTH/NDATA/DBIRTH/DDATA of a session, 0..255 then 0 again (``next_seq``).
-An NCMD ``Node Control/Rebirth = true`` repeats step 4. STATE ``online: false`` while born
-publishes NDEATH, disconnects and reconnects at once: the node then waits at step 3 for the
-host to come back, and is born again. A clean stop publishes NDEATH, then DISCONNECTs (a clean
-DISCONNECT discards the will).
+An NCMD ``Node Control/Rebirth = true`` repeats step 4; an NCMD writing ``Recipe/Select`` (a
+number or a name) goes to the agent's recipe handler (``set_recipe_handler``). STATE
+``online: false`` while born publishes NDEATH, disconnects and reconnects at once: the node
+then waits at step 3 for the host to come back, and is born again. A clean stop publishes
+NDEATH, then DISCONNECTs (a clean DISCONNECT discards the will).
 
 Inbound STATE and NCMD are a peer's bytes: what is not what 3.0 defines (too long, not UTF-8
 JSON / not a Sparkplug payload, nested too deep, wrong types) is refused and counted
@@ -37,6 +38,10 @@ only "connected" while the node is born. What could not be sent (broker down, pr
 offline, a previous run's leftovers) waits on disk and goes out after the next births, in
 order, with ``is_historical = true`` on every metric; ``seq`` and the payload timestamp (send
 time) are set when a message is published, the metric timestamps are the frame's capture time.
+Part verdicts (``publish_part``) are node data that a PLC or MES acts on: each becomes one
+NDATA of the ``Part/*`` metrics and takes the same spooled path, in order with the DDATA. The
+recipe state (``set_recipe``) is a state, not a record: the latest goes out as an NDATA of the
+``Recipe/*`` metrics, and a node that was not born carries it in its next NBIRTH instead.
 DDATA is QoS 0 as the specification requires (``data_qos: 1`` trades that for broker PUBACKs);
 a QoS 0 message leaves the FIFO once paho has written it to the socket.
 """
@@ -52,7 +57,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -67,6 +72,8 @@ from edge_agent.publish.link import Backoff
 from edge_agent.publish.outbox import Outbox
 from edge_agent.publish.publisher import MqttSettings, build_ssl_context
 from edge_agent.publish.spool import Spool, SpoolRecord
+from edge_agent.station import recipes
+from edge_agent.station.recipes import Select
 
 if TYPE_CHECKING:
     from google.protobuf.message import Message
@@ -117,6 +124,8 @@ class MetricSpec(NamedTuple):
 
 BDSEQ = "bdSeq"
 REBIRTH = "Node Control/Rebirth"
+RECIPE_SELECT = "Recipe/Select"
+SOURCE = "sparkplug"  # the recipe handler's `source`: which protocol a selection came by
 # The README's metric list is checked against these two tuples: they are the one source.
 NODE_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(BDSEQ, T.Int64, "birth/death sequence of this MQTT session (0..255)"),
@@ -125,6 +134,22 @@ NODE_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("Properties/Model ID", T.String, "model id of the bundle in use"),
     MetricSpec("Properties/Device", T.String, "where inference runs (as health `device`)"),
     MetricSpec("Status/Uptime", T.Double, "seconds since the agent started"),
+    MetricSpec("Recipe/Active", T.String, "the recipe in force (its name)"),
+    MetricSpec("Recipe/Number", T.Int64, "the recipe in force (its number)"),
+    MetricSpec("Recipe/Result", T.String, "outcome of the last selection: ok, refused or loading"),
+    MetricSpec("Recipe/Reason", T.String, "why (refused, loading; null when none)"),
+    MetricSpec(RECIPE_SELECT, T.String, "write (NCMD) a name, or an integer number, to select"),
+    MetricSpec("Part/ID", T.String, "the last part's id"),
+    MetricSpec("Part/Recipe", T.String, "the recipe that part was inspected under"),
+    MetricSpec("Part/Verdict", T.String, "OK, NG or ERROR: the worst of its inspections"),
+    MetricSpec(
+        "Part/Missing", T.String, 'inspections that did not answer, comma-separated ("" when none)'
+    ),
+    MetricSpec(
+        "Part/Inspections",
+        T.String,
+        "each inspection's result, as JSON (the MQTT part's `inspections`)",
+    ),
 )
 DEVICE_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("Inspection/NG", T.Boolean, "true unless the verdict is OK (NG and ERROR reject)"),
@@ -149,6 +174,22 @@ _DEVICE_INDEX = {m.name: i for i, m in enumerate(DEVICE_METRICS)}
 _NODE_INDEX = {m.name: i for i, m in enumerate(NODE_METRICS)}
 STATE_METRICS = ("Counts/Dropped", "Camera/Connected")
 """What a DDATA carries when only the camera's state changed (no verdict)."""
+RECIPE_METRICS = ("Recipe/Active", "Recipe/Number", "Recipe/Result", "Recipe/Reason")
+"""What an NDATA carries when the recipe state changed."""
+PART_METRICS = ("Part/ID", "Part/Recipe", "Part/Verdict", "Part/Missing", "Part/Inspections")
+"""What the NDATA of one part carries."""
+# The datatypes an NCMD may write Recipe/Select with, and the fields each may travel in:
+# Int32 and UInt32 in int_value as 3.0 says, or long_value as Tahu's JavaScript codec writes
+# UInt32; 64-bit in long_value. Unknown: a command may leave the datatype out.
+_SELECT_FIELDS: Mapping[int, tuple[str, ...]] = {
+    T.Unknown: ("int_value", "long_value", "string_value"),
+    T.Int32: ("int_value", "long_value"),
+    T.UInt32: ("int_value", "long_value"),
+    T.Int64: ("long_value",),
+    T.UInt64: ("long_value",),
+    T.String: ("string_value",),
+}
+_SIGNED_BITS = {T.Int32: 32, T.Int64: 64}  # two's complement on the wire
 
 
 # ------------------------------------------------------------------ settings
@@ -275,9 +316,17 @@ def death_payload(bdseq: int, timestamp: int) -> bytes:
     return payload.SerializeToString()
 
 
-def node_birth_payload(bdseq: int, node: Mapping[str, Any], timestamp: int) -> pb.Payload:
-    """NBIRTH without seq: every node metric, by name and alias."""
+def node_birth_payload(
+    bdseq: int,
+    node: Mapping[str, Any],
+    timestamp: int,
+    stamps: Mapping[str, int] | None = None,
+) -> pb.Payload:
+    """NBIRTH without seq: every node metric, by name and alias; null where unknown (and
+    ``Recipe/Select``, which is written, never read). A metric is stamped ``timestamp``
+    unless ``stamps`` gives its own time (when the recipe changed, when a part was decided)."""
     values = {**node, BDSEQ: bdseq, REBIRTH: False}
+    stamps = stamps or {}
     payload = pb.Payload(timestamp=timestamp)
     for spec in NODE_METRICS:
         _add(
@@ -286,13 +335,17 @@ def node_birth_payload(bdseq: int, node: Mapping[str, Any], timestamp: int) -> p
             values.get(spec.name),
             alias=node_alias(spec.name),
             named=True,
-            timestamp=timestamp,
+            timestamp=stamps.get(spec.name, timestamp),
         )
     return payload
 
 
-def node_data_payload(node: Mapping[str, Any], timestamp: int) -> pb.Payload:
-    """NDATA without seq: the node's changing values (bdSeq and Rebirth only in births)."""
+def node_data_payload(
+    node: Mapping[str, Any], timestamp: int, stamps: Mapping[str, int] | None = None
+) -> pb.Payload:
+    """NDATA without seq: the node metrics in ``node``, by alias (bdSeq and Rebirth only in
+    births), stamped as ``node_birth_payload`` stamps them."""
+    stamps = stamps or {}
     payload = pb.Payload(timestamp=timestamp)
     for spec in NODE_METRICS[2:]:
         if spec.name in node:
@@ -302,9 +355,42 @@ def node_data_payload(node: Mapping[str, Any], timestamp: int) -> pb.Payload:
                 node[spec.name],
                 alias=node_alias(spec.name),
                 named=False,
-                timestamp=timestamp,
+                timestamp=stamps.get(spec.name, timestamp),
             )
     return payload
+
+
+def recipe_values(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``Recipe/*`` metrics of a recipe state (``contract.recipe_message``), by name."""
+    return {
+        "Recipe/Active": state["active"],
+        "Recipe/Number": state["number"],
+        "Recipe/Result": state["result"],
+        "Recipe/Reason": state.get("reason"),
+    }
+
+
+def part_values(part: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``Part/*`` metrics of a part verdict (``contract.part_message``), by name:
+    ``Part/Missing`` the silent inspections' ids joined by "," ("" when none; an id has no
+    comma), ``Part/Inspections`` the inspections list as compact JSON."""
+    return {
+        "Part/ID": part["part_id"],
+        "Part/Recipe": part["recipe"],
+        "Part/Verdict": part["verdict"],
+        "Part/Missing": ",".join(part.get("missing") or ()),
+        "Part/Inspections": compact_json(part.get("inspections") or []),
+    }
+
+
+def compact_json(value: Any) -> str:
+    """``value`` as compact JSON text; numpy values as plain numbers, anything else JSON has
+    no form for as its text (a part's results are still sent, never lost to a TypeError)."""
+    return json.dumps(value, separators=(",", ":"), default=_plain)
+
+
+def _plain(obj: Any) -> Any:
+    return obj.tolist() if hasattr(obj, "tolist") else str(obj)
 
 
 def device_birth_payload(
@@ -438,6 +524,50 @@ def wants_rebirth(command: pb.Payload) -> bool:
     return False
 
 
+def recipe_select(command: pb.Payload) -> Select | str | None:
+    """The recipe selection an NCMD writes to ``Recipe/Select`` (by name, or by alias without
+    a name): a Select, the reason it is refused, or None when the command writes none.
+
+    An integer selects by number: Int32, UInt32, Int64 or UInt64 (Int32/UInt32 in int_value,
+    or in long_value where Tahu's JavaScript codec puts UInt32), in 1..recipes.MAX_NUMBER. A
+    String selects by name: non-empty, printable, at most recipes.MAX_COMMAND_BYTES characters
+    (what the MQTT command can carry). A datatype left out lets the value's field decide.
+    Anything else (another datatype, a value in another field than its datatype's, null, or
+    more than one Recipe/Select in one command: which would win?) is refused.
+    """
+    alias = node_alias(RECIPE_SELECT)
+    writes = [
+        m for m in command.metrics if m.name == RECIPE_SELECT or (not m.name and m.alias == alias)
+    ]
+    if not writes:
+        return None
+    if len(writes) > 1:
+        return f"{len(writes)} writes of {RECIPE_SELECT} in one command"
+    metric = writes[0]
+    field = metric.WhichOneof("value")
+    if metric.is_null or field is None:
+        return f"{RECIPE_SELECT} is null"
+    if field not in _SELECT_FIELDS.get(metric.datatype, ()):
+        return (
+            f"{RECIPE_SELECT} must be an integer (a recipe number) or a String (a name), got "
+            f"{T.Name(metric.datatype) if metric.datatype in T.values() else metric.datatype} "
+            f"in {field}"
+        )
+    value = getattr(metric, field)
+    if field == "string_value":
+        # upb hands invalid UTF-8 over as bytes: not a name.
+        name_ok = isinstance(value, str) and 0 < len(value) <= recipes.MAX_COMMAND_BYTES
+        if not (name_ok and value.isprintable()):
+            return f"a recipe name is printable text of 1..{recipes.MAX_COMMAND_BYTES} characters"
+        return Select(name=value)
+    bits = _SIGNED_BITS.get(metric.datatype)
+    if bits is not None and value >= 1 << (bits - 1):
+        value -= 1 << bits
+    if not 1 <= value <= recipes.MAX_NUMBER:
+        return f"a recipe number is 1..{recipes.MAX_NUMBER}, got {value}"
+    return Select(number=value)
+
+
 def is_rebirth_request(payload: bytes) -> bool:
     """An NCMD payload that asks for a rebirth (``decode_command``, ``wants_rebirth``)."""
     command = decode_command(payload)
@@ -467,6 +597,20 @@ class _CameraState(NamedTuple):
     connected: bool
 
 
+class _Part(NamedTuple):
+    values: dict[str, Any]  # part_values
+    timestamp: int  # when it was decided, ms
+
+
+class _Recipe(NamedTuple):
+    values: dict[str, Any]  # recipe_values
+    stamps: dict[str, int]
+
+
+RecipeHandler = Callable[[Select, str], "str | None"]
+"""``handler(select, source)``: None when accepted, else the reason it is refused."""
+
+
 class SparkplugNode:
     """The agent's Sparkplug B edge node; ``publish_*`` and ``update_*`` never block."""
 
@@ -483,11 +627,14 @@ class SparkplugNode:
         self._started_at = time.monotonic()
         # Shared with other threads: the inbox under _lock; _node replaced whole (atomic).
         self._lock = threading.Lock()
-        self._inbox: deque[_Verdict | _CameraState] = deque()
+        self._inbox: deque[_Verdict | _CameraState | _Part] = deque()
         self._closed = False
         self._wakeup = pump.Wakeup()
         self._node: dict[str, Any] = {"Properties/Agent Version": version}
         self._node_due = False
+        self._recipe: _Recipe | None = None
+        self._recipe_due = False
+        self._recipe_handler: RecipeHandler | None = None
         self._stop_deadline: float | None = None
         self._first_event = threading.Event()  # born, or a connection attempt failed
         # Owned by the network thread.
@@ -499,6 +646,7 @@ class SparkplugNode:
         self._host_stamp = -1
         self._rebirth_wanted = False
         self._devices: dict[str, dict[str, Any]] = {c: {} for c in self.cameras}
+        self._part: _Part | None = None  # the latest, for the births
         self._failure_logged = False
         self.spool: Spool | None = None
         self.outbox: Outbox | None = None
@@ -508,7 +656,7 @@ class SparkplugNode:
         self.births = 0
         self.connects = 0
         self.states_refused = 0  # STATE payloads parse_state refused
-        self.commands_refused = 0  # NCMD payloads decode_command refused
+        self.commands_refused = 0  # NCMD payloads decode_command or recipe_select refused
         self.message_errors = 0  # inbound messages whose handling raised (a bug, not the peer's)
         self._thread = threading.Thread(target=self._run, name="sparkplug", daemon=True)
 
@@ -534,6 +682,27 @@ class SparkplugNode:
         self._node = {**self._node, **values}
         self._node_due = True
         self._wake()
+
+    def set_recipe_handler(self, handler: RecipeHandler) -> None:
+        """Where an NCMD ``Recipe/Select`` goes (before ``start``): ``handler(select,
+        "sparkplug")``, called on the network thread; it must not block."""
+        self._recipe_handler = handler
+
+    def set_recipe(self, state: Mapping[str, Any]) -> None:
+        """The recipe state (``contract.recipe_message``): in every NBIRTH from now on, and
+        as an NDATA right away when born. ``Recipe/Active`` and ``Recipe/Number`` are stamped
+        with when the recipe changed, ``Recipe/Result`` and ``Recipe/Reason`` with now."""
+        values = recipe_values(state)
+        now, changed = now_ms(), int(state["changed_at"])
+        stamps = dict.fromkeys(RECIPE_METRICS[:2], changed) | dict.fromkeys(RECIPE_METRICS[2:], now)
+        self._recipe = _Recipe(values, stamps)  # replaced whole: the network thread reads it
+        self._recipe_due = True
+        self._wake()
+
+    def publish_part(self, part: Mapping[str, Any]) -> None:
+        """One NDATA of the ``Part/*`` metrics for a part verdict (``contract.part_message``),
+        stamped with when it was decided; spooled like a DDATA."""
+        self._submit(_Part(part_values(part), int(part["timestamp"])))
 
     def publish_verdict(self, camera: str, values: Mapping[str, Any], timestamp_ms: int) -> None:
         """One DDATA for ``camera`` (``device_values``), stamped with the frame's capture time
@@ -581,7 +750,7 @@ class SparkplugNode:
             "message_errors": self.message_errors,
         }
 
-    def _submit(self, item: _Verdict | _CameraState) -> None:
+    def _submit(self, item: _Verdict | _CameraState | _Part) -> None:
         with self._lock:
             if self._closed or len(self._inbox) >= INBOX_LIMIT:
                 self.rejected += 1
@@ -658,7 +827,7 @@ class SparkplugNode:
         self._backoff.schedule()
         if previous in (NodeState.BORN, NodeState.WAITING):
             log.warning(
-                "Sparkplug: connection to %s lost (%s); DDATA goes to the spool",
+                "Sparkplug: connection to %s lost (%s); DDATA and parts go to the spool",
                 self.settings.mqtt.address,
                 reason,
             )
@@ -691,9 +860,24 @@ class SparkplugNode:
         if command is None:
             self.commands_refused += 1
             log.warning("Sparkplug: ignored an undecodable NCMD (%d bytes)", len(payload))
-        elif wants_rebirth(command):
+            return
+        if wants_rebirth(command):
             log.info("Sparkplug: rebirth requested (NCMD)")
             self._rebirth_wanted = True
+        select = recipe_select(command)
+        if select is None:
+            return
+        handler = self._recipe_handler
+        if isinstance(select, str) or handler is None:
+            self.commands_refused += 1
+            why = select if isinstance(select, str) else "this agent takes no recipe selections"
+            log.warning("Sparkplug: refused an NCMD %s: %s", RECIPE_SELECT, why)
+            return
+        reason = handler(select, SOURCE)
+        if reason is None:
+            log.info("Sparkplug: recipe %s selected (NCMD)", select.describe())
+        else:  # the agent publishes the refusal as the recipe state too
+            log.info("Sparkplug: recipe %s refused (NCMD): %s", select.describe(), reason)
 
     def _on_state(self, payload: bytes) -> None:
         parsed = parse_state(payload)
@@ -781,21 +965,27 @@ class SparkplugNode:
             items = list(self._inbox)
             self._inbox.clear()
         for item in items:
-            i = self._index[item.camera]
-            device = self._devices[item.camera]
-            if isinstance(item, _Verdict):
-                device.update(item.values)
-                payload = device_data_payload(i, item.values, item.timestamp)
+            if isinstance(item, _Part):
+                self._part = item
+                topic_ = self.settings.topic(NDATA)
+                payload = node_data_payload(item.values, item.timestamp).SerializeToString()
             else:
-                state = {"Counts/Dropped": item.dropped, "Camera/Connected": item.connected}
-                known = all(k in device for k in state)
-                changed = any(device.get(k) != v for k, v in state.items())
-                device.update(state)
-                if not (known and changed):  # a first value is the births' to carry
-                    continue
-                payload = device_data_payload(i, state, now_ms())
+                i = self._index[item.camera]
+                device = self._devices[item.camera]
+                topic_ = self.settings.topic(DDATA, item.camera)
+                if isinstance(item, _Verdict):
+                    device.update(item.values)
+                    payload = device_data_payload(i, item.values, item.timestamp)
+                else:
+                    state = {"Counts/Dropped": item.dropped, "Camera/Connected": item.connected}
+                    known = all(k in device for k in state)
+                    changed = any(device.get(k) != v for k, v in state.items())
+                    device.update(state)
+                    if not (known and changed):  # a first value is the births' to carry
+                        continue
+                    payload = device_data_payload(i, state, now_ms())
             record = SpoolRecord(
-                self.settings.topic(DDATA, item.camera),
+                topic_,
                 payload,
                 qos=self.settings.data_qos,
                 retain=False,
@@ -817,10 +1007,21 @@ class SparkplugNode:
         assert self.outbox is not None
         self._rebirth_wanted = False
         self._node_due = False
+        self._recipe_due = False  # read below, after the flag: a newer state sets it again
         stamp = now_ms()
         node = {**self._node, "Status/Uptime": time.monotonic() - self._started_at}
+        stamps: dict[str, int] = {}
+        recipe, part = self._recipe, self._part
+        if recipe is not None:
+            node |= recipe.values
+            stamps |= recipe.stamps
+        if part is not None:
+            node |= part.values
+            stamps |= dict.fromkeys(part.values, part.timestamp)
         self._seq = 0
-        self._publish(self.settings.topic(NBIRTH), node_birth_payload(self._bdseq, node, stamp))
+        self._publish(
+            self.settings.topic(NBIRTH), node_birth_payload(self._bdseq, node, stamp, stamps)
+        )
         for i, camera in enumerate(self.cameras):
             self._publish(
                 self.settings.topic(DBIRTH, camera),
@@ -832,7 +1033,7 @@ class SparkplugNode:
         self.births += 1
         self._first_event.set()
         log.info(
-            "Sparkplug: born as %s/%s (bdSeq %d, %d device(s)); %d DDATA waiting",
+            "Sparkplug: born as %s/%s (bdSeq %d, %d device(s)); %d DDATA/part NDATA waiting",
             self.settings.group_id,
             self.settings.edge_node_id,
             self._bdseq,
@@ -846,6 +1047,12 @@ class SparkplugNode:
             self._node_due = False
             node = {**self._node, "Status/Uptime": time.monotonic() - self._started_at}
             self._publish(self.settings.topic(NDATA), node_data_payload(node, now_ms()))
+        if self._recipe_due:
+            self._recipe_due = False  # before reading: a state set meanwhile sets it again
+            recipe = self._recipe
+            if recipe is not None:
+                payload = node_data_payload(recipe.values, now_ms(), recipe.stamps)
+                self._publish(self.settings.topic(NDATA), payload)
         for item in self.outbox.next_to_send():
             record = item.record
             payload = ready_to_send(
@@ -938,7 +1145,7 @@ class SparkplugNode:
         left = len(self.outbox)
         if left:
             log.info(
-                "Sparkplug: stopped; %d DDATA kept in %s for the next run",
+                "Sparkplug: stopped; %d DDATA/part NDATA kept in %s for the next run",
                 left,
                 self.spool.directory,
             )
