@@ -834,6 +834,12 @@ def test_metrics_without_archive_expose_no_archive_samples() -> None:
     assert not v.has("edge_agent_archive_errors_total")
     assert v("edge_agent_queue_depth") == 3
     assert not v.labels_of("edge_agent_opcua_open"), "no OPC UA server: no samples"
+    assert not v.labels_of("edge_agent_recipe_info"), "not running yet: no recipe"
+    m = AgentMetrics()
+    m.watch(lambda: dataclasses.replace(_snapshot(), recipe=("bottle-b", 2)))
+    v = _served(m)
+    assert v.labels_of("edge_agent_recipe_info") == [{"recipe": "bottle-b", "number": "2"}]
+    assert v("edge_agent_recipe_info", recipe="bottle-b", number="2") == 1
 
 
 def test_metrics_carry_the_opcua_servers_connection_counts() -> None:

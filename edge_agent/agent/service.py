@@ -1252,6 +1252,7 @@ class Agent:
             archive_errors=a["errors"] + a["skipped"] if a is not None else None,
             model=(self.bundle.model_id, scorer.device) if scorer is not None else None,
             opcua=self.opcua.connection_stats if self.opcua is not None else None,
+            recipe=(self.recipe.name, self.recipe.number),
         )
 
 

@@ -67,6 +67,8 @@ class Snapshot:
     model: tuple[str, str] | None = None
     # The OPC UA server's connection counts (publish/opcua.py CONNECTION_STATS); None: off.
     opcua: Mapping[str, int] | None = None
+    # (name, number) of the active recipe (README "Station"); None before the agent runs.
+    recipe: tuple[str, int] | None = None
 
 
 # CONNECTION_STATS' keys -> (family, label value): the open ones and the refusals since start.
@@ -98,6 +100,7 @@ class _Families:
     uptime: GaugeMetricFamily
     opcua_open: GaugeMetricFamily
     opcua_refused: CounterMetricFamily
+    recipe_info: GaugeMetricFamily
 
     @classmethod
     def new(cls) -> _Families:
@@ -143,6 +146,11 @@ class _Families:
                 labels=["model_id", "device"],
             ),
             uptime=GaugeMetricFamily("edge_agent_uptime_seconds", "Seconds since start"),
+            recipe_info=GaugeMetricFamily(
+                "edge_agent_recipe_info",
+                "The active recipe (value 1)",
+                labels=["recipe", "number"],
+            ),
             opcua_open=GaugeMetricFamily(
                 "edge_agent_opcua_open",
                 "OPC UA server: open sockets and logged-in sessions",
@@ -195,6 +203,8 @@ class SnapshotCollector(Collector):
             # Built anew each scrape, so a reload's new labels replace the old ones.
             f.model_info.add_metric(list(snap.model), 1)
         f.uptime.add_metric([], snap.uptime_s)
+        if snap.recipe is not None:
+            f.recipe_info.add_metric([snap.recipe[0], str(snap.recipe[1])], 1)
         if snap.opcua is not None:
             for key, kind in OPCUA_OPEN.items():
                 f.opcua_open.add_metric([kind], snap.opcua.get(key, 0))

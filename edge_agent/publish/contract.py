@@ -272,7 +272,14 @@ def parse_part_id(payload: bytes) -> str | None:
         value = obj.get("part_id") if isinstance(obj, dict) else None
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             return None
-        text = str(value).strip()
+        text = str(value)
+    return part_id_or_none(text)
+
+
+def part_id_or_none(text: str) -> str | None:
+    """The one rule for a part id, whichever protocol carried it: stripped, non-empty, at most
+    MAX_PART_ID characters, all printable (parse_part_id says why); None when it breaks it."""
+    text = text.strip()
     if not text or len(text) > MAX_PART_ID or not text.isprintable():
         return None
     return text

@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from edge_agent.errors import UserError
-from edge_agent.publish.contract import MAX_PART_ID
+from edge_agent.publish.contract import part_id_or_none
 from edge_agent.publish.opcua_config import MAX_SOCKETS, PREOPERATIONAL, STATES, OpcUaModel
 from edge_agent.station import recipes
 from edge_agent.station.recipes import Select
@@ -1065,9 +1065,8 @@ class OpcUaServer:
         if len(args) > 1:
             return ua.StatusCode(ua.StatusCodes.BadTooManyArguments)
         value = args[0].Value if isinstance(args[0], ua.Variant) else args[0]
-        part_id = value.strip() if isinstance(value, str) else None
-        # contract.parse_part_id's rule: it is echoed into verdicts, sidecars and logs.
-        if not part_id or len(part_id) > MAX_PART_ID or not part_id.isprintable():
+        part_id = part_id_or_none(value) if isinstance(value, str) else None
+        if part_id is None:  # echoed into verdicts, sidecars and logs: the one rule
             return ua.StatusCode(ua.StatusCodes.BadInvalidArgument)
         try:
             accepted = self.on_trigger(camera, part_id)
