@@ -39,6 +39,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "edge_agent.tools.doctor",
         "show which accelerators are usable and where each stage runs, and why not a GPU",
     ),
+    "modbus-test": (
+        "edge_agent.tools.modbus_test",
+        "read the agent's Modbus register map like a PLC: map version, heartbeat, state",
+    ),
 }
 
 

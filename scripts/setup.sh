@@ -49,8 +49,17 @@ if ! npm ci --ignore-scripts --no-audit --no-fund --prefix tests/sparkplug_decod
     "(and fail in CI)" >&2
 fi
 
+# Debian's mbpoll (libmodbus): the independent Modbus master of tests/test_modbus.py. Not
+# needed to run the agent: a failed install only warns; the test then skips (fails under CI=1).
+if ! command -v mbpoll >/dev/null 2>&1; then
+  echo "setup: installing mbpoll (Modbus test master)"
+  { $sudo apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+      mbpoll >/dev/null; } || echo "setup: WARNING: could not install mbpoll" >&2
+fi
+
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[cpu,train,demo,dev,opcua]'
+.venv/bin/python -m pip install -q -e '.[cpu,train,demo,dev,opcua,modbus]'
 echo "setup: ready (.venv)"

@@ -28,6 +28,7 @@ from edge_agent.errors import UserError
 from edge_agent.model.bundle import Bundle, load_bundle, update_thresholds
 from edge_agent.model.knn import INDEX_KINDS
 from edge_agent.model.scorer import DEVICES
+from edge_agent.publish.modbus_config import ModbusModel
 from edge_agent.publish.opcua_config import OpcUaModel
 from edge_agent.publish.publisher import MAX_INFLIGHT_WINDOW, MqttSettings
 from tests.conftest import MTD
@@ -43,6 +44,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "metrics": cfg.MetricsSettings,
     "sparkplug": cfg.SparkplugModel,
     "opcua": OpcUaModel,
+    "modbus": ModbusModel,
     "drift": cfg.DriftModel,
     "liveview": cfg.LiveViewModel,
 }
@@ -273,7 +275,8 @@ def test_example_documents_every_key_and_loads(tmp_path: Path, small_bundle: Pat
     for section, model in SECTIONS.items():
         for key, value in raw[section].items():
             if (section, key) not in (("mqtt", "spool_dir"), ("archive", "dir")):
-                assert value == model.model_fields[key].default, f"{section}.{key}"
+                default = model.model_fields[key].get_default(call_default_factory=True)
+                assert value == default, f"{section}.{key}"
 
     text = EXAMPLE.read_text().replace(
         "bundle: /var/lib/edge-agent/bundle", f"bundle: {small_bundle}"

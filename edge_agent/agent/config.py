@@ -58,6 +58,7 @@ from edge_agent.errors import UserError
 from edge_agent.model.bundle import Bundle
 from edge_agent.model.knn import DEFAULT_INDEX, DEFAULT_NPROBE, INDEX_KINDS
 from edge_agent.model.scorer import DEVICES
+from edge_agent.publish.modbus_config import ModbusModel
 from edge_agent.publish.opcua_config import OpcUaModel
 from edge_agent.publish.publisher import MAX_INFLIGHT_WINDOW, MqttSettings
 from edge_agent.publish.sparkplug import SparkplugSettings, resolve_settings
@@ -397,6 +398,7 @@ class ConfigModel(_Section):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     sparkplug: SparkplugModel = Field(default_factory=SparkplugModel)
     opcua: OpcUaModel = Field(default_factory=OpcUaModel)
+    modbus: ModbusModel = Field(default_factory=ModbusModel)
     drift: DriftModel = Field(default_factory=DriftModel)
     liveview: LiveViewModel = Field(default_factory=LiveViewModel)
 
@@ -418,6 +420,13 @@ class ConfigModel(_Section):
                 if inspection.camera not in cameras:
                     problem = f"no camera {inspection.camera!r} (cameras: {', '.join(cameras)})"
                     raise _problem(problem, "recipes", name, "inspections", i, "camera")
+        for i, cam in enumerate(self.modbus.trigger_cameras or ()):
+            mode = next((c.mode for c in self.cameras if c.id == cam), None)
+            if mode != "trigger":
+                why = (
+                    f"no camera {cam!r}" if mode is None else f"camera {cam!r} is not mode: trigger"
+                )
+                raise _problem(why, "modbus", "trigger_cameras", i)
         return self
 
     @field_validator("cameras")
@@ -452,6 +461,7 @@ class Config:
     metrics: MetricsSettings
     sparkplug: SparkplugSettings | None = None  # None: Sparkplug B is off
     opcua: OpcUaModel | None = None  # None: no OPC UA server
+    modbus: ModbusModel | None = None  # None: no Modbus server
     drift: DriftModel | None = None  # None: no drift check
     liveview: LiveViewModel | None = None  # None: no live view
 
@@ -678,6 +688,7 @@ def _config(path: Path, base: Path, model: ConfigModel) -> Config:
         metrics=model.metrics,
         sparkplug=_sparkplug(path, model, mqtt) if model.sparkplug.enabled else None,
         opcua=model.opcua if model.opcua.enabled else None,
+        modbus=model.modbus if model.modbus.enabled else None,
         drift=model.drift if model.drift.enabled else None,
         liveview=model.liveview if model.liveview.enabled else None,
     )

@@ -53,6 +53,9 @@ def preflight(config: Config) -> None:
             raise UserError(f"{where}: {exc}") from None
         url = urlparse(config.opcua.endpoint)
         _can_listen(url.hostname or "0.0.0.0", url.port or 4840, f"{where}: opcua.endpoint")
+    if config.modbus is not None:
+        modbus_module()  # pymodbus installed (the `modbus` extra)
+        _can_listen(config.modbus.host, config.modbus.port, f"{where}: modbus.port")
 
 
 def _writable(folder: Path, key: str) -> None:
@@ -90,3 +93,17 @@ def server_module() -> Any:
             f"opcua.enabled: needs {exc.name}: pip install 'edge-agent[opcua]'"
         ) from None
     return opcua
+
+
+def modbus_module() -> Any:
+    """edge_agent.publish.modbus, imported only when a config enables it (pymodbus is the
+    optional `modbus` extra); its absence is one line, not a traceback."""
+    try:
+        from edge_agent.publish import modbus
+    except ModuleNotFoundError as exc:
+        if exc.name != "pymodbus":
+            raise
+        raise UserError(
+            "modbus.enabled: needs pymodbus: pip install 'edge-agent[modbus]'"
+        ) from None
+    return modbus

@@ -42,7 +42,7 @@ from edge_agent import __version__
 from edge_agent.agent import inspect
 from edge_agent.agent.config import Config, load_config
 from edge_agent.agent.models import Model, Run, bind, load_models
-from edge_agent.agent.preflight import preflight, server_module
+from edge_agent.agent.preflight import modbus_module, preflight, server_module
 from edge_agent.capture.cameras import LIVE_KINDS, CameraCapture
 from edge_agent.capture.frame_queue import Frame, FrameQueue
 from edge_agent.decide.archive import RejectArchive
@@ -315,8 +315,16 @@ class Agent:
             if config.opcua is not None
             else None
         )
+        # pymodbus (the optional `modbus` extra) too is imported only when enabled.
+        self.modbus: Any = (
+            modbus_module().ModbusServer(config.modbus, part_timeout_s=self.book.part_timeout_s)
+            if config.modbus is not None
+            else None
+        )
+        if self.modbus is not None:
+            self.modbus.set_trigger_handler(self._on_modbus_trigger)
         # Recipe selections from every protocol come through one door (select_recipe).
-        for adapter in (self.sparkplug, self.opcua):
+        for adapter in (self.sparkplug, self.opcua, self.modbus):
             if adapter is not None:
                 adapter.set_recipe_handler(self.select_recipe)
         self._capture_by_id = {c.settings.id: c for c in self.captures}
@@ -441,6 +449,9 @@ class Agent:
         if self.opcua is not None:
             self.opcua.start([c.id for c in self.config.cameras], self.bundle.model_id)
             cleanup.append(self.opcua.stop)
+        if self.modbus is not None:
+            self.modbus.start()
+            cleanup.append(self.modbus.stop)
         if self.config.metrics.port is not None:
             server = MetricsServer(
                 self.metrics.registry, self.config.metrics.host, self.config.metrics.port
@@ -646,6 +657,21 @@ class Agent:
             return False
         self._on_trigger(camera, part_id)
         return True
+
+    def _on_modbus_trigger(self, part_id: str) -> str | None:
+        """From the Modbus adapter's worker thread: a TRIGGER edge, PART_ID as the part id, for
+        `modbus.trigger_cameras` (default: the active recipe's trigger-mode cameras). The
+        reason it cannot be taken, or None."""
+        if self._stop_reason is not None:
+            return "the agent is stopping"
+        assert self.config.modbus is not None
+        wanted = self.config.modbus.trigger_cameras or self.recipe.cameras()
+        cameras = [c for c in wanted if c in self.trigger_mode]
+        if not cameras:
+            return f"no trigger-mode camera in recipe {self.recipe.name}"
+        for camera in cameras:
+            self._on_trigger(camera, part_id)  # the verdicts carry the part id
+        return None
 
     def _take_trigger(self, frame: Frame) -> tuple[bool, str | None]:
         """(inspect?, part id) for a trigger-mode frame: only frames taken after a trigger."""
@@ -899,6 +925,8 @@ class Agent:
             self.sparkplug.publish_part(message)
         if self.opcua is not None:
             self.opcua.publish_part(message)
+        if self.modbus is not None:
+            self.modbus.publish_part(message)
 
     def _on_recipe_command(self, payload: bytes) -> None:
         """MQTT's recipe/set, on the line link's network thread."""
@@ -1028,6 +1056,8 @@ class Agent:
             self.sparkplug.set_recipe(message)
         if self.opcua is not None:
             self.opcua.set_recipe(message)
+        if self.modbus is not None:
+            self.modbus.set_recipe(message)
 
     # -- reload -----------------------------------------------------------------------------
 
