@@ -22,41 +22,31 @@ if [ ${#missing[@]} -gt 0 ]; then
     "${missing[@]}" >/dev/null
 fi
 
-# Headless Chromium for the live view's browser test (tests/test_liveview.py). Not needed to
-# run the agent, so a failed install only warns: the test then skips (and fails under CI=1).
-if ! command -v chromium >/dev/null 2>&1; then
-  echo "setup: installing chromium chromium-driver (live view browser test)"
-  if ! { $sudo apt-get update -qq &&
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver \
-      >/dev/null; }; then
-    echo "setup: WARNING: could not install chromium; tests/test_liveview.py's browser test" \
-      "will skip (and fail in CI)" >&2
-  fi
-fi
-
-# Eclipse Tahu's JavaScript Sparkplug decoder for tests/test_sparkplug_decoders.py (an
-# independent reading of every metric the node publishes). Not needed to run the agent: a
-# failed install only warns; the test then skips (and fails under CI=1). A NodeSource nodejs
-# already brings npm (and conflicts with Debian's npm package): only install it when missing.
-if ! command -v npm >/dev/null 2>&1; then
-  echo "setup: installing nodejs npm (Sparkplug decoder test)"
+# Test peers the agent itself does not need: a failed install only warns, and the test that
+# needs it then skips (and fails under CI=1).
+#   test_peer COMMAND "WHAT NEEDS IT" [--no-install-recommends] PACKAGE...
+test_peer() {
+  local cmd=$1 what=$2
+  shift 2
+  command -v "$cmd" >/dev/null 2>&1 && return 0
+  echo "setup: installing ${*#--no-install-recommends} ($what)"
   { $sudo apt-get update -qq &&
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-      nodejs npm >/dev/null; } || echo "setup: WARNING: could not install nodejs/npm" >&2
-fi
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null; } ||
+    echo "setup: WARNING: could not install ${*#--no-install-recommends}: $what will skip" \
+      "(and fail in CI)" >&2
+}
+# Headless Chromium: the live view's browser test (tests/test_liveview.py).
+test_peer chromium "the live view's browser test" chromium chromium-driver
+# Eclipse Tahu's JavaScript Sparkplug codec: tests/test_sparkplug_decoders.py, an independent
+# reading of every metric the node publishes. A NodeSource nodejs already brings npm (and
+# conflicts with Debian's npm package): installed only when npm is missing.
+test_peer npm "the Sparkplug decoder test" --no-install-recommends nodejs npm
 if ! npm ci --ignore-scripts --no-audit --no-fund --prefix tests/sparkplug_decoder >/dev/null; then
   echo "setup: WARNING: could not install tests/sparkplug_decoder; its test will skip" \
     "(and fail in CI)" >&2
 fi
-
-# Debian's mbpoll (libmodbus): the independent Modbus master of tests/test_modbus.py. Not
-# needed to run the agent: a failed install only warns; the test then skips (fails under CI=1).
-if ! command -v mbpoll >/dev/null 2>&1; then
-  echo "setup: installing mbpoll (Modbus test master)"
-  { $sudo apt-get update -qq &&
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-      mbpoll >/dev/null; } || echo "setup: WARNING: could not install mbpoll" >&2
-fi
+# Debian's mbpoll (libmodbus): the independent Modbus master of tests/test_modbus.py.
+test_peer mbpoll "the Modbus test with mbpoll" --no-install-recommends mbpoll
 
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv

@@ -114,7 +114,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OpcUaServ
 
 def run(server: OpcUaServer, body: Callable[[Client, int], Awaitable[None]]) -> None:
     async def main() -> None:
-        async with Client(server.settings.endpoint, timeout=5) as client:
+        # asyncua's client probes the server every watchdog_intervall with that as the probe's
+        # timeout, and drops the connection when one is late: a test that stalls the server's
+        # loop for a second (or a loaded CI box) would lose its client to the probe, which is
+        # not what any test here checks.
+        client = Client(server.settings.endpoint, timeout=5, watchdog_intervall=10.0)
+        async with client:
             await body(client, await client.get_namespace_index(NS))
 
     asyncio.run(main())
