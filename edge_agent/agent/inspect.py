@@ -93,16 +93,17 @@ def worst_task(tasks: list[Task]) -> Task:
     return next(t for t in tasks if t.verdict == verdict)
 
 
-def in_frame(task: Task, frame_hw: tuple[int, int]) -> Decision | None:
-    """The task's decision with its regions, and its anomaly map, in frame pixels (a ROI's
-    map is pasted into a frame-sized one, zero elsewhere)."""
+def in_frame(task: Task, frame_hw: tuple[int, int], *, with_map: bool = True) -> Decision | None:
+    """The task's decision with its regions in frame pixels, and with ``with_map`` its anomaly
+    map too (a ROI's map pasted into a frame-sized one, zero elsewhere: only the frame's worst
+    answer needs it, for the archive and the live view)."""
     decision, roi = task.decision, task.run.spec.roi
     if decision is None or roi is None:
         return decision
     x, y, w, h = roi
     regions = tuple(dataclasses.replace(r, x=r.x + x, y=r.y + y) for r in decision.regions)
     amap = None
-    if decision.anomaly_map is not None:
+    if with_map and decision.anomaly_map is not None:
         amap = np.zeros(frame_hw, dtype=np.float32)
         amap[y : y + h, x : x + w] = decision.anomaly_map
     return dataclasses.replace(decision, regions=regions, anomaly_map=amap)

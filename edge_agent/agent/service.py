@@ -775,13 +775,21 @@ class Agent:
         """One frame's verdict: its inspections' answers, the worst in the v1 fields."""
         frame, m = item.frame, self.metrics
         decided_at = time.time()
-        results = [self._inspection_result(item, task) for task in item.tasks]
+        frame_hw = item.image.shape[:2] if item.image is not None else (0, 0)
+        results = [
+            inspection_message(
+                task.run.id,
+                frame.camera,
+                inspect.in_frame(task, frame_hw, with_map=False),
+                task.error,
+            )
+            for task in item.tasks
+        ]
         if item.error is not None or not item.tasks:
             results = [inspection_message(r.id, frame.camera, None, item.error) for r in item.runs]
             decision, worst_run = None, item.runs[0]
         else:
             worst = inspect.worst_task(item.tasks)
-            frame_hw = item.image.shape[:2] if item.image is not None else (0, 0)
             decision, worst_run = inspect.in_frame(worst, frame_hw), worst.run
             # Which inspection failed, where a frame has several.
             named = worst.error if len(item.tasks) == 1 else f"{worst.run.id}: {worst.error}"
@@ -828,11 +836,6 @@ class Agent:
         m.latency_seconds.observe(max(0.0, decided_at - frame.captured_at))
         self._count(item, decision, results)
         self._publish(frame.camera, msg, self.counts[frame.camera])
-
-    def _inspection_result(self, item: _Item, task: inspect.Task) -> dict[str, Any]:
-        frame_hw = item.image.shape[:2] if item.image is not None else (0, 0)
-        decision = inspect.in_frame(task, frame_hw)
-        return inspection_message(task.run.id, item.frame.camera, decision, task.error)
 
     def _count(self, item: _Item, decision: Decision | None, results: list[dict]) -> None:
         """The camera's counters and drift for one answered frame."""
