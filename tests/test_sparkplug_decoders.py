@@ -29,11 +29,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_agent.publish import contract
 from edge_agent.publish import sparkplug as sp
 from edge_agent.publish import sparkplug_b_pb2 as pb
-from edge_agent.publish.publisher import MqttSettings
 from edge_agent.publish.sparkplug import DEVICE_METRICS, NODE_METRICS, SparkplugNode
 from edge_agent.station.recipes import Select
 from tests.brokers import Broker, Subscriber
 from tests.conftest import unavailable
+from tests.test_sparkplug import _settings
 
 DECODER = Path(__file__).resolve().parent / "sparkplug_decoder"
 GROUP, NODE = "g1", "node1"
@@ -163,30 +163,6 @@ def verdict(camera: str, seq: int, kind: str) -> dict[str, Any]:
 def broker(tmp_path: Path) -> Iterator[Broker]:
     with Broker(tmp_path / "broker") as b:
         yield b
-
-
-def _settings(tmp_path: Path, port: int) -> sp.SparkplugSettings:
-    mqtt_settings = MqttSettings(
-        port=port,
-        client_id="test-agent",
-        spool_dir=tmp_path / "spool",
-        keepalive_s=5,
-        reconnect_min_s=0.05,
-        reconnect_max_s=0.3,
-    )
-    return sp.resolve_settings(
-        mqtt_settings,
-        group_id=GROUP,
-        edge_node_id=NODE,
-        primary_host_id=None,
-        host=None,
-        port=None,
-        client_id=None,
-        spool_dir=None,
-        spool_max_messages=10_000,
-        spool_max_bytes=16 * 1024 * 1024,
-        data_qos=0,
-    )
 
 
 def _count(sub: Subscriber, kind: str) -> int:
