@@ -233,7 +233,13 @@ def test_a_plc_drives_the_agent_over_modbus_and_reads_each_parts_verdict(
         proc = _agent(config)
         _wait(sub, lambda m: any(x.topic == f"{PREFIX}/recipe" for x in m), proc)
         plc = ModbusTcpClient("127.0.0.1", port=port, timeout=5, retries=0)
-        assert plc.connect()
+        # The recipe state goes out before the Modbus server listens (the protocol births
+        # carry it), so the PLC, as a real one does, retries its connect for a while.
+        deadline = time.monotonic() + 30
+        while not plc.connect():
+            assert proc.poll() is None, "the agent exited"
+            assert time.monotonic() < deadline, "the Modbus server never listened"
+            time.sleep(0.1)
         shown: dict[int, str] = {}
         try:
             for part_id in range(70_000, 70_025):  # above 65535: both words carry it
