@@ -582,7 +582,10 @@ def test_the_agent_exits_1_when_a_capture_thread_dies(
         text=True,
     )
     try:
-        assert sub.wait_for(lambda m: any(x.topic.endswith("/verdict") for x in m), 60)
+        if not sub.wait_for(lambda m: any(x.topic.endswith("/verdict") for x in m), 120):
+            proc.kill()
+            out, _ = proc.communicate()
+            pytest.fail(f"no verdict before the camera was removed:\n{out[-3000:]}")
         video.unlink()
         out, _ = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
