@@ -33,6 +33,11 @@ def preflight(config: Config) -> None:
                 raise UserError(f"{key}: {exc}") from None
         elif kind == "file" and not Path(str(camera.source)).is_file():
             raise UserError(f"{key}: {camera.source}: no such video file")
+        elif kind == "genicam":
+            try:
+                genicam_module()
+            except UserError as exc:
+                raise UserError(f"{key}: {exc}") from None
     if config.mqtt.tls:
         try:
             build_ssl_context(config.mqtt)
@@ -107,3 +112,11 @@ def modbus_module() -> Any:
             "modbus.enabled: needs pymodbus: pip install 'edge-agent[modbus]'"
         ) from None
     return modbus
+
+
+def genicam_module() -> Any:
+    """Aravis 0.8 through gi, imported only when a config has a GenICam camera (Debian
+    packages, not a pip extra); its absence is one line with the install command."""
+    from edge_agent.capture import genicam
+
+    return genicam.aravis()

@@ -10,15 +10,19 @@ Sources (``kind``, chosen from ``source`` when "auto"):
   it as an ERROR verdict saying why and every file gets exactly one verdict. A file whose header
   declares more than ``max_megapixels`` is refused before it is decoded (images.py).
 - ``file``: a video file, every decoded frame once and in order.
+- ``genicam``: a GigE Vision or USB3 Vision camera through Aravis (source ``genicam:<device
+  id>``; edge_agent/capture/genicam.py: settings, trigger, timestamps, lost frames). With
+  ``genicam.trigger: software`` the service hands each part id to `trigger`, which fires the
+  camera, so the frame it takes is that part's.
 
 A capture thread never dies of one frame: a frame that cannot be read, decoded or is larger
 than ``max_megapixels`` (any source kind) becomes an ERROR frame with its reason. Should the
 thread die of anything else, the capture records it (``failed``, ``last_error``, not
 ``connected``, one ERROR line) and the service stops with exit 1 so that systemd restarts it.
 
-Live sources (usb, stream) never stop on their own: an open or read failure starts an outage,
-logged once, and the thread retries with exponential back-off plus jitter until it is back
-(logged once more) or the capture is stopped. A file that cannot be opened or a folder without
+Live sources (usb, stream, genicam) never stop on their own: an open or read failure starts an
+outage, logged once, and the thread retries with exponential back-off plus jitter until it is
+back (logged once more) or the capture is stopped. A file that cannot be opened or a folder without
 images is a configuration error (UserError at start), not an outage.
 """
 
@@ -30,14 +34,28 @@ import re
 import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import cv2
 import numpy as np
 
 from edge_agent.capture.frame_queue import Frame, FrameQueue
+from edge_agent.capture.genicam import (
+    PREFIX as GENICAM_PREFIX,
+)
+from edge_agent.capture.genicam import (
+    SOFTWARE,
+    GenicamCamera,
+    GenicamLost,
+    GenicamSettings,
+    Grab,
+    aravis,
+    device_id,
+)
 from edge_agent.errors import UserError
 from edge_agent.images import (
     DEFAULT_MAX_PIXELS,
@@ -52,10 +70,11 @@ from edge_agent.images import (
 
 log = logging.getLogger(__name__)
 
-KINDS = ("auto", "usb", "stream", "file", "folder")
+KINDS = ("auto", "usb", "stream", "file", "folder", "genicam")
 OVERFLOWS = ("auto", "drop_oldest", "block")
 MODES = ("continuous", "trigger")
-LIVE_KINDS = ("usb", "stream")
+LIVE_KINDS = ("usb", "stream", "genicam")
+GENICAM_POLL_S = 0.1  # longest a quiet GenICam stream keeps stop() and trigger misses waiting
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -83,6 +102,7 @@ class CameraSettings:
     # Frames above this many megapixels are ERROR frames; image files are refused from their
     # header, before decoding (a decompression bomb costs nothing). images.DEFAULT_MAX_PIXELS.
     max_megapixels: float = DEFAULT_MAX_PIXELS / 1e6
+    genicam: GenicamSettings | None = None  # kind genicam only; None: the camera's own values
 
     def __post_init__(self) -> None:
         where = f"camera {self.id!r}"
@@ -106,12 +126,23 @@ class CameraSettings:
             raise UserError(f"{where}: open_timeout_s and read_timeout_s must be above 0")
         if not self.max_megapixels > 0:
             raise UserError(f"{where}: max_megapixels must be above 0, got {self.max_megapixels}")
+        genicam = self.resolved_kind() == "genicam"
+        if self.genicam is not None and not genicam:
+            raise UserError(f"{where}: genicam settings need a genicam: source")
+        if genicam and self.genicam_settings().trigger == SOFTWARE and self.mode != "trigger":
+            # Nothing would fire the camera: only trigger-mode cameras are handed part ids.
+            raise UserError(f"{where}: genicam.trigger software needs mode: trigger")
+
+    def genicam_settings(self) -> GenicamSettings:
+        return self.genicam if self.genicam is not None else GenicamSettings()
 
     def resolved_kind(self) -> str:
         """The source kind, with "auto" decided from the source."""
         if self.kind != "auto":
             return self.kind
         source = self.source
+        if isinstance(source, str) and source.startswith(GENICAM_PREFIX):
+            return "genicam"
         if isinstance(source, int) or source.isdigit() or source.startswith("/dev/"):
             return "usb"
         if _URL.match(source):
@@ -173,6 +204,19 @@ class CameraCapture:
         self._files: list[Path] = []
         self._video: cv2.VideoCapture | None = None
         self._first: tuple[float, np.ndarray] | None = None
+        # GenICam: the open camera (fire() comes from the trigger's thread, hence the lock),
+        # software triggers fired and not yet answered by a frame (monotonic times), and the
+        # reasons of triggers that could not be fired, each owed an ERROR frame.
+        self._genicam = settings.genicam_settings() if self.kind == "genicam" else None
+        self._control = threading.Lock()
+        self._camera: GenicamCamera | None = None
+        self._fired: deque[float] = deque()
+        self._misfired: deque[str] = deque()
+        self._wake = threading.Event()
+        self._took: dict[str, Any] | None = None
+        self._lost = {"missing": 0, "incomplete": 0, "unanswered": 0, "not_fired": 0}
+        self._fired_total = 0
+        self._stream_totals: dict[str, int] = {}
 
     # -- public ------------------------------------------------------------------------------
 
@@ -187,11 +231,17 @@ class CameraCapture:
                 raise UserError(f"camera {self.settings.id}: {exc}") from None
         elif self.kind == "file":
             self._video, self._first = self._open_file()
+        elif self.kind == "genicam":
+            try:
+                aravis()  # missing Aravis is a configuration error at start, not an outage
+            except UserError as exc:
+                raise UserError(f"camera {self.settings.id}: {exc}") from None
         target = {
             "folder": self._run_folder,
             "file": self._run_file,
             "usb": self._run_live,
             "stream": self._run_live,
+            "genicam": self._run_live,
         }[self.kind]
         policy = "block" if self.block else "drop_oldest"
         log.info(
@@ -209,6 +259,7 @@ class CameraCapture:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the thread; returns within `timeout_s` even if a read is hung (daemon thread)."""
         self._stop.set()
+        self._wake.set()
         self.queue.wake()
         thread = self._thread
         if thread is None or thread is threading.current_thread():
@@ -249,9 +300,9 @@ class CameraCapture:
         tried after the first; connected: delivering frames now; last_error: the latest
         failure (credentials redacted), kept after recovery; dropped: this camera's frames
         the queue dropped; finished: a finite source is done; failed: the capture thread died
-        before that (see `failed`).
+        before that (see `failed`); genicam (GenICam cameras only): `genicam_stats`.
         """
-        return {
+        stats: dict[str, Any] = {
             "frames_in": self._frames_in,
             "reconnects": self._reconnects,
             "reconnect_attempts": self._reconnect_attempts,
@@ -261,6 +312,54 @@ class CameraCapture:
             "finished": self._finished,
             "failed": self._failed,
         }
+        if self._genicam is not None:
+            stats["genicam"] = self.genicam_stats()
+        return stats
+
+    def genicam_stats(self) -> dict[str, Any]:
+        """settings: what the camera took, read back at the last open (null before one);
+        lost_frames: frames lost, by why (missing: frame ids skipped, the camera, network or
+        an underrun lost them; incomplete: arrived with packets missing; unanswered: software
+        triggers fired without a frame within read_timeout_s or before the camera was lost;
+        not_fired: triggers that could not be fired); triggers_fired; stream: Aravis' own
+        counters summed over the connections."""
+        # Without the lock: a fire() in progress holds it for as long as a lost camera takes
+        # to time out, and the service reads these stats on its inference thread.
+        camera = self._camera
+        current = camera.stream_stats() if camera is not None else {}
+        totals = dict(self._stream_totals)
+        return {
+            "settings": self._took,
+            "lost_frames": dict(self._lost),
+            "triggers_fired": self._fired_total,
+            "stream": {k: totals.get(k, 0) + current.get(k, 0) for k in totals | current},
+        }
+
+    def trigger(self, part_id: str) -> None:
+        """The service handed this trigger-mode camera a part id (on the trigger's thread, after
+        queueing the id): with ``genicam.trigger: software`` fire the camera now, so that the
+        frame it takes is that part's. A trigger that cannot be fired is owed an ERROR frame, so
+        that the part is answered ERROR and the frames stay in step with the part ids. Other
+        cameras take their frames on their own: nothing to do."""
+        g = self._genicam
+        if g is None or g.trigger != SOFTWARE or self._stop.is_set():
+            return
+        with self._control:
+            camera = self._camera
+            if camera is not None:
+                try:
+                    camera.fire()
+                except GenicamLost as exc:
+                    reason = str(exc)
+                else:
+                    self._fired.append(time.monotonic())
+                    self._fired_total += 1
+                    return
+            else:
+                reason = f"camera not connected ({self._last_error})"
+            self._lost["not_fired"] += 1
+            self._misfired.append(f"trigger for part {part_id} not fired: {reason}")
+        self._wake.set()
 
     # -- common ------------------------------------------------------------------------------
 
@@ -450,14 +549,15 @@ class CameraCapture:
     def _run_live(self) -> None:
         backoff = self.settings.reconnect_initial_s
         attempts = 0
+        genicam = self.kind == "genicam"
         while not self._stop.is_set():
             if attempts:
                 self._reconnect_attempts += 1
             attempts += 1
-            cap = self._open_live()
+            cap = self._open_genicam() if genicam else self._open_live()
             if cap is not None:
                 try:
-                    delivered = self._read_live(cap)
+                    delivered = self._read_genicam(cap) if genicam else self._read_live(cap)
                 finally:
                     cap.release()
                     self._connected = False
@@ -470,8 +570,22 @@ class CameraCapture:
                 self._log_lost()
             delay = backoff * (1.0 + 0.25 * self._rng.random())  # jitter: cameras not in step
             backoff = min(backoff * 2.0, self.settings.reconnect_max_s)
-            if self._stop.wait(delay):
+            if self._pause(delay):
                 return
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait out a back-off (True if stopped meanwhile), answering the triggers that could
+        not be fired as they come: their parts must not wait for the camera to return."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            if not self._answer_misfires():
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._wake.wait(left)
+            self._wake.clear()
+        return True
 
     def _read_live(self, cap: cv2.VideoCapture) -> bool:
         """Read until the stream fails, the capture stops or the queue closes.
@@ -529,3 +643,145 @@ class CameraCapture:
             )
         else:
             log.warning("camera %s: %s, retrying with back-off", self.settings.id, self._last_error)
+
+    # -- genicam -----------------------------------------------------------------------------
+
+    def _open_genicam(self) -> GenicamCamera | None:
+        """The camera opened with its settings applied and its stream started, or None (an
+        outage: last_error says why). A refused setting raises GenicamRefused (a UserError):
+        the capture stops with the camera's own message, as for any configuration error."""
+        g = self._genicam
+        assert g is not None
+        try:
+            camera = GenicamCamera(device_id(self.settings.source), g, f"camera {self.settings.id}")
+        except GenicamLost as exc:
+            self._last_error = str(exc)
+            return None
+        if camera.read_back != self._took:  # once, and again only if a reopen differs
+            took = ", ".join(f"{k}={v}" for k, v in camera.read_back.items())
+            log.info("camera %s: the camera took %s", self.settings.id, took)
+        with self._control:
+            self._took = camera.read_back
+        return camera
+
+    def _read_genicam(self, camera: GenicamCamera) -> bool:
+        """Stream until the camera is lost, the capture stops or the queue closes; True (the
+        camera opened and took its settings: the back-off starts again from its start)."""
+        with self._control:
+            self._camera = camera
+        self._on_connected()  # a triggered camera is up before its first frame
+        try:
+            if not self._answer_misfires():
+                return True
+            self._stream_genicam(camera)
+        finally:
+            with self._control:
+                self._camera = None
+                for key, value in camera.stream_stats().items():
+                    self._stream_totals[key] = self._stream_totals.get(key, 0) + value
+                unanswered = len(self._fired)
+                self._fired.clear()
+            # Fired, and the camera went before their frames came: their parts get ERROR.
+            for _ in range(unanswered):
+                self._lost["unanswered"] += 1
+                self._emit(empty_image(), time.time(), error="camera lost before the frame")
+        return True
+
+    def _stream_genicam(self, camera: GenicamCamera) -> None:
+        g = self._genicam
+        assert g is not None
+        s = self.settings
+        interval = 1.0 / s.fps_limit if s.fps_limit and not g.triggered else 0.0
+        next_due = 0.0
+        heard = time.monotonic()
+        lost_logged = False
+        while not self._stop.is_set():
+            grab = camera.grab(GENICAM_POLL_S)
+            now = time.monotonic()
+            if not self._answer_misfires() or not self._answer_overdue(now):
+                return
+            if grab is None:
+                if now - heard < s.read_timeout_s:
+                    continue
+                with self._control:
+                    alive = camera.alive()
+                if not alive:
+                    self._last_error = f"camera {camera.device} stopped answering"
+                    return
+                if not g.triggered:  # a free-running camera that sends nothing is stuck
+                    self._last_error = f"no frame from camera {camera.device} for " + (
+                        f"{s.read_timeout_s:g} s"
+                    )
+                    return
+                heard = now  # a triggered camera waiting for its trigger
+                continue
+            heard = now
+            lost = grab.missing + (grab.image is None)
+            if lost:
+                self._lost["missing"] += grab.missing
+                self._lost["incomplete"] += grab.image is None
+                self._last_error = f"camera {camera.device}: {self._lost_reason(grab)}"
+                if not lost_logged:
+                    lost_logged = True
+                    log.warning(
+                        "camera %s: %s (counted in health; logged once per connection)",
+                        s.id,
+                        self._last_error,
+                    )
+            if not self._deliver(grab, g.triggered, bool(interval) and now < next_due):
+                return
+            if grab.image is not None and interval and now >= next_due:
+                next_due = now + interval
+
+    @staticmethod
+    def _lost_reason(grab: Grab) -> str:
+        if grab.image is None:
+            return f"frame {grab.frame_id}: {grab.error}"
+        return f"{grab.missing} frame(s) lost before frame {grab.frame_id}"
+
+    def _deliver(self, grab: Grab, triggered: bool, skip: bool) -> bool:
+        """Queue what one grab owes: for triggered frames an ERROR frame per lost frame (each
+        answered a trigger), then the frame itself. False when the capture must end."""
+        if triggered:
+            for _ in range(grab.missing):
+                self._take_fired()
+                if not self._emit(empty_image(), time.time(), error="frame lost before arrival"):
+                    return False
+            if grab.image is None:
+                self._take_fired()
+                return self._emit(empty_image(), grab.captured_at, error=grab.error)
+        if grab.image is None or skip:
+            return True  # a lost free-run frame is counted, never passed on
+        self._take_fired()
+        return self._emit(grab.image, grab.captured_at, str(grab.frame_id))
+
+    def _take_fired(self) -> None:
+        with self._control:
+            if self._fired:
+                self._fired.popleft()
+
+    def _answer_misfires(self) -> bool:
+        """An ERROR frame for each trigger that could not be fired; False when the capture
+        must end."""
+        while True:
+            with self._control:
+                if not self._misfired:
+                    return True
+                reason = self._misfired.popleft()
+            if not self._emit(empty_image(), time.time(), error=reason):
+                return False
+
+    def _answer_overdue(self, now: float) -> bool:
+        """An ERROR frame for each software trigger without a frame after read_timeout_s (the
+        camera ignored it, e.g. still busy with the last one); False when the capture must
+        end."""
+        limit = self.settings.read_timeout_s
+        while True:
+            with self._control:
+                if not self._fired or now - self._fired[0] < limit:
+                    return True
+                self._fired.popleft()
+                self._lost["unanswered"] += 1
+            error = f"no frame within {limit:g} s of the software trigger"
+            if not self._emit(empty_image(), time.time(), error=error):
+                return False

@@ -49,6 +49,7 @@ class CameraSnapshot:
     reconnects: int
     connected: bool
     triggers_rejected: int = 0  # trigger payloads the link refused (bad part id)
+    lost_frames: int = 0  # frames the camera or its stream lost (GenICam cameras)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Snapshot:
     model: tuple[str, str] | None = None
     # The OPC UA server's connection counts (publish/opcua.py CONNECTION_STATS); None: off.
     opcua: Mapping[str, int] | None = None
-    # (name, number) of the active recipe (README "Station"); None before the agent runs.
+    # (name, number) of the active recipe (docs/integrators/station.md); None before it runs.
     recipe: tuple[str, int] | None = None
 
 
@@ -91,6 +92,7 @@ class _Families:
     reconnects: CounterMetricFamily
     camera_connected: GaugeMetricFamily
     triggers_rejected: CounterMetricFamily
+    frames_lost: CounterMetricFamily
     queue_depth: GaugeMetricFamily
     spool_messages: GaugeMetricFamily
     spool_dropped: CounterMetricFamily
@@ -124,6 +126,12 @@ class _Families:
                 "edge_agent_triggers_rejected_total",
                 "Trigger messages refused: no usable part id (empty, too long, control "
                 "characters, malformed JSON)",
+                labels=cam,
+            ),
+            frames_lost=CounterMetricFamily(
+                "edge_agent_frames_lost_total",
+                "Frames the camera or its stream lost (GenICam: frame ids skipped, incomplete "
+                "frames, software triggers unanswered or not fired)",
                 labels=cam,
             ),
             queue_depth=GaugeMetricFamily("edge_agent_queue_depth", "Frames waiting for inference"),
@@ -192,6 +200,7 @@ class SnapshotCollector(Collector):
             f.reconnects.add_metric([cam], c.reconnects)
             f.camera_connected.add_metric([cam], 1 if c.connected else 0)
             f.triggers_rejected.add_metric([cam], c.triggers_rejected)
+            f.frames_lost.add_metric([cam], c.lost_frames)
         f.queue_depth.add_metric([], snap.queue_depth)
         f.spool_messages.add_metric([], snap.spool_messages)
         f.spool_dropped.add_metric([], snap.spool_dropped)
@@ -214,7 +223,7 @@ class SnapshotCollector(Collector):
 
 
 class AgentMetrics:
-    """The agent's metric set (names documented in docs/agent.md)."""
+    """The agent's metric set (docs/reference/metrics.md is generated from it)."""
 
     STAGES = tuple(STAGE_PER)
 
