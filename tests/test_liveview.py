@@ -60,8 +60,11 @@ def test_liveview_is_off_by_default_and_needs_a_token_off_loopback(tmp_path: Pat
         message = str(info.value)
         assert "\n" not in message
         assert message.endswith(
-            f"liveview.token: required when host is not a loopback address (host {host!r})"
+            f"liveview.token: required (or tokens_file) when host is not a loopback address "
+            f"(host {host!r})"
         )
+    c = _load(tmp_path, "liveview: {enabled: true, host: 0.0.0.0, tokens_file: tokens}\n")
+    assert c.liveview.tokens_file == tmp_path / "tokens"  # type: ignore[attr-defined]
     c = _load(tmp_path, "liveview: {enabled: true, host: 0.0.0.0, token: s3cret-token}\n")
     assert c.liveview.token.get_secret_value() == "s3cret-token"  # type: ignore[attr-defined]
     with pytest.raises(UserError) as info:

@@ -30,6 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import ValidationError
 
 from edge_agent.errors import UserError
+from edge_agent.lifecycle import roles
 from edge_agent.publish import contract, opcua
 from edge_agent.publish.opcua import (
     CONNECTION_STATS,
@@ -112,13 +113,29 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OpcUaServ
     server.stop()
 
 
-def run(server: OpcUaServer, body: Callable[[Client, int], Awaitable[None]]) -> None:
+# A login with the engineer role (opcua.users); scrypt's cost lowered for the tests' speed.
+ENGINEER = ("plc", "plc-password")
+ENGINEER_USER = {
+    "name": ENGINEER[0],
+    "role": "engineer",
+    "password_hash": roles.hash_password(ENGINEER[1], n=2**10),
+}
+
+
+def run(
+    server: OpcUaServer,
+    body: Callable[[Client, int], Awaitable[None]],
+    login: tuple[str, str] | None = None,
+) -> None:
     async def main() -> None:
         # asyncua's client probes the server every watchdog_intervall with that as the probe's
         # timeout, and drops the connection when one is late: a test that stalls the server's
         # loop for a second (or a loaded CI box) would lose its client to the probe, which is
         # not what any test here checks.
         client = Client(server.settings.endpoint, timeout=5, watchdog_intervall=10.0)
+        if login is not None:
+            client.set_user(login[0])
+            client.set_password(login[1])
         async with client:
             await body(client, await client.get_namespace_index(NS))
 
@@ -155,7 +172,7 @@ def test_browse_the_tree_with_stable_node_ids(served: tuple[OpcUaServer, Trigger
         root = top["EdgeAgent"]
         assert root.nodeid == ua.NodeId("EdgeAgent", idx)
         below = await children(root)
-        assert set(below) == {*CAMERAS, "ModelId", "Recipe", "Part"}
+        assert set(below) == {*CAMERAS, "ModelId", "Recipe", "Part", "Lifecycle"}
         recipe = await children(below["Recipe"])
         assert set(recipe) == {n for n, _ in RECIPE_FIELDS} | {"SelectRecipe"}
         assert recipe["SelectRecipe"].nodeid == ua.NodeId("EdgeAgent.Recipe.SelectRecipe", idx)
@@ -379,8 +396,9 @@ STARTED = 1_700_000_000.25  # when the active recipe became active (s)
 @pytest.fixture(scope="module")
 def station(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OpcUaServer, Selections]]:
     selections = Selections()
+    # SelectRecipe is an engineer's (roles.ACTIONS["recipe"])
     server = OpcUaServer(
-        settings(tmp_path_factory.mktemp("opcua"), allow_anonymous=True), Triggers()
+        settings(tmp_path_factory.mktemp("opcua"), users=[ENGINEER_USER]), Triggers()
     )
     server.set_recipe_handler(selections)
     server.set_recipe(recipe_state("bottle-a", 1, "ok", "started", STARTED))  # before start
@@ -421,7 +439,7 @@ def test_recipe_state_is_there_from_the_start_and_follows_set_recipe(
             "ChangedAt": dt.datetime.fromtimestamp(STARTED + 60, dt.timezone.utc),
         }
 
-    run(server, body)
+    run(server, body, ENGINEER)
 
 
 async def call_select(client: Client, idx: int, *args: Any) -> tuple[ua.StatusCode, list[Any]]:
@@ -464,7 +482,7 @@ def test_select_recipe_hands_the_selection_to_the_agent(
         status, out = await call_select(client, idx, "bottle-b", int32(0))
         assert status.is_good() and out == [""]
 
-    run(server, body)
+    run(server, body, ENGINEER)
 
 
 BAD_SELECTIONS = {
@@ -512,17 +530,18 @@ def test_select_recipe_refuses_bad_arguments_with_a_reason(
         status, _ = await call_select(client, idx, "bottle-a", int32(0))
         assert status.is_good()  # and the next call is served
 
-    run(server, body)
+    run(server, body, ENGINEER)
 
 
-def test_select_recipe_without_a_handler_is_bad_invalid_state(
+def test_select_recipe_is_refused_to_an_anonymous_viewer(
     served: tuple[OpcUaServer, Triggers],
 ) -> None:
     server, _ = served
 
     async def body(client: Client, idx: int) -> None:
         status, out = await call_select(client, idx, "bottle-a", int32(0))
-        assert status.value == ua.StatusCodes.BadInvalidState and out[0]
+        assert status.value == ua.StatusCodes.BadUserAccessDenied
+        assert out == [roles.refusal("viewer", "recipe")]
 
     run(server, body)
 
@@ -569,7 +588,7 @@ def test_last_part_and_one_event_per_part(station: tuple[OpcUaServer, Selections
         assert got[1].Message.Text == "part P-2: ERROR (recipe bottle-b)"
         await sub.delete()
 
-    run(server, body)
+    run(server, body, ENGINEER)
 
 
 # -- never blocking the agent ----------------------------------------------------------------
@@ -1099,7 +1118,7 @@ def test_config_section(tmp_path: Path) -> None:
     on = {"enabled": True}
     assert problem(on, tmp_path) == (
         ("username",),
-        "missing: set username and password, or allow_anonymous: true",
+        "missing: set users (or username and password), or allow_anonymous: true",
     )
     assert problem({**on, "security": "basic256sha256", "allow_anonymous": True}, tmp_path) == (
         ("certificate_file",),
@@ -1187,7 +1206,7 @@ def test_the_agent_serves_results_state_and_takes_triggers(
             f"mqtt: {{port: {broker.port}, spool_dir: {tmp_path / 'spool'}, line: l1}}\n"
             "metrics: {port: null}\n"
             f"opcua: {{enabled: true, endpoint: '{endpoint}', namespace_uri: {NS},"
-            " allow_anonymous: true}\n"
+            f" users: [{json.dumps(ENGINEER_USER)}]}}\n"
         )
         proc = subprocess.Popen(
             [sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
@@ -1200,6 +1219,8 @@ def test_the_agent_serves_results_state_and_takes_triggers(
                 while True:  # the server starts once the model is loaded
                     try:
                         client = Client(endpoint, timeout=5)
+                        client.set_user(ENGINEER[0])  # SelectRecipe is an engineer's
+                        client.set_password(ENGINEER[1])
                         await client.connect()
                         break
                     except (OSError, asyncio.TimeoutError):

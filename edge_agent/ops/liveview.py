@@ -13,7 +13,22 @@ Two halves with one rule between them: the inference thread must not pay for vie
 A hostile or stuck client cannot pile up threads or file descriptors: at most MAX_CONNECTIONS
 at once (more are closed unanswered), at most MAX_STREAMS of them MJPEG streams, every socket
 operation bounded by CONNECTION_TIMEOUT_S, and a stream ends after MAX_STREAM_S (the page
-reconnects). With a token set, every request needs it (`?token=` or `Authorization: Bearer`).
+reconnects).
+
+Who may do what (lifecycle/roles.py has the table): with no token configured (loopback only)
+everyone is a viewer. With `liveview.token` or `liveview.tokens_file`, every request needs a
+token (`?token=` or `Authorization: Bearer`): the single `token` is an engineer (as it could do
+everything before roles), each line of the tokens file (hashed, `edge-agent liveview-token
+add`) names its role and holder. The file is re-read when it changes, so a token is added or
+revoked without a restart; a file that turns unreadable lets none of its tokens in.
+POST /action/<action> (JSON body: inspection, reason and the action's arguments) hands
+confirm, teach, shadow_start, shadow_stop, promote and rollback to the agent's lifecycle handler; a
+role that may not do it gets 403 and the refusal goes to the audit trail.
+
+GET /shadow.json is the latest shadow report (the agent's, as published on MQTT): per inspection
+a candidate shadows, frames compared and skipped, the agreement matrix, would-be false rejects
+and catches, score quantiles. The page draws it. It is the report the loop last built (every
+`shadow.report_interval_s` and on each change), never the live counters: those are the loop's.
 """
 
 from __future__ import annotations
@@ -22,12 +37,14 @@ import hmac
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
@@ -36,7 +53,10 @@ import numpy as np
 
 from edge_agent.decide.decision import Decision, Thresholds
 from edge_agent.decide.overlay import heatmap_overlay
+from edge_agent.errors import UserError
 from edge_agent.images import to_bgr
+from edge_agent.lifecycle import roles
+from edge_agent.lifecycle.audit import AuditLog, AuditUnavailable
 from edge_agent.ops.bounded_http import BoundedHTTPServer, HTTPService
 from edge_agent.station.recipes import Inspection
 
@@ -59,6 +79,19 @@ BOX_BGR = (0, 0, 255)
 ROI_BGR = (255, 200, 0)  # an inspection's region: the operator sees what each one looks at
 IGNORED_BGR = np.array([160, 60, 160], dtype=np.float32)  # tint of pixels no inspection scores
 IGNORED_ALPHA = 0.45
+LIFECYCLE_ACTIONS = ("confirm", "teach", "shadow_start", "shadow_stop", "promote", "rollback")
+"""What POST /action/<action> takes (roles.ACTIONS says who may); the agent's
+lifecycle_command decides the rest."""
+MAX_ACTION_BYTES = 4096  # an action's JSON body: an inspection id, a path, a reason
+SOURCE = "liveview"  # the lifecycle handler's and the audit trail's `source`
+
+LifecycleHandler = Callable[[str, "str | None", Mapping[str, Any], str, str], "str | None"]
+ShadowReport = Callable[[], Mapping[str, Any]]
+"""``report()``: the latest shadow report, contract.shadow_message (the agent's shadow_report);
+cheap and safe to call from the HTTP threads."""
+NO_SHADOWS: Mapping[str, Any] = {"shadows": []}  # an agent that runs no shadows
+"""``handler(action, inspection, args, who, source)``: None when accepted, else the reason it
+is refused (the agent's lifecycle_command)."""
 
 
 class Encoder(Protocol):
@@ -167,6 +200,7 @@ class LiveStore:
                     "dropped": health.get("dropped"),
                     "connected": health.get("connected"),
                     "queue_depth": health.get("queue_depth"),
+                    "inspections": [i.id for i in cam.inspections],
                 }
             model_id = self.model_id
         return {"time": time.time(), "model_id": model_id, "cameras": cameras}
@@ -198,7 +232,7 @@ def _fps(times: list[float]) -> float:
 def _summary(msg: Mapping[str, Any]) -> dict[str, Any]:
     keys = (
         "sequence", "verdict", "score", "threshold", "part_id", "timestamp", "latency_ms",
-        "recipe",
+        "recipe", "reject_image",
     )  # fmt: skip
     out = {k: msg.get(k) for k in keys}
     out["regions"] = len(msg.get("regions") or ())
@@ -309,6 +343,85 @@ def _label(out: np.ndarray, text: str) -> None:
     )
 
 
+# -- who is asking --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Login:
+    role: str
+    name: str  # the audit trail's `who`
+
+
+ANONYMOUS = Login(roles.ANONYMOUS_ROLE, "anonymous")
+LEGACY_NAME = "liveview.token"
+
+
+class Access:
+    """The tokens a request may carry and the login each one is. Thread-safe."""
+
+    def __init__(self, token: str | None = None, tokens_file: Path | None = None) -> None:
+        self._legacy = token.encode() if token is not None else None
+        self._file = tokens_file
+        self._lock = threading.Lock()
+        self._entries: tuple[roles.TokenEntry, ...] = ()
+        self._stamp: tuple[int, int, int] | None = None
+        if tokens_file is not None:
+            # at start a broken file is the user's to fix: one line, the agent does not start
+            self._entries, self._stamp = _read_tokens(tokens_file)
+
+    @property
+    def required(self) -> bool:
+        return self._legacy is not None or self._file is not None
+
+    def login(self, given: str | None) -> Login | None:
+        """The login of a request's token; None: refused (401)."""
+        if not self.required:
+            return ANONYMOUS
+        if not given:
+            return None
+        legacy = self._legacy is not None and hmac.compare_digest(given.encode(), self._legacy)
+        entry = roles.match_token(given, self._current())
+        if entry is not None:
+            return Login(entry.role, entry.name)
+        return Login(roles.LEGACY_ROLE, LEGACY_NAME) if legacy else None
+
+    def _current(self) -> tuple[roles.TokenEntry, ...]:
+        if self._file is None:
+            return ()
+        with self._lock:
+            try:
+                stat = self._file.stat()
+                stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            except OSError:
+                stamp = None
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    self._entries, self._stamp = _read_tokens(self._file)
+                    log.info("liveview: %s re-read, %d tokens", self._file, len(self._entries))
+                except UserError as exc:
+                    self._entries = ()  # fail closed: a revoked token must not live on
+                    log.error("%s; none of its tokens is accepted until it is fixed", exc)
+            return self._entries
+
+
+def _read_tokens(path: Path) -> tuple[tuple[roles.TokenEntry, ...], tuple[int, int, int]]:
+    key = "liveview.tokens_file"
+    try:
+        with path.open("rb") as f:
+            stat = os.fstat(f.fileno())
+            data = f.read(1024 * 1024)
+        return roles.parse_tokens(data.decode("utf-8")), (
+            stat.st_mtime_ns,
+            stat.st_size,
+            stat.st_ino,
+        )
+    except OSError as exc:
+        raise UserError(f"{key}: cannot read {path} ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{key}: {path}: {exc}") from None
+
+
 # -- HTTP ------------------------------------------------------------------------------------
 
 
@@ -322,8 +435,13 @@ class _LiveServer(BoundedHTTPServer):
         super().__init__(address, handler, max_connections=MAX_CONNECTIONS, label="liveview")
 
 
-def _handler(store: LiveStore, token: str | None) -> type[BaseHTTPRequestHandler]:
-    expected = token.encode() if token is not None else None
+def _handler(
+    store: LiveStore,
+    access: Access,
+    lifecycle: LifecycleHandler | None,
+    audit: AuditLog | None,
+    shadows: ShadowReport | None,
+) -> type[BaseHTTPRequestHandler]:
     page = PAGE.encode()
 
     class Handler(BaseHTTPRequestHandler):
@@ -336,10 +454,16 @@ def _handler(store: LiveStore, token: str | None) -> type[BaseHTTPRequestHandler
 
         def do_GET(self) -> None:
             url = urlsplit(self.path)
-            if not self._authorized(url.query):
+            login = self._login(url.query)
+            if login is None:
                 self._send(401, b"token required\n", "text/plain", {"WWW-Authenticate": "Bearer"})
                 return
             path = url.path
+            if path == "/whoami.json":
+                body = {"role": login.role, "name": login.name}
+                body["permissions"] = list(roles.permissions(login.role))
+                self._json(200, body)
+                return
             route: Callable[[str], None] | None = None
             arg = ""
             if path in ("/", "/index.html"):
@@ -348,6 +472,10 @@ def _handler(store: LiveStore, token: str | None) -> type[BaseHTTPRequestHandler
             if path == "/status.json":
                 body = json.dumps(store.status(), allow_nan=False).encode()
                 self._send(200, body, "application/json")
+                return
+            if path == "/shadow.json":
+                report = shadows() if shadows is not None else NO_SHADOWS
+                self._send(200, json.dumps(report, allow_nan=False).encode(), "application/json")
                 return
             for prefix, suffix, fn in (
                 ("/frame/", ".jpg", self._frame),
@@ -361,14 +489,78 @@ def _handler(store: LiveStore, token: str | None) -> type[BaseHTTPRequestHandler
                 return
             route(arg)
 
-        def _authorized(self, query: str) -> bool:
-            if expected is None:
-                return True
+        def do_POST(self) -> None:
+            url = urlsplit(self.path)
+            login = self._login(url.query)
+            if login is None:
+                self._send(401, b"token required\n", "text/plain", {"WWW-Authenticate": "Bearer"})
+                return
+            action = url.path.removeprefix("/action/")
+            if not url.path.startswith("/action/") or action not in LIFECYCLE_ACTIONS:
+                self._send(404, b"not found\n", "text/plain")
+                return
+            request = self._action_body()
+            if isinstance(request, str):
+                self._json(400, {"refused": request})
+                return
+            inspection, args = request
+            who, where = login.name, self.client_address[0]
+            if not roles.allows(login.role, action):
+                reason = roles.refusal(login.role, action)
+                what = {"role": login.role, "inspection": inspection, "args": args}
+                _audit_refusal(audit, action, who, where, what, reason)
+                log.warning("liveview: %s refused for %s (%s): %s", action, who, where, reason)
+                self._json(403, {"refused": reason})
+                return
+            if lifecycle is None:
+                self._json(503, {"refused": "this agent takes no lifecycle commands"})
+                return
+            try:
+                reason = lifecycle(action, inspection, args, who, SOURCE)
+            except Exception:
+                log.exception("liveview: the lifecycle handler failed for %s", action)
+                self._json(500, {"refused": "the agent failed to take it"})
+                return
+            if reason is not None:
+                self._json(409, {"refused": reason})
+                return
+            self._json(200, {"accepted": True})
+
+        def _action_body(self) -> tuple[str | None, dict[str, Any]] | str:
+            """(inspection, the other arguments) from the JSON body, else why not. JSON only:
+            a cross-site form cannot send it without the browser asking first."""
+            if self.headers.get_content_type() != "application/json":
+                return "send the arguments as application/json"
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                return "Content-Length required"
+            if not 0 <= length <= MAX_ACTION_BYTES:
+                return f"at most {MAX_ACTION_BYTES} bytes of arguments"
+            try:
+                body = json.loads(self.rfile.read(length) or b"{}")
+            except (UnicodeDecodeError, ValueError):
+                return "the arguments are not JSON"
+            if not isinstance(body, dict):
+                return "the arguments must be a JSON object"
+            inspection = body.pop("inspection", None)
+            if inspection is not None and not isinstance(inspection, str):
+                return "inspection must be a string"
+            args = {k: v for k, v in body.items() if v is not None}  # null: not given
+            for key, value in args.items():
+                if not isinstance(value, (str, int, float, bool)):
+                    return f"{key} must be a string, number or boolean"
+            return inspection, args
+
+        def _login(self, query: str) -> Login | None:
             given = parse_qs(query).get("token", [""])[0]
             auth = self.headers.get("Authorization", "")
             if auth.lower().startswith("bearer "):
                 given = auth[7:].strip()
-            return hmac.compare_digest(given.encode(), expected)
+            return access.login(given)
+
+        def _json(self, code: int, body: Mapping[str, Any]) -> None:
+            self._send(code, json.dumps(body).encode(), "application/json")
 
         def _frame(self, camera: str) -> None:
             shot = store.jpeg(camera)
@@ -426,24 +618,66 @@ def _handler(store: LiveStore, token: str | None) -> type[BaseHTTPRequestHandler
     return Handler
 
 
+def _audit_refusal(
+    audit: AuditLog | None,
+    action: str,
+    who: str,
+    where: str,
+    what: Mapping[str, Any],
+    reason: str,
+) -> None:
+    if audit is None:
+        return
+    try:
+        audit.record(
+            roles.audit_action(action),
+            who=who,
+            source=SOURCE,
+            where=where,
+            what=what,
+            reason=reason,
+            result="refused",
+        )
+    except (AuditUnavailable, ValueError) as exc:  # refused all the same
+        log.error("liveview: could not audit a refused %s: %s", action, exc)
+
+
 class LiveViewServer(HTTPService):
-    """The page and its endpoints from a daemon thread, from start() until stop()."""
+    """The page and its endpoints from a daemon thread, from start() until stop().
+    `token`: the single legacy token (an engineer); `tokens_file`: one hashed token per line,
+    each with its role; `lifecycle`: the agent's lifecycle_command; `audit`: where refusals
+    are recorded; `shadows`: the agent's shadow_report."""
 
     key = "liveview.port"
 
-    def __init__(self, store: LiveStore, host: str, port: int, token: str | None = None) -> None:
+    def __init__(
+        self,
+        store: LiveStore,
+        host: str,
+        port: int,
+        token: str | None = None,
+        *,
+        tokens_file: Path | None = None,
+        lifecycle: LifecycleHandler | None = None,
+        audit: AuditLog | None = None,
+        shadows: ShadowReport | None = None,
+    ) -> None:
         super().__init__(host, port)
         self.store = store
-        self._token = token
+        self.access = Access(token, tokens_file)
+        self._lifecycle = lifecycle
+        self._audit = audit
+        self._shadows = shadows
 
     def _make_server(self) -> _LiveServer:
-        return _LiveServer((self.host, self.port), _handler(self.store, self._token))
+        handler = _handler(self.store, self.access, self._lifecycle, self._audit, self._shadows)
+        return _LiveServer((self.host, self.port), handler)
 
     def start(self) -> None:
         super().start()
         host, port = self.address
         shown = f"[{host}]" if ":" in host else host
-        auth = " (token required)" if self._token is not None else ""
+        auth = " (token required)" if self.access.required else " (viewers only: no token)"
         log.info("live view on http://%s:%d/%s", shown, port, auth)
 
     def stop(self) -> None:
@@ -471,8 +705,17 @@ td,th{padding:2px 6px;text-align:left;border-bottom:1px solid #2a2a2a}
 td{font-variant-numeric:tabular-nums}
 .stats{display:grid;grid-template-columns:repeat(4,1fr);gap:4px;margin-top:6px}
 .stats div{background:#222;padding:3px 6px;border-radius:3px}.alarm{color:#f66;font-weight:bold}
+.actions{margin-top:6px;display:flex;flex-wrap:wrap;gap:4px;align-items:center}
+button{font:12px system-ui,sans-serif;background:#333;color:#ddd;border:1px solid #555;
+border-radius:3px}
+#shadows{display:flex;flex-wrap:wrap;gap:16px;padding:16px 16px 0}
+.shadow{background:#1b1b24;border:1px solid #446;border-radius:6px;padding:8px;width:560px}
+.shadow h2{font-size:15px;margin:0 0 6px}.shadow .off{color:#fc6;font-weight:bold}
+.shadow td,.shadow th{text-align:right}.shadow .sub{color:#999;font-size:12px}
 </style></head>
-<body><header><h1>edge-agent live view</h1><span id="model"></span><span id="err"></span></header>
+<body><header><h1>edge-agent live view</h1><span id="model"></span><span id="role"></span>
+<span id="msg"></span><span id="err"></span></header>
+<section id="shadows" hidden></section>
 <main id="cams"></main>
 <script>
 "use strict";
@@ -482,6 +725,7 @@ const poll = qs.has("poll");  // JPEG polling instead of MJPEG (proxies that buf
 const auth = token ? "token=" + encodeURIComponent(token) : "";
 const url = (p, extra) => p + "?" + [auth, extra || ""].filter(Boolean).join("&");
 const cams = {};
+let allowed = [];  // this token's permissions (/whoami.json); the server checks them again
 function el(tag, attrs, text) {
   const e = document.createElement(tag);
   for (const k in attrs || {}) e.setAttribute(k, attrs[k]);
@@ -502,9 +746,10 @@ function camera(id) {
     "<th>part</th><th>time</th><th>ms</th></tr>";
   const body = el("tbody");
   table.append(body);
-  box.append(img, line, stats, table);
+  const actions = el("div", {class: "actions"});
+  box.append(img, line, stats, actions, table);
   document.getElementById("cams").append(box);
-  const c = cams[id] = {img, line, stats, body, shown: -1};
+  const c = cams[id] = {img, line, stats, body, actions, shown: -1, inspections: ""};
   if (!poll) {
     const stream = "/stream/" + encodeURIComponent(id) + ".mjpg";
     const src = () => { img.src = url(stream, "t=" + Date.now()); };
@@ -512,6 +757,41 @@ function camera(id) {
     src();
   }
   return c;
+}
+async function act(action, args) {
+  const reason = prompt(action.replace("_", " ") + ": the reason, for the audit trail");
+  if (reason === null) return;
+  const headers = {"Content-Type": "application/json"};
+  if (token) headers["Authorization"] = "Bearer " + token;
+  const msg = document.getElementById("msg");
+  try {
+    const r = await fetch("/action/" + action, {method: "POST", headers,
+      body: JSON.stringify(Object.assign({reason}, args))});
+    const answer = await r.json();
+    msg.textContent = action + ": " + (answer.accepted ? "accepted" : "refused: " + answer.refused);
+  } catch (e) { msg.textContent = action + ": failed (" + e.message + ")"; }
+}
+function button(action, label, args, ask) {
+  const b = el("button", {"data-action": action}, label);
+  b.onclick = () => {
+    const extra = {};
+    if (ask) { const v = prompt(ask); if (!v) return; extra[ask.split(" ")[0]] = v; }
+    act(action, Object.assign(extra, args));
+  };
+  return b;
+}
+function actionButtons(c, ids) {
+  const key = ids.join(",") + "|" + allowed.join(",");
+  if (c.inspections === key) return;
+  c.inspections = key;
+  c.actions.replaceChildren();
+  for (const i of ids) {
+    const row = [["shadow_start", "shadow", "bundle (the candidate's folder)"],
+      ["shadow_stop", "stop shadow"], ["promote", "promote"], ["rollback", "rollback"]]
+      .filter(([a]) => allowed.includes(a))
+      .map(([a, label, ask]) => button(a, label, {inspection: i}, ask));
+    if (row.length) c.actions.append(el("span", {}, i + ":"), ...row);
+  }
 }
 function verdictCell(v) { return el("span", {class: "v " + (v || "ERROR")}, v || "?"); }
 function render(s) {
@@ -550,15 +830,83 @@ function render(s) {
       el("div", {}, "latency " + fmt(st.latency_ms, 1) + " ms"),
       el("div", {}, "in " + (st.frames_in ?? "-") + ", dropped " + (st.dropped ?? "-")),
       el("div", {class: d && d.alarm ? "alarm" : ""}, "drift " + drift));
+    actionButtons(c, st.inspections || []);
     c.body.replaceChildren(...st.history.map(h => {
       const tr = el("tr", {class: "verdict", "data-verdict": h.verdict || ""});
       const td = x => { const t = el("td"); t.append(x); return t; };
       tr.append(td(String(h.sequence)), td(verdictCell(h.verdict)),
         td(fmt(h.score, 3) + " / " + fmt(h.threshold, 3)), td(h.part_id || ""),
         td(new Date(h.timestamp).toLocaleTimeString()), td(fmt(h.latency_ms, 1)));
+      if (h.verdict === "NG" && h.reject_image && allowed.includes("confirm"))
+        tr.append(td(button("confirm", "confirm defect", {entry: h.reject_image,
+          inspection: (h.inspections[0] || {}).id})));
       return tr;
     }));
   }
+}
+function pct(r) { return (typeof r === "number") ? (100 * r).toFixed(1) + "%" : "-"; }
+function grid(head, rows) {  // rows: [label, [cells], attrs per cell]
+  const t = el("table");
+  t.append(el("thead"));
+  t.tHead.innerHTML = "<tr>" + head.map(h => "<th>" + h + "</th>").join("") + "</tr>";
+  const body = el("tbody");
+  for (const [label, cells] of rows) {
+    const tr = el("tr");
+    tr.append(el("th", {}, label), ...cells.map(([text, attrs]) => el("td", attrs, text)));
+    body.append(tr);
+  }
+  t.append(body);
+  return t;
+}
+function shadowBox(s, at) {  // one inspection's candidate against production
+  const c = s.candidate || {};
+  const box = el("div", {class: "shadow", "data-shadow": s.inspection, "data-state": s.state});
+  box.append(el("h2", {}, "shadow " + s.inspection + " (recipe " + s.recipe + "): candidate " +
+    c.model_id + ", " + s.state));
+  box.append(el("div", {class: "sub"}, c.bundle + ", threshold " + fmt(c.threshold, 3) +
+    "; report of " + new Date(at).toLocaleTimeString()));
+  const figures = [
+    ["frames", "compared " + s.frames],
+    ["skipped", "skipped " + s.skipped + " (budget)"],
+    ["false_rejects", "would-be false rejects " + s.false_rejects + " of " + s.passed +
+      " passed (" + pct(s.false_reject_rate) + ")"],
+    ["catches", "would-be catches " + s.catches + " of " + s.rejected + " rejected (" +
+      pct(s.catch_rate) + ")"],
+    ["disagreements", "disagreements " + s.disagreements + ", " + s.archived + " archived"],
+    ["regression", "confirmed defects " + s.regression.confirmed + ", " +
+      s.regression.missed + " would pass"]];
+  const stats = el("div", {class: "stats"});
+  stats.append(...figures.map(([k, text]) => el("div", {"data-figure": k}, text)));
+  const verdicts = ["OK", "NG", "ERROR"];
+  const matrix = grid(["production / candidate", ...verdicts], verdicts.map(p => [p,
+    verdicts.map(q => [String(s.matrix[p][q]),
+      {"data-cell": p + "-" + q, class: p !== q && s.matrix[p][q] ? "off" : ""}])]));
+  const keys = ["p50", "p90", "p99", "max"];
+  const scores = grid(["score", ...keys], ["production", "candidate"].map(who => [who,
+    keys.map(k => [fmt((s.quantiles[who] || {})[k], 3), {}])]));
+  box.append(stats, matrix, scores);
+  return box;
+}
+function renderShadows(report) {
+  const list = report.shadows || [];
+  const box = document.getElementById("shadows");
+  box.hidden = !list.length;
+  box.replaceChildren(...list.map(s => shadowBox(s, report.timestamp)));
+}
+async function shadows() {
+  try {
+    const r = await fetch(url("/shadow.json"), {cache: "no-store"});
+    if (r.ok) renderShadows(await r.json());
+  } catch (e) { /* the status poll reports an unreachable agent */ }
+  setTimeout(shadows, 2000);
+}
+async function whoami() {
+  try {
+    const r = await fetch(url("/whoami.json"), {cache: "no-store"});
+    const w = await r.json();
+    allowed = w.permissions;
+    document.getElementById("role").textContent = w.name + " (" + w.role + ")";
+  } catch (e) { allowed = []; }
 }
 async function tick() {
   try {
@@ -571,6 +919,6 @@ async function tick() {
   }
   setTimeout(tick, 500);
 }
-tick();
+whoami().then(() => { tick(); shadows(); });
 </script></body></html>
 """

@@ -15,12 +15,21 @@ MAX_SOCKETS open sockets the oldest one without an activated session makes room 
 one, so a port scan or a flood of silent sockets cannot lock a PLC out; `max_sessions` caps
 activated sessions (BadTooManySessions beyond it). With Basic256Sha256 a session needs a client
 certificate from the `trusted_client_certificates` folder, and it must be the channel's own.
+
+Roles (lifecycle/roles.py): each login is a viewer, operator or engineer (`opcua.users`, the
+single legacy `username` an engineer, anonymous clients viewers). Every call of one of our
+methods is checked against the caller's role before it runs (_Session.call); a refused call
+gets BadUserAccessDenied with the reason and is recorded in the audit trail. The lifecycle
+methods (EdgeAgent.Lifecycle: ShadowStart, ShadowStop, Promote, Rollback, Confirm) hand the
+caller's name to the agent's lifecycle handler, as the live view does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import hmac
 import json
 import logging
@@ -53,8 +62,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from edge_agent.errors import UserError
+from edge_agent.lifecycle import roles
+from edge_agent.lifecycle.audit import AuditLog, AuditUnavailable
 from edge_agent.publish.contract import part_id_or_none
-from edge_agent.publish.opcua_config import MAX_SOCKETS, PREOPERATIONAL, STATES, OpcUaModel
+from edge_agent.publish.opcua_config import (
+    MAX_SOCKETS,
+    PREOPERATIONAL,
+    STATES,
+    OpcUaModel,
+    OpcUaUser,
+)
 from edge_agent.station import recipes
 from edge_agent.station.recipes import Select
 
@@ -66,6 +83,21 @@ PART_EVENT_TYPE = "PartEventType"
 RECIPE = "Recipe"  # EdgeAgent.Recipe: the recipe state and SelectRecipe
 SELECT_RECIPE = "SelectRecipe"
 PART = "Part"  # EdgeAgent.Part: the last part verdict; emits PartEventType
+LIFECYCLE = "Lifecycle"  # EdgeAgent.Lifecycle: the model-change methods
+# method -> (the lifecycle action, its String inputs after Inspection; Note ends every list)
+LIFECYCLE_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ShadowStart": ("shadow_start", ("Bundle",)),
+    "ShadowStop": ("shadow_stop", ()),
+    "Promote": ("promote", ()),
+    "Rollback": ("rollback", ()),
+    "Confirm": ("confirm", ("Entry",)),
+}
+LIFECYCLE_INPUTS = {  # each input's description; its name lower-cased is the handler's key
+    "Inspection": "the inspection's id",
+    "Bundle": "the candidate bundle's folder, on the agent's machine",
+    "Entry": "the archive entry confirmed as a defect",
+    "Note": "why (kept in the audit trail); may be empty",
+}
 SOURCE = "opcua"  # the recipe handler's `source`: which protocol a selection came by
 MAX_PENDING_EVENTS = 1024  # per camera, while the server's loop is behind
 START_TIMEOUT_S = 30.0
@@ -131,6 +163,21 @@ EVENTS_DROPPED = "EventsDropped"
 TriggerHandler = Callable[[str, str], "bool | None"]
 RecipeHandler = Callable[[Select, str], "str | None"]
 """``handler(select, source)``: None when accepted, else the reason it is refused."""
+LifecycleHandler = Callable[[str, "str | None", Mapping[str, Any], str, str], "str | None"]
+"""``handler(action, inspection, args, who, source)``: None when accepted, else the reason it
+is refused (the agent's lifecycle_command)."""
+
+
+@dataclass(frozen=True)
+class Login:
+    role: str
+    name: str  # the audit trail's `who`
+
+
+ANONYMOUS = Login(roles.ANONYMOUS_ROLE, "anonymous")
+# The login of the method call being served: _Session.call sets it around each call, and the
+# lifecycle methods (coroutines, run in that same task) read it.
+CALLER: contextvars.ContextVar[Login] = contextvars.ContextVar("opcua_caller", default=ANONYMOUS)
 
 
 def node_id(*path: str) -> str:
@@ -277,13 +324,35 @@ class _Changes:
     parts: _PartUpdate | None
 
 
-class _Users(UserManager):
-    """asyncua's user manager: the one configured user, or anyone where anonymous is allowed
-    (the server then offers only the anonymous token, so a username never gets this far)."""
+@dataclass
+class _User(User):
+    """asyncua's user, with our role (asyncua's own role stays User: it may read and call)."""
 
-    def __init__(self, username: str | None, password: str | None) -> None:
+    access: str = roles.ANONYMOUS_ROLE
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked when no user has the given name, so that a wrong name costs what a wrong
+    password does: the time of a refusal must not tell which names exist."""
+    return roles.hash_password("not a password", salt=b"edge-agent-dummy")
+
+
+class _Users(UserManager):
+    """asyncua's user manager: the configured logins (the legacy user an engineer, each of
+    `users` its role), or anyone, as a viewer, where anonymous is allowed (the server then
+    offers only the anonymous token, so a username never gets this far)."""
+
+    def __init__(
+        self, username: str | None, password: str | None, users: Sequence[OpcUaUser] = ()
+    ) -> None:
         self._username = username.encode() if username is not None else None
         self._password = (password or "").encode()
+        self._users = tuple(users)
+
+    @property
+    def anonymous(self) -> bool:
+        return self._username is None and not self._users
 
     def get_user(
         self,
@@ -292,14 +361,33 @@ class _Users(UserManager):
         password: str | None = None,
         certificate: Any = None,
     ) -> User | None:
-        if self._username is None:
-            return User(role=UserRole.User)
+        if self.anonymous:
+            return _User(role=UserRole.User, access=roles.ANONYMOUS_ROLE)
         if username is None or password is None:
             return None
-        # Both compared, in constant time: a timing difference must not reveal the username.
-        name_ok = hmac.compare_digest(username.encode(), self._username)
-        password_ok = hmac.compare_digest(password.encode(), self._password)
-        return User(role=UserRole.User, name=username) if name_ok and password_ok else None
+        given = username.encode()
+        # Names compared in constant time, all of them: the time must not reveal a name.
+        legacy = self._username is not None and hmac.compare_digest(given, self._username)
+        legacy = legacy and hmac.compare_digest(password.encode(), self._password)
+        found = None
+        for user in self._users:
+            if hmac.compare_digest(given, user.name.encode()):
+                found = user
+        password_ok = False
+        if self._users:  # scrypt (~50 ms) only where there are users to check
+            stored = found.password_hash if found is not None else _dummy_hash()
+            password_ok = roles.verify_password(password, stored)
+        if password_ok and found is not None:
+            return _User(role=UserRole.User, name=username, access=found.role)
+        if legacy:
+            return _User(role=UserRole.User, name=username, access=roles.LEGACY_ROLE)
+        return None
+
+
+def _login(user: User | None) -> Login:
+    if isinstance(user, _User):
+        return Login(user.access, user.name or ANONYMOUS.name)
+    return ANONYMOUS  # not one of ours (an internal session): the least
 
 
 @dataclass(frozen=True)
@@ -604,10 +692,39 @@ class _Sessions(InternalServer):
     """asyncua's internal server, whose client sessions are _Session (the cap, the trust
     list). `trusted`: a client certificate from the trust list is required."""
 
-    def __init__(self, user_manager: UserManager, guard: _Guard, *, trusted: bool) -> None:
+    def __init__(
+        self,
+        user_manager: UserManager,
+        guard: _Guard,
+        *,
+        trusted: bool,
+        audit: AuditLog | None = None,
+    ) -> None:
         super().__init__(user_manager=user_manager)
         self.guard = guard
         self.trusted = trusted
+        self.audit = audit
+        # our methods' node ids -> the action (roles.ACTIONS) a caller's role must allow
+        self.method_actions: dict[ua.NodeId, tuple[str, str]] = {}
+
+    def refuse(self, action: str, method: str, login: Login, client: str | None) -> str:
+        """A call the caller's role may not make: logged, audited, its reason returned."""
+        reason = roles.refusal(login.role, action)
+        log.warning("opcua: %s refused for %s: %s", method, login.name, reason)
+        if self.audit is not None:
+            try:
+                self.audit.record(
+                    roles.audit_action(action),
+                    who=login.name,
+                    source=SOURCE,
+                    where=client,
+                    what={"role": login.role, "method": method},
+                    reason=reason,
+                    result="refused",
+                )
+            except (AuditUnavailable, ValueError) as exc:  # refused all the same
+                log.error("opcua: could not audit a refused %s: %s", method, exc)
+        return reason
         # _Connection's cap decides; asyncua's would also count sockets being closed.
         self.max_connections = sys.maxsize
 
@@ -630,6 +747,25 @@ class _Session(InternalSession):
     def __init__(self, iserver: _Sessions, *args: Any, **kwargs: Any) -> None:
         super().__init__(iserver, *args, **kwargs)
         self._certificate: bytes | None = None
+        self._client: str | None = None  # the client's application URI: the audit's where
+
+    async def call(self, params: list[ua.CallMethodRequest]) -> list[ua.CallMethodResult]:
+        """Each call of one of our methods only if the caller's role allows its action; the
+        caller's login is known to the method while it runs (CALLER)."""
+        login = _login(self.user)
+        results: list[ua.CallMethodResult] = []
+        for request in params:
+            guarded = self.iserver.method_actions.get(request.MethodId)
+            if guarded is not None and not roles.allows(login.role, guarded[0]):
+                reason = self.iserver.refuse(guarded[0], guarded[1], login, self._client)
+                results.append(_answer(ua.StatusCodes.BadUserAccessDenied, reason))
+                continue
+            token = CALLER.set(login)
+            try:
+                results.extend(await super().call([request]))
+            finally:
+                CALLER.reset(token)
+        return results
 
     async def create_session(
         self, params: ua.CreateSessionParameters, sockname: tuple[str, int] | None = None
@@ -639,6 +775,8 @@ class _Session(InternalSession):
             self._refuse_certificate("sent no certificate")
         result = await super().create_session(params, sockname)  # the trust list's check
         self._certificate = params.ClientCertificate
+        description = params.ClientDescription
+        self._client = (description.ApplicationUri if description else None) or None
         return result
 
     def activate_session(
@@ -723,9 +861,17 @@ class OpcUaServer:
     to refuse (BadInvalidState, e.g. a camera that is not in trigger mode). The recipe handler
     (`set_recipe_handler`) is called there too, for SelectRecipe."""
 
-    def __init__(self, settings: OpcUaModel, on_trigger: TriggerHandler) -> None:
+    def __init__(
+        self,
+        settings: OpcUaModel,
+        on_trigger: TriggerHandler,
+        *,
+        audit: AuditLog | None = None,
+    ) -> None:
         self.settings = settings
         self.on_trigger = on_trigger
+        self._audit = audit
+        self._lifecycle_handler: LifecycleHandler | None = None
         self._lock = threading.Lock()
         self._cameras: dict[str, _Camera] = {}
         self._model_id = ""
@@ -788,7 +934,7 @@ class OpcUaServer:
             "OPC UA server on %s (security %s, %s), namespace %s = ns=%d, up to %d sessions",
             s.endpoint,
             s.security,
-            f"user {s.username}" if s.username else "anonymous clients",
+            _logins(s),
             s.namespace_uri,
             self.namespace_index,
             s.max_sessions,
@@ -799,7 +945,7 @@ class OpcUaServer:
                 "refused",
                 credentials.trusted,
             )
-        if s.username and s.security == "none":
+        if (s.username or s.users) and s.security == "none":
             log.warning("opcua: the password travels unencrypted; use security: basic256sha256")
 
     def publish(self, camera: str, msg: Mapping[str, Any]) -> None:
@@ -831,6 +977,12 @@ class OpcUaServer:
         """Where SelectRecipe goes (before `start`): ``handler(select, "opcua")``, called on a
         worker thread of asyncua's."""
         self._recipe_handler = handler
+
+    def set_lifecycle_handler(self, handler: LifecycleHandler) -> None:
+        """Where the EdgeAgent.Lifecycle methods go (before `start`): ``handler(action,
+        inspection, args, who, "opcua")``, called on a worker thread of asyncua's, only for a
+        caller whose role allows the action."""
+        self._lifecycle_handler = handler
 
     def set_recipe(self, state: Mapping[str, Any]) -> None:
         """The recipe state (``contract.recipe_message``) into EdgeAgent.Recipe; set before
@@ -1018,9 +1170,8 @@ class OpcUaServer:
         self, cameras: list[str], password: str | None, credentials: _Credentials | None
     ) -> tuple[Server, _AddressSpace]:
         s = self.settings
-        iserver = _Sessions(
-            _Users(s.username, password), self._guard, trusted=credentials is not None
-        )
+        users = _Users(s.username, password, s.users)
+        iserver = _Sessions(users, self._guard, trusted=credentials is not None, audit=self._audit)
         server = _Server(iserver)
         await server.init()
         server.set_endpoint(s.endpoint)
@@ -1046,11 +1197,13 @@ class OpcUaServer:
             server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
         await server.set_application_uri(app_uri)
         server.set_identity_tokens(
-            [ua.UserNameIdentityToken] if s.username else [ua.AnonymousIdentityToken]
+            [ua.AnonymousIdentityToken] if users.anonymous else [ua.UserNameIdentityToken]
         )
         idx = await server.register_namespace(s.namespace_uri)
         self.namespace_index = idx
-        space = _AddressSpace(server, idx, self._trigger, self._select_recipe)
+        space = _AddressSpace(
+            server, idx, self._trigger, self._select_recipe, self._lifecycle, iserver
+        )
         with self._lock:
             model_id, recipe = self._model_id, self._recipe
             self._recipe_dirty = False  # built with it: there from the first client on
@@ -1104,6 +1257,46 @@ class OpcUaServer:
         log.info("opcua: recipe %s selected (SelectRecipe)", select.describe())
         return _answer(ua.StatusCodes.Good, "")
 
+    def _lifecycle(
+        self, action: str, method: str, args: Sequence[ua.Variant], login: Login
+    ) -> ua.CallMethodResult:
+        """A Lifecycle method, on a worker thread, for a caller whose role allows it: its
+        String inputs to the agent's handler (None: accepted, Good and "")."""
+        names = ("Inspection", *LIFECYCLE_METHODS[method][1], "Note")
+        if len(args) < len(names):
+            return _answer(ua.StatusCodes.BadArgumentsMissing, f"give {', '.join(names)}")
+        if len(args) > len(names):
+            return _answer(ua.StatusCodes.BadTooManyArguments, f"give {', '.join(names)} only")
+        values = [a.Value if isinstance(a, ua.Variant) else a for a in args]
+        given: dict[str, Any] = {}
+        for name, value in zip(names, values, strict=True):
+            if value is not None and not isinstance(value, str):
+                return _answer(ua.StatusCodes.BadInvalidArgument, f"{name} must be a String")
+            if value:  # "" and null: not given
+                given["reason" if name == "Note" else name.lower()] = value
+        inspection = given.pop("inspection", None)
+        handler = self._lifecycle_handler
+        if handler is None:
+            return _answer(ua.StatusCodes.BadInvalidState, "this agent takes no model changes")
+        try:
+            reason = handler(action, inspection, given, login.name, SOURCE)
+        except Exception:
+            log.exception("opcua: the lifecycle handler failed for %s", method)
+            return _answer(ua.StatusCodes.BadInternalError, "the agent failed to take it")
+        if reason is not None:
+            log.info("opcua: %s refused for %s: %s", method, login.name, reason)
+            return _answer(ua.StatusCodes.BadInvalidState, reason)
+        log.info("opcua: %s by %s taken", method, login.name)
+        return _answer(ua.StatusCodes.Good, "")
+
+
+def _logins(s: OpcUaModel) -> str:
+    if s.username is None and not s.users:
+        return "anonymous clients, as viewers"
+    names = [f"{s.username} (engineer)"] if s.username else []
+    names += [f"{u.name} ({u.role})" for u in s.users]
+    return "users " + ", ".join(names)
+
 
 def _answer(code: int, reason: str) -> ua.CallMethodResult:
     """A method's result: its status and the Reason output ("" when Good)."""
@@ -1125,6 +1318,7 @@ def _check_node_ids(cameras: Sequence[str]) -> None:
     shared += [node_id(RECIPE, name) for name, _ in RECIPE_FIELDS]
     shared += [node_id(PART), node_id(PART, PART_READY), node_id(PART, EVENTS_DROPPED)]
     shared += [node_id(PART, name) for name, _ in PART_FIELDS]
+    shared += [node_id(LIFECYCLE), *(node_id(LIFECYCLE, m) for m in LIFECYCLE_METHODS)]
     seen = dict.fromkeys(shared, "")
     for camera in cameras:
         for nid in _camera_node_ids(camera):
@@ -1153,11 +1347,15 @@ class _AddressSpace:
         idx: int,
         trigger: Callable[[str, Sequence[ua.Variant]], ua.StatusCode],
         select: Callable[[Sequence[ua.Variant]], ua.CallMethodResult],
+        lifecycle: Callable[[str, str, Sequence[ua.Variant], Login], ua.CallMethodResult],
+        sessions: _Sessions,
     ) -> None:
         self.server = server
         self.idx = idx
         self.trigger = trigger
         self.select = select
+        self.lifecycle = lifecycle
+        self.sessions = sessions
         self.events: dict[str, EventGenerator] = {}
         self.part_events: EventGenerator | None = None
         self.model_node: ua.NodeId | None = None
@@ -1181,6 +1379,7 @@ class _AddressSpace:
         self.model_node = model.nodeid
         await self._build_recipe(root, recipe)
         await self._build_part(root)
+        await self._build_lifecycle(root)
         base_event = server.get_node(ua.ObjectIds.BaseEventType)
         etype = await base_event.add_object_type(self.nid(EVENT_TYPE), self.qname(EVENT_TYPE))
         for name, vt in (("Camera", VT.String), *RESULT_FIELDS):
@@ -1218,6 +1417,7 @@ class _AddressSpace:
                 [part_id],
                 [],
             )
+            self.guard(self.nid(camera, "Trigger"), "trigger", "Trigger")
             self.events[camera] = await server.get_event_generator(etype, obj)
 
     async def _build_recipe(self, root: Node, values: tuple[Any, ...]) -> None:
@@ -1255,6 +1455,51 @@ class _AddressSpace:
         await obj.add_method(
             self.nid(RECIPE, SELECT_RECIPE), self.qname(SELECT_RECIPE), call, inputs, [reason]
         )
+        self.guard(self.nid(RECIPE, SELECT_RECIPE), "recipe", SELECT_RECIPE)
+
+    def guard(self, method: ua.NodeId, action: str, name: str) -> None:
+        """Only a caller whose role allows `action` gets to call `method` (_Session.call)."""
+        assert action in roles.ACTIONS, action
+        self.sessions.method_actions[method] = (action, name)
+
+    async def _build_lifecycle(self, root: Node) -> None:
+        """EdgeAgent.Lifecycle and its methods, each String inputs -> Reason."""
+        obj = await root.add_object(self.nid(LIFECYCLE), self.qname(LIFECYCLE))
+        reason = ua.Argument(
+            Name="Reason",
+            DataType=ua.NodeId(ua.ObjectIds.String),
+            ValueRank=-1,
+            Description=ua.LocalizedText("why it was refused; empty when accepted"),
+        )
+        object_id = obj.nodeid
+        for method, (action, extra) in LIFECYCLE_METHODS.items():
+            inputs = [
+                ua.Argument(
+                    Name=name,
+                    DataType=ua.NodeId(ua.ObjectIds.String),
+                    ValueRank=-1,
+                    Description=ua.LocalizedText(LIFECYCLE_INPUTS[name]),
+                )
+                for name in ("Inspection", *extra, "Note")
+            ]
+            nid = self.nid(LIFECYCLE, method)
+            await obj.add_method(
+                nid, self.qname(method), self._lifecycle_call(action, method, object_id),
+                inputs, [reason],
+            )  # fmt: skip
+            self.guard(nid, action, method)
+
+    def _lifecycle_call(self, action: str, method: str, object_id: ua.NodeId) -> Callable[..., Any]:
+        async def call(parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
+            # A coroutine, so that it runs in the task that set CALLER; the handler itself
+            # runs on a worker thread, as the other methods' do.
+            if parent != object_id:  # Part 4: a method is called on the object it belongs to
+                return _answer(ua.StatusCodes.BadMethodInvalid, f"call it on {node_id(LIFECYCLE)}")
+            login = CALLER.get()
+            work = functools.partial(self.lifecycle, action, method, args, login)
+            return await asyncio.get_running_loop().run_in_executor(None, work)
+
+        return call
 
     async def _build_part(self, root: Node) -> None:
         """EdgeAgent.Part (the last part, PartReady, EventsDropped) and PartEventType."""

@@ -24,6 +24,7 @@ from edge_agent.config.fields import ConfigPath, Secret, Text
 from edge_agent.config.fields import problem as _problem
 from edge_agent.config.fields import text as _text
 from edge_agent.errors import UserError
+from edge_agent.lifecycle import roles
 
 SECURITY_MODES = ("none", "basic256sha256")
 DEFAULT_ENDPOINT = "opc.tcp://127.0.0.1:4840/edge-agent/"
@@ -52,8 +53,42 @@ def _endpoint(value: str) -> str:
     return value
 
 
+def _password_hash(value: str) -> str:
+    try:
+        return roles.check_password_hash(value)
+    except ValueError as exc:
+        raise _problem(str(exc)) from None
+
+
+def _role(value: str) -> str:
+    # A rule rather than a Literal: the choices are roles.ROLES, documented with the users
+    if value not in roles.ROLES:
+        raise _problem(f"must be one of {', '.join(roles.ROLES)}, got {value!r}")
+    return value
+
+
+def _user_name(value: str) -> str:
+    try:
+        return roles.check_name(value)
+    except ValueError as exc:
+        raise _problem(str(exc)) from None
+
+
 Endpoint = Annotated[str, AfterValidator(_text), AfterValidator(_endpoint)]
 Security = Literal.__getitem__(SECURITY_MODES)  # the tuple stays the only list of choices
+Role = Annotated[str, AfterValidator(_role)]
+PasswordHash = Annotated[str, AfterValidator(_text), AfterValidator(_password_hash)]
+UserName = Annotated[str, AfterValidator(_user_name)]
+
+
+class OpcUaUser(BaseModel):
+    """One `opcua.users` entry (`edge-agent opcua-user add` prints it): a login and its role."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    name: UserName
+    role: Role
+    password_hash: PasswordHash
 
 
 class OpcUaModel(BaseModel):
@@ -68,9 +103,14 @@ class OpcUaModel(BaseModel):
     security: Security = "none"
     certificate_file: ConfigPath | None = None
     private_key_file: ConfigPath | None = None
+    # The single user of configs from before roles: an engineer (it could do everything).
     username: Text | None = None
     password: Secret | None = None
     password_file: ConfigPath | None = None
+    # Logins with roles (lifecycle/roles.py), passwords stored as scrypt hashes.
+    users: list[OpcUaUser] = Field(default_factory=list)
+    # Anonymous clients are viewers: they read and subscribe, call no method that changes
+    # anything (Trigger excepted: the PLC handshake).
     allow_anonymous: bool = False
     # Activated sessions at a time: a PLC, a SCADA and an engineer's client need a few.
     max_sessions: int = Field(32, ge=1, le=MAX_SOCKETS // 2)
@@ -92,6 +132,12 @@ class OpcUaModel(BaseModel):
             raise _problem("missing (set password or password_file)", "password")
         if self.username is not None and self.allow_anonymous:
             raise _problem("anonymous access is refused when a username is set", "allow_anonymous")
+        if self.users and self.allow_anonymous:
+            raise _problem("anonymous access is refused when users are set", "allow_anonymous")
+        names = [u.name for u in self.users]
+        for i, name in enumerate(names):
+            if name in names[:i] or name == self.username:
+                raise _problem(f"{name!r} is another login's name too", "users", i, "name")
         if not self.enabled:
             return self  # a section that is off needs nothing more
         for key in ("certificate_file", "private_key_file"):
@@ -105,10 +151,11 @@ class OpcUaModel(BaseModel):
                 "certificates to trust)",
                 "trusted_client_certificates",
             )
-        if self.username is None and not self.allow_anonymous:
+        if self.username is None and not self.users and not self.allow_anonymous:
             # Secure by default: nobody gets in unless the config says who.
             raise _problem(
-                "missing: set username and password, or allow_anonymous: true", "username"
+                "missing: set users (or username and password), or allow_anonymous: true",
+                "username",
             )
         return self
 
