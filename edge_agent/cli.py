@@ -35,6 +35,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("edge_agent.tools.bench", "measure per-stage time, throughput and latency"),
     "sweep": ("edge_agent.export.sweep", "fit and evaluate a grid of embedding/scoring choices"),
     "demo": ("edge_agent.tools.demo", "fit, calibrate and run on the built-in sample data"),
+    "cameras": (
+        "edge_agent.tools.cameras",
+        "list the GenICam cameras and OpenCV device indexes this machine sees",
+    ),
     "doctor": (
         "edge_agent.tools.doctor",
         "show which accelerators are usable and where each stage runs, and why not a GPU",
@@ -42,6 +46,31 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "modbus-test": (
         "edge_agent.tools.modbus_test",
         "read the agent's Modbus register map like a PLC: map version, heartbeat, state",
+    ),
+    "audit": ("edge_agent.tools.audit", "verify the audit trail's hash chain, or list it"),
+    "shadow": (
+        "edge_agent.tools.lifecycle",
+        "start or stop a candidate bundle beside production on a running agent's live frames",
+    ),
+    "promote": (
+        "edge_agent.tools.lifecycle",
+        "make a shadowing candidate production at a frame boundary, if its gates hold",
+    ),
+    "rollback": (
+        "edge_agent.tools.lifecycle",
+        "return a running agent's inspection to the bundle before its last promotion",
+    ),
+    "confirm": (
+        "edge_agent.tools.lifecycle",
+        "confirm an archived reject as a defect: it joins the inspection's regression set",
+    ),
+    "liveview-token": (
+        "edge_agent.tools.access",
+        "add, list or revoke live view tokens: one per person and role, stored hashed",
+    ),
+    "opcua-user": (
+        "edge_agent.tools.access",
+        "add an OPC UA user with a role (password stored hashed)",
     ),
 }
 

@@ -22,6 +22,7 @@ from edge_agent.agent import config as cfg
 from edge_agent.agent.config import load_config, thresholds_for
 from edge_agent.agent.service import load_station
 from edge_agent.capture.cameras import CameraSettings
+from edge_agent.config.lifecycle import AuditModel, ShadowModel
 from edge_agent.decide.archive import ArchiveSettings
 from edge_agent.decide.decision import Thresholds
 from edge_agent.errors import UserError
@@ -47,6 +48,8 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "modbus": ModbusModel,
     "drift": cfg.DriftModel,
     "liveview": cfg.LiveViewModel,
+    "audit": AuditModel,
+    "shadow": ShadowModel,
 }
 
 MINIMAL = """\

@@ -45,12 +45,15 @@ from pydantic_core import ErrorDetails
 
 from edge_agent.capture.cameras import KINDS as CAMERA_KINDS
 from edge_agent.capture.cameras import MODES, OVERFLOWS, CameraSettings
+from edge_agent.capture.genicam import PREFIX as GENICAM_PREFIX
 from edge_agent.config.fields import ConfigPath, Secret, Text
 from edge_agent.config.fields import Section as _Section
 from edge_agent.config.fields import problem as _problem
 from edge_agent.config.fields import resolve as _resolve
 from edge_agent.config.fields import show as _show
 from edge_agent.config.fields import text as _text
+from edge_agent.config.genicam import GenicamModel
+from edge_agent.config.lifecycle import AUDIT_FILE, LIFECYCLE_DIR, AuditModel, ShadowModel
 from edge_agent.decide import drift
 from edge_agent.decide.archive import ArchiveSettings
 from edge_agent.decide.decision import Thresholds, resolve_thresholds
@@ -170,6 +173,7 @@ class CameraModel(_Section):
     read_timeout_s: float = Field(_cam("read_timeout_s"), gt=0)
     # OpenCV refuses more than 2^30 pixels (1073 MP) whatever is set here.
     max_megapixels: float = Field(_cam("max_megapixels"), gt=0, le=1000)
+    genicam: GenicamModel | None = _cam("genicam")
 
     @model_validator(mode="after")
     def _backoff(self) -> CameraModel:
@@ -262,13 +266,18 @@ class LiveViewModel(_Section):
     enabled: bool = False
     host: Text = "127.0.0.1"
     port: int = Field(8090, ge=0, le=65535)  # 0: any free port (logged)
-    token: Secret | None = None  # required off loopback: the page shows the line's parts
+    token: Secret | None = None  # one token, role engineer (configs from before roles)
+    tokens_file: ConfigPath | None = None  # one hashed token a line, each with its role
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> LiveViewModel:
-        if self.enabled and self.token is None and not _is_loopback(self.host):
+        # off loopback a token is required: the page shows the line's parts
+        off = self.enabled and not _is_loopback(self.host)
+        if off and self.token is None and self.tokens_file is None:
             raise _problem(
-                f"required when host is not a loopback address (host {self.host!r})", "token"
+                f"required (or tokens_file) when host is not a loopback address "
+                f"(host {self.host!r})",
+                "token",
             )
         return self
 
@@ -401,6 +410,8 @@ class ConfigModel(_Section):
     modbus: ModbusModel = Field(default_factory=ModbusModel)
     drift: DriftModel = Field(default_factory=DriftModel)
     liveview: LiveViewModel = Field(default_factory=LiveViewModel)
+    audit: AuditModel = Field(default_factory=AuditModel)
+    shadow: ShadowModel = Field(default_factory=ShadowModel)
 
     @model_validator(mode="before")
     @classmethod
@@ -464,6 +475,9 @@ class Config:
     modbus: ModbusModel | None = None  # None: no Modbus server
     drift: DriftModel | None = None  # None: no drift check
     liveview: LiveViewModel | None = None  # None: no live view
+    audit: Path | None = None  # the audit trail's file; None: entries are only published
+    shadow: ShadowModel | None = None  # None: no model changes on the running line
+    lifecycle_dir: Path | None = None  # promoted bundles and regression sets (shadow.dir)
 
 
 # -- pydantic's errors as one line -----------------------------------------------------------
@@ -691,6 +705,9 @@ def _config(path: Path, base: Path, model: ConfigModel) -> Config:
         modbus=model.modbus if model.modbus.enabled else None,
         drift=model.drift if model.drift.enabled else None,
         liveview=model.liveview if model.liveview.enabled else None,
+        audit=model.audit.path or Path(mqtt.spool_dir) / AUDIT_FILE,
+        shadow=model.shadow if model.shadow.enabled else None,
+        lifecycle_dir=model.shadow.dir or Path(mqtt.spool_dir) / LIFECYCLE_DIR,
     )
 
 
@@ -738,10 +755,15 @@ def _station(path: Path, model: ConfigModel) -> RecipeBook:
 
 def _camera(path: Path, base: Path, i: int, camera: CameraModel) -> CameraSettings:
     values = camera.model_dump()
+    values["genicam"] = camera.genicam.settings() if camera.genicam is not None else None
     source = camera.source
-    # Files and folders resolve against the config's folder; indices, URLs, /dev stay.
+    # Files and folders resolve against the config's folder; indices, URLs, /dev and GenICam
+    # device ids stay.
     if isinstance(source, str) and not (
-        "://" in source or (source.isdigit() and camera.kind in ("auto", "usb"))
+        "://" in source
+        or (source.isdigit() and camera.kind in ("auto", "usb"))
+        or source.startswith(GENICAM_PREFIX)
+        or camera.kind == "genicam"
     ):
         values["source"] = str(_resolve(base, source))
     try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_agent.agent.models import Run
-from edge_agent.decide.decision import ERROR, NG, Decision, decide, verdict_for
+from edge_agent.decide.decision import ERROR, NG, Decision, decide, frame_map, verdict_for
 from edge_agent.images import BadImage
 from edge_agent.station.regions import crop, ignore_for_frame
 from edge_agent.station.verdicts import worst
@@ -107,3 +107,33 @@ def in_frame(task: Task, frame_hw: tuple[int, int], *, with_map: bool = True) ->
         amap = np.zeros(frame_hw, dtype=np.float32)
         amap[y : y + h, x : x + w] = decision.anomaly_map
     return dataclasses.replace(decision, regions=regions, anomaly_map=amap)
+
+
+def region_heat(task: Task) -> np.ndarray | None:
+    """The task's anomaly map at its region's size: its decision's where it has one (NG),
+    else scored again for it (a shadow disagreement shows both models' maps, an OK one's
+    too). None when the task has no score to show."""
+    decision = task.decision
+    if decision is None or decision.is_error or task.prepared is None:
+        return None
+    if decision.anomaly_map is not None:
+        return decision.anomaly_map
+    scorer, keep = task.run.model.scorer, task.run.keep
+    scores = scorer.score(task.prepared[None], None, None if keep is None else keep[None])
+    amap = frame_map(
+        scorer.exact_map(scores, 0, threshold=task.run.thresholds.pixel), task.region_hw
+    )
+    ignore = task.run.spec.ignore
+    return np.where(ignore, np.float32(0.0), amap) if ignore is not None else amap
+
+
+def frame_heat(task: Task, frame_hw: tuple[int, int]) -> np.ndarray | None:
+    """region_heat pasted into a frame-sized map (zero outside the task's ROI)."""
+    amap = region_heat(task)
+    roi = task.run.spec.roi
+    if amap is None or roi is None:
+        return amap
+    x, y, w, h = roi
+    out = np.zeros(frame_hw, dtype=np.float32)
+    out[y : y + h, x : x + w] = amap
+    return out

@@ -14,6 +14,10 @@ blocks it. Being the main thread also means the signal handlers run here, betwee
   rejected with one log line and the old model keeps running. The same smoke test runs at
   start and for `--check`.
 
+Model changes on the running line (shadow candidates, promotion, rollback) have their own room,
+edge_agent/agent/lifecycle.py: this loop hands it each batch and applies its swaps between two
+batches, as it does a recipe switch.
+
 systemd (Type=notify): READY=1 once everything is started, WATCHDOG=1 from this loop (a hung
 inference stops the pings), STATUS= every few seconds. Logs: one line per event, never per
 frame; a final line sums up the run.
@@ -22,6 +26,7 @@ frame; a final line sums up the run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -41,6 +46,7 @@ import numpy as np
 from edge_agent import __version__
 from edge_agent.agent import inspect
 from edge_agent.agent.config import Config, load_config
+from edge_agent.agent.lifecycle import LineChanges, apply_promotions
 from edge_agent.agent.models import Model, Run, bind, load_models
 from edge_agent.agent.preflight import modbus_module, preflight, server_module
 from edge_agent.capture.cameras import LIVE_KINDS, CameraCapture
@@ -51,6 +57,7 @@ from edge_agent.decide.drift import DriftMonitor, DriftReference, DriftState
 from edge_agent.errors import UserError
 from edge_agent.fileio import atomic_write
 from edge_agent.images import BadImage, to_bgr
+from edge_agent.lifecycle.audit import AuditLog, AuditUnavailable
 from edge_agent.model.bundle import Bundle
 from edge_agent.model.geometry import aspect_mismatch
 from edge_agent.model.scorer import Scorer
@@ -124,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if not getattr(args, "verbose", False):
         logging.getLogger().setLevel(config.log_level.upper())
+    config, bases = apply_promotions(config)
     models = load_station(config, everything=args.check)
     if args.check:
         preflight(config)
@@ -134,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         models,
         exit_when_done=args.exit_when_done,
         drain_timeout_s=args.drain_timeout,
+        bases=bases,
     )
     return agent.run()
 
@@ -268,9 +277,11 @@ class Agent:
         *,
         exit_when_done: bool,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        bases: Mapping[str, Path] | None = None,
     ) -> None:
         """``models``: at least the active recipe's bundles, loaded and self-tested
-        (load_models), all of them with ``recipes.preload``."""
+        (load_models), all of them with ``recipes.preload``. ``bases``: each inspection's
+        bundle as the config names it, where promotions replaced it (apply_promotions)."""
         self.config = config
         self.book = config.station
         self.models: dict[Path, Model] = dict(models)
@@ -301,20 +312,27 @@ class Agent:
             for counter in (self.metrics.triggers_dropped, self.metrics.nonfinite_scores):
                 counter.labels(camera)
         # The line's own link (part verdicts, recipe state and commands) where a station needs
-        # it: recipes to switch, or trigger cameras whose frames make parts.
-        self.line_link = config.bundle is None or bool(self.trigger_mode)
+        # it: recipes to switch, trigger cameras whose frames make parts, or model changes.
+        self.lifecycle = config.shadow
+        self.line_link = (
+            config.bundle is None or bool(self.trigger_mode) or self.lifecycle is not None
+        )
         self.publisher = Publisher(config.mqtt, [c.id for c in config.cameras], line=self.line_link)
         self.sparkplug = (
             SparkplugNode(config.sparkplug, [c.id for c in config.cameras], version=__version__)
             if config.sparkplug is not None
             else None
         )
+        # The audit trail: every protocol's commands and refusals, and the agent's own events.
+        self.audit = AuditLog(config.audit, publish=self._publish_audit)
         # The OPC UA server (asyncua, the optional `opcua` extra) is imported only when enabled.
         self.opcua: Any = (
-            server_module().OpcUaServer(config.opcua, self._on_opcua_trigger)
+            server_module().OpcUaServer(config.opcua, self._on_opcua_trigger, audit=self.audit)
             if config.opcua is not None
             else None
         )
+        if self.opcua is not None:  # model changes come through one door too
+            self.opcua.set_lifecycle_handler(self.lifecycle_command)
         # pymodbus (the optional `modbus` extra) too is imported only when enabled.
         self.modbus: Any = (
             modbus_module().ModbusServer(config.modbus, part_timeout_s=self.book.part_timeout_s)
@@ -350,6 +368,16 @@ class Agent:
         self._started_at = time.monotonic()
         self._next_status = 0.0
         self._next_health = 0.0
+        # Changing a model on the running line: its own room (agent/lifecycle.py).
+        self.changes = LineChanges(
+            self,
+            bases=apply_promotions(config)[1] if bases is None else bases,
+            audit=self.audit,
+            archive=self.archive,
+            registry=self.metrics.registry,
+            publish_lifecycle=self._publish_lifecycle,
+            publish_shadow=self._publish_shadow,
+        )
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -436,6 +464,13 @@ class Agent:
         )
         # Before the Sparkplug node and the OPC UA server start: their births carry it.
         self._publish_recipe("ok", "started", None)
+        self._audit_event(
+            "agent.start",
+            {"version": __version__, "config": str(self.config.path), "recipe": self.recipe.name,
+             "inspections": self._in_force()},
+        )  # fmt: skip
+        if self.lifecycle is not None:
+            self.publisher.on_lifecycle_command(self.changes.on_mqtt_command)
         if self.line_link:
             self.publisher.on_recipe_command(self._on_recipe_command)
             # Parts still open at a stop go out as they stand (ERROR, their silent inspections
@@ -463,7 +498,16 @@ class Agent:
         lv = self.config.liveview
         if lv is not None and self.live is not None:
             token = lv.token.get_secret_value() if lv.token is not None else None
-            viewer = LiveViewServer(self.live, lv.host, lv.port, token)
+            viewer = LiveViewServer(
+                self.live,
+                lv.host,
+                lv.port,
+                token,
+                tokens_file=lv.tokens_file,
+                lifecycle=self.lifecycle_command,
+                audit=self.audit,
+                shadows=self.shadow_report,
+            )
             viewer.start()
             self.liveview_server = viewer
             cleanup.append(viewer.stop)
@@ -489,7 +533,8 @@ class Agent:
             self.config.batching.queue_size,
         )
 
-    def _build_scorer(self, bundle: Bundle) -> Scorer:
+    def build_scorer(self, bundle: Bundle) -> Scorer:
+        """The config's scorer for a bundle (the module's build_scorer)."""
         return build_scorer(self.config, bundle)
 
     def _loop(self) -> int:
@@ -500,8 +545,12 @@ class Agent:
             # captured after it (_recipe_for), not the next batch's only.
             self._finish_switch()
             self._apply_commands()
+            self.changes.between_batches()
             if batch:
-                self._process(batch)
+                started = time.perf_counter()
+                items = self._process(batch)
+                # Production's verdicts are out; the candidates' turn, within their budget.
+                self.changes.compare(items, time.perf_counter() - started)
             self._send_parts(time.monotonic())
             self.notifier.watchdog_due()
             self._housekeeping()
@@ -569,6 +618,7 @@ class Agent:
                 self._publish_health()  # the final counts, retained
             except Exception:
                 log.exception("cannot publish the final health")
+            self._audit_event("agent.stop", {"inspections": self._in_force()}, self._stop_reason)
         for fn in reversed(cleanup):
             self.notifier.watchdog()  # flushing MQTT can take seconds: still alive
             try:
@@ -649,6 +699,9 @@ class Agent:
                 camera,
                 MAX_PENDING_TRIGGERS,
             )
+        # After the id waits: a GenICam camera with a software trigger is fired now, so the
+        # frame it takes is this part's (other cameras ignore it).
+        self._capture_by_id[camera].trigger(part_id)
 
     def _on_opcua_trigger(self, camera: str, part_id: str) -> bool:
         """From asyncua's worker thread: Trigger(partId), as an MQTT trigger. False (the call
@@ -683,7 +736,7 @@ class Agent:
 
     # -- the inference path -----------------------------------------------------------------
 
-    def _process(self, frames: list[Frame]) -> None:
+    def _process(self, frames: list[Frame]) -> list[_Item]:
         m = self.metrics
         now = time.time()
         items: list[_Item] = []
@@ -702,7 +755,7 @@ class Agent:
                 continue
             items.append(_Item(frame, recipe, runs[frame.camera], part_id))
         if not items:
-            return
+            return items
         m.batch_size.observe(len(items))
 
         t0 = time.perf_counter()
@@ -753,6 +806,7 @@ class Agent:
         if failure is not None and self._failed_batches >= MAX_FAILED_BATCHES:
             # Likely permanent (GPU lost, out of memory): exit 1 so systemd restarts us.
             raise RuntimeError(f"inference failed {self._failed_batches} times in a row")
+        return items
 
     def _check_aspect(self, camera: str, shape: tuple[int, int], run: Run) -> None:
         """A frame of another aspect ratio than the training images' is still scored (a
@@ -953,6 +1007,17 @@ class Agent:
         return None
 
     def _refuse(self, reason: str, request_id: str | None, source: str) -> None:
+        try:
+            self.audit.record(
+                "recipe.change",
+                who=source,
+                source=source,
+                what={"request_id": request_id},
+                reason=reason,
+                result="refused",
+            )
+        except (AuditUnavailable, ValueError) as exc:
+            log.error("cannot audit a refused recipe command: %s", exc)
         self.metrics.recipe_commands.labels("refused").inc()
         log.warning("recipe command (%s) refused: %s", source, reason)
         self._publish_recipe("refused", reason, request_id)
@@ -985,7 +1050,7 @@ class Agent:
 
         def load() -> None:
             try:
-                models = load_models(self.config, found.bundles(), self._build_scorer, have)
+                models = load_models(self.config, found.bundles(), self.build_scorer, have)
                 self._switch_result = (found, select, {**have, **models})
             except Exception as exc:  # UserError or anything ORT/FAISS raise: keep running
                 self._switch_result = exc
@@ -1025,6 +1090,9 @@ class Agent:
         for counts in self.counts.values():  # maybe another geometry
             counts.shape, counts.aspect_mismatch, counts.aspect_warned = None, None, False
         log.info("recipe %s -> %s (%s)", previous, recipe.name, select.describe())
+        self.changes.stop_shadows("stopped")  # they compared against the old recipe
+        what = {"from": previous, "to": recipe.name, "inspections": self._in_force()}
+        self._audit_event("recipe.change", {**what, "request_id": select.request_id})
         self._publish_recipe("ok", None, select.request_id)
         self._publish_health()
 
@@ -1062,6 +1130,90 @@ class Agent:
         if self.modbus is not None:
             self.modbus.set_recipe(message)
 
+    # -- changing a model on the running line (README "Changing a model on a running line") --
+
+    def lifecycle_command(
+        self,
+        action: str,
+        inspection: str | None,
+        args: Mapping[str, Any],
+        who: str,
+        source: str,
+    ) -> str | None:
+        """The one door for model changes (LineChanges.command), for every protocol."""
+        return self.changes.command(action, inspection, args, who, source)
+
+    def shadow_report(self) -> dict[str, Any]:
+        """The latest shadow report (LineChanges.report), for the live view."""
+        return self.changes.report()
+
+    def _publish_lifecycle(self, message: dict[str, Any]) -> None:
+        if self.line_link and self.publisher.started:
+            self.publisher.publish_lifecycle(message)
+
+    def _publish_shadow(self, message: dict[str, Any]) -> None:
+        if self.line_link and self.publisher.started:
+            self.publisher.publish_shadow(message)
+
+    def _publish_audit(self, entry: dict[str, Any]) -> None:
+        if self.line_link and self.publisher.started:
+            self.publisher.publish_audit(entry)
+
+    def _audit_event(self, action: str, what: Mapping[str, Any], reason: str | None = None) -> None:
+        """The agent's own events (start, stop, reload, recipe change): recorded, never
+        refused (the line does not stop because the trail's disk failed; that is logged)."""
+        try:
+            self.audit.record(action, who="agent", source="agent", what=what, reason=reason)
+        except (AuditUnavailable, ValueError) as exc:
+            log.error("cannot audit %s: %s", action, exc)
+
+    def _in_force(self) -> dict[str, Any]:
+        """What the active recipe runs: per inspection its bundle, model and thresholds."""
+        return {
+            r.id: {
+                "bundle": str(r.model.bundle.path),
+                "model_id": r.model.bundle.model_id,
+                "thresholds": {"image": r.thresholds.image, "pixel": r.thresholds.pixel},
+            }
+            for runs in self.runs.values()
+            for r in runs
+        }
+
+    # -- what LineChanges asks of the agent (lifecycle.Line) ------------------------------
+
+    def stopping(self) -> bool:
+        return self._stop_reason is not None
+
+    def loading_recipe(self) -> str | None:
+        return self._switching.describe() if self._switching is not None else None
+
+    def install(
+        self,
+        recipe_name: str,
+        recipe: Recipe,
+        runs: dict[str, tuple[Run, ...]],
+        models: dict[Path, Model],
+    ) -> None:
+        """Swap a replacement in at a frame boundary: frames captured from now on are decided
+        by it, those already queued by what was in force when they were captured."""
+        self.book = dataclasses.replace(
+            self.book, recipes={**self.book.recipes, recipe_name: recipe}
+        )
+        self.config = dataclasses.replace(self.config, station=self.book)
+        used = set(self.book.bundles())
+        self.models = {p: m for p, m in models.items() if p in used}
+        if recipe_name != self.recipe.name:
+            return
+        self.recipe, self.runs = recipe, runs
+        self._history.append((time.time(), recipe, runs))
+        self._show_inspections()
+        self._reset_drift()  # a new model: a new reference and fresh windows
+        for counts in self.counts.values():  # and maybe another geometry
+            counts.shape, counts.aspect_mismatch, counts.aspect_warned = None, None, False
+        if self.opcua is not None:
+            self.opcua.set_model_id(self.bundle.model_id)
+        self._publish_health()
+
     # -- reload -----------------------------------------------------------------------------
 
     def _start_reload(self) -> None:
@@ -1081,7 +1233,7 @@ class Agent:
             try:
                 # Built here, used only by the inference thread once swapped in; a bundle
                 # that cannot score (self-test) never replaces one that can.
-                models = load_models(self.config, paths, self._build_scorer)
+                models = load_models(self.config, paths, self.build_scorer)
                 runs = bind(self.config, recipe, models)
             except Exception as exc:  # UserError or anything ORT/FAISS raise: keep running
                 self._reload_result = exc
@@ -1107,6 +1259,7 @@ class Agent:
         if isinstance(result, Exception):
             self.metrics.reloads.labels("rejected").inc()
             log.error("reload rejected, model %s keeps running: %s", old, result)
+            self._audit_event("bundle.reload", {"kept": old}, f"rejected: {result}")
         elif self._switching is not None or result.recipe is not self.recipe:
             # A recipe change while it loaded: its runs are the ones in force now.
             self.metrics.reloads.labels("rejected").inc()
@@ -1124,6 +1277,7 @@ class Agent:
             for runs in self.runs.values():
                 for r in runs:
                     _warn_out_of_range(r.thresholds)
+            self._audit_event("bundle.reload", {"inspections": self._in_force(), "was": old})
             log.info(
                 "reloaded in %.1f s: model %s (was %s) on %s, thresholds image %g pixel %g",
                 result.seconds,
@@ -1149,6 +1303,7 @@ class Agent:
             self.notifier.status(self._status_line())
         if now >= self._next_health:
             self._publish_health()
+        self.changes.housekeeping(now)
 
     def _status_line(self) -> str:
         now = time.monotonic()
@@ -1203,6 +1358,8 @@ class Agent:
                 aspect_mismatch=counts.aspect_mismatch,
                 recipe=self.recipe.name,
             )
+            if "genicam" in stats:  # what the camera took, lost frames, Aravis' counters
+                health["genicam"] = stats["genicam"]
             self.publisher.publish_health(cam, health)
             if self.live is not None:
                 self.live.set_health(cam, health)
@@ -1271,6 +1428,7 @@ class Agent:
                 reconnects=stats["reconnect_attempts"],
                 connected=stats["connected"],
                 triggers_rejected=links.get(capture.settings.id, {}).get("triggers_rejected", 0),
+                lost_frames=sum(stats.get("genicam", {}).get("lost_frames", {}).values()),
             )
         ps = self.publisher.stats
         a = self.archive.stats if self.archive is not None else None

@@ -35,6 +35,7 @@ import shutil
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +44,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge_agent.decide.overlay import heatmap_overlay, side_by_side
+from edge_agent.decide.overlay import SEPARATOR_BGR, SEPARATOR_PX, heatmap_overlay, side_by_side
 from edge_agent.fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -68,14 +69,22 @@ class ArchiveSettings:
 
 
 @dataclass(frozen=True)
+class Heat:
+    """One heat-map panel beside the original: a model's anomaly map at the frame's size, its
+    colour scale, the pixel threshold it outlines and a caption."""
+
+    amap: np.ndarray
+    vmin: float = 0.0
+    vmax: float = 1.0
+    pixel_threshold: float = float(np.inf)
+    label: str = ""
+
+
+@dataclass(frozen=True)
 class _Job:
     stem: Path  # DIR/YYYY-MM-DD/<name> without suffix
     frame: np.ndarray  # uint8 BGR, original size
-    amap: np.ndarray | None  # float32 at frame size (NG) or None (OK: original only)
-    vmin: float
-    vmax: float
-    pixel_threshold: float
-    label: str
+    heats: tuple[Heat, ...]  # overlays beside the original (none: the original only)
     sidecar: dict[str, Any]
     estimate: int  # bytes reserved at submit time, released when written or failed
 
@@ -160,33 +169,32 @@ class RejectArchive:
         vmin: float = 0.0,
         vmax: float = 1.0,
         pixel_threshold: float | None = None,
+        more: Sequence[Heat] = (),
+        tag: str | None = None,
     ) -> str | None:
         """Queue one frame; returns the image path it will have, or None if not archived
         (the writer is behind, or the disk is below the floor: see the module docstring).
 
         `verdict` is the verdict message (its `reject_image` is filled in here for the
         sidecar); `amap` is the anomaly map at the frame's size for an overlay, None to keep
-        the original only.
+        the original only. ``more``: further panels after it (a shadow candidate's map beside
+        production's); ``tag`` ends the entry's name (``_shadow``). The sidecar's ``panels``
+        says how many images the JPEG holds side by side, the original first.
         """
-        estimate = self._estimate(frame_bgr, amap is not None)
+        heats: list[Heat] = []
+        if amap is not None:
+            score = verdict.get("score")
+            label = f"{verdict.get('verdict')} {score:.3f}" if isinstance(score, float) else ""
+            threshold = float(pixel_threshold if pixel_threshold is not None else np.inf)
+            heats.append(Heat(amap, float(vmin), float(vmax), threshold, label))
+        heats.extend(more)
+        estimate = self._estimate(frame_bgr, len(heats))
         if not self._reserve(estimate):
             return None
-        stem = self._stem(verdict)
+        stem = self._stem(verdict, tag)
         image_path = str(stem.with_suffix(".jpg"))
-        sidecar = {**verdict, "reject_image": image_path}
-        score = verdict.get("score")
-        label = f"{verdict.get('verdict')} {score:.3f}" if isinstance(score, float) else ""
-        job = _Job(
-            stem,
-            frame_bgr,
-            amap,
-            float(vmin),
-            float(vmax),
-            float(pixel_threshold if pixel_threshold is not None else np.inf),
-            label,
-            sidecar,
-            estimate,
-        )
+        sidecar = {**verdict, "reject_image": image_path, "panels": 1 + len(heats)}
+        job = _Job(stem, frame_bgr, tuple(heats), sidecar, estimate)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -199,14 +207,14 @@ class RejectArchive:
             return None
         return image_path
 
-    def _estimate(self, frame: np.ndarray, overlay: bool) -> int:
-        """Bytes an entry will take: the average of those written, or, before any, the raw
-        frame (twice with the overlay beside it): JPEG is smaller, so this errs on the safe
+    def _estimate(self, frame: np.ndarray, overlays: int) -> int:
+        """Bytes an entry will take: the average of those written (scaled to its panels), or,
+        before any, the raw frame once per panel: JPEG is smaller, so this errs on the safe
         side."""
         with self._lock:
             if self._entries:
-                return max(1, self._bytes // len(self._entries))
-        return int(frame.nbytes) * (2 if overlay else 1)
+                return max(1, self._bytes // len(self._entries)) * max(1, overlays)
+        return int(frame.nbytes) * (1 + overlays)
 
     def _reserve(self, estimate: int) -> bool:
         """Whether the floor allows one more entry; reserves its bytes if so. The archive's
@@ -242,7 +250,7 @@ class RejectArchive:
             )
         return False
 
-    def _stem(self, verdict: dict[str, Any]) -> Path:
+    def _stem(self, verdict: dict[str, Any], tag: str | None = None) -> Path:
         ts_ms = int(verdict.get("timestamp") or time.time() * 1000)
         when = datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc)
         camera = _UNSAFE.sub("_", str(verdict.get("camera", "camera")))
@@ -250,6 +258,8 @@ class RejectArchive:
             f"{when:%H%M%S}{ts_ms % 1000:03d}_{camera}_{int(verdict.get('sequence', 0)):08d}"
             f"_{verdict.get('verdict', 'NG')}"
         )
+        if tag:
+            name += "_" + _UNSAFE.sub("_", tag)
         return self.root / f"{when:%Y-%m-%d}" / name
 
     # -- writer thread ----------------------------------------------------------------------
@@ -288,16 +298,19 @@ class RejectArchive:
 
     def _write(self, job: _Job) -> int:
         image = job.frame
-        if job.amap is not None:
-            overlay = heatmap_overlay(
-                job.frame,
-                job.amap,
-                vmin=job.vmin,
-                vmax=job.vmax,
-                mask=job.amap >= job.pixel_threshold,
-                label=job.label or None,
-            )
-            image = side_by_side(job.frame, overlay)
+        if job.heats:
+            overlays = [
+                heatmap_overlay(
+                    job.frame,
+                    h.amap,
+                    vmin=h.vmin,
+                    vmax=h.vmax,
+                    mask=h.amap >= h.pixel_threshold,
+                    label=h.label or None,
+                )
+                for h in job.heats
+            ]
+            image = side_by_side(job.frame, *overlays)
         ok, encoded = cv2.imencode(
             ".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(self.settings.jpeg_quality)]
         )
@@ -391,6 +404,20 @@ class RejectArchive:
                 self._entries.popleft()
                 self._bytes -= size
             self._delete(stem)
+
+
+def original_of(bgr: np.ndarray, panels: int = 2) -> np.ndarray | None:
+    """The original frame of an archived image of ``panels`` side by side (original | 4 px
+    gray bar | overlay ..., all one size), or None if ``bgr`` is not laid out like that."""
+    if panels <= 1:
+        return bgr if panels == 1 else None
+    w, odd = divmod(bgr.shape[1] - SEPARATOR_PX * (panels - 1), panels)
+    if w < 1 or odd:
+        return None
+    bar = bgr[:, w : w + SEPARATOR_PX].astype(np.float64)
+    if np.abs(bar - SEPARATOR_BGR).mean() > 24.0:  # JPEG blurs the bar's edges, a little
+        return None
+    return bgr[:, :w]
 
 
 def _remove_if_empty(folder: Path) -> None:

@@ -31,6 +31,17 @@ RECIPE = "recipe"  # agent -> subscribers, QoS 1, retained: the active recipe, t
 RECIPE_SET = ("recipe", "set")  # PLC -> agent, QoS 1: select a recipe; retained ones ignored
 PART_SCHEMA = "edge-agent/part/v1"
 RECIPE_SCHEMA = "edge-agent/recipe/v1"
+# Changing a model on the running line (README "Changing a model on a running line").
+SHADOW = "shadow"  # agent -> subscribers, QoS 1, retained: each shadow's comparison so far
+LIFECYCLE = "lifecycle"  # agent -> subscribers, QoS 1: each command's outcome
+LIFECYCLE_SET = ("lifecycle", "set")  # engineer/operator -> agent, QoS 1; retained ignored
+AUDIT = "audit"  # agent -> subscribers, QoS 1: each audit entry (lifecycle/audit.py)
+SHADOW_SCHEMA = "edge-agent/shadow/v1"
+LIFECYCLE_SCHEMA = "edge-agent/lifecycle/v1"
+LIFECYCLE_ACTIONS = ("shadow_start", "shadow_stop", "promote", "rollback", "confirm")
+LIFECYCLE_RESULTS = ("accepted", "ok", "refused", "failed")  # accepted: the loop applies it
+MAX_LIFECYCLE_BYTES = 4096
+MAX_LIFECYCLE_TEXT = 1024  # a path, a name or a request id
 
 VERDICT_QOS = 1
 STATUS_QOS = 1
@@ -160,6 +171,79 @@ def recipe_message(
         "request_id": request_id,
         "changed_at": round(changed_at * 1000),
     }
+
+
+def shadow_message(timestamp: float, shadows: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """``edge-agent/shadow/v1``, retained: one entry per inspection a candidate shadows (or
+    shadowed last), each with its comparison (lifecycle/shadow.py ShadowStats.report)."""
+    return {"schema": SHADOW_SCHEMA, "timestamp": round(timestamp * 1000), "shadows": shadows}
+
+
+def lifecycle_message(
+    *,
+    action: str,
+    inspection: str | None,
+    result: str,
+    reason: str | None,
+    request_id: str | None,
+    who: str,
+    timestamp: float,
+    details: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``edge-agent/lifecycle/v1``: a command's outcome. ``accepted`` first when the loop
+    still has to apply it, then ``ok``, ``refused`` (with every reason, e.g. each failed
+    gate) or ``failed``."""
+    return {
+        "schema": LIFECYCLE_SCHEMA,
+        "timestamp": round(timestamp * 1000),
+        "action": action,
+        "inspection": inspection,
+        "result": result,
+        "reason": reason,
+        "request_id": request_id,
+        "who": who,
+        **(dict(details) if details else {}),
+    }
+
+
+def parse_lifecycle_command(
+    payload: bytes,
+) -> tuple[str, str | None, dict[str, Any], str] | str:
+    """``{"action": "promote", "inspection": "top", "who": "alice", "request_id": "r1",
+    "force": false}`` (``bundle`` for shadow_start, ``entry`` for confirm) -> (action,
+    inspection, args, who), else the reason it is refused. ``who`` is what the sender claims
+    (the broker's ACL is what authenticates it)."""
+    if len(payload) > MAX_LIFECYCLE_BYTES:
+        return f"command of {len(payload)} bytes (at most {MAX_LIFECYCLE_BYTES})"
+    try:
+        data = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return "not JSON in UTF-8"
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    known = {"action", "inspection", "who", "request_id", "bundle", "entry", "force"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        return f"unknown field(s) {unknown}"
+    action = data.get("action")
+    if action not in LIFECYCLE_ACTIONS:
+        return f"action must be one of {', '.join(LIFECYCLE_ACTIONS)}, got {action!r}"
+    for key in ("inspection", "who", "request_id", "bundle", "entry"):
+        value = data.get(key)
+        if value is not None and (
+            not isinstance(value, str)
+            or not value.strip()
+            or len(value) > MAX_LIFECYCLE_TEXT
+            or not value.isprintable()
+        ):
+            return f"{key} must be printable text of at most {MAX_LIFECYCLE_TEXT} characters"
+    force = data.get("force", False)
+    if not isinstance(force, bool):
+        return "force must be true or false"
+    args = {k: data[k] for k in ("request_id", "bundle", "entry") if data.get(k) is not None}
+    if force:
+        args["force"] = True
+    return action, data.get("inspection"), args, data.get("who") or "unknown"
 
 
 def health_message(

@@ -195,6 +195,26 @@ class Publisher:
             contract.line_topic(s.prefix, s.line, *contract.RECIPE_SET), handler
         )
 
+    def publish_shadow(self, report: Mapping[str, Any]) -> None:
+        """Queue the shadow report (QoS 1, retained) on ``<prefix>/<line>/shadow``."""
+        self._line_record(contract.SHADOW, encode_json(report), retain=True)
+
+    def publish_lifecycle(self, outcome: Mapping[str, Any]) -> None:
+        """Queue a lifecycle command's outcome (QoS 1) on ``<prefix>/<line>/lifecycle``."""
+        self._line_record(contract.LIFECYCLE, encode_json(outcome), retain=False)
+
+    def publish_audit(self, entry: Mapping[str, Any]) -> None:
+        """Queue an audit entry (QoS 1, in chain order) on ``<prefix>/<line>/audit``."""
+        self._line_record(contract.AUDIT, encode_json(entry), retain=False)
+
+    def on_lifecycle_command(self, handler: CommandHandler) -> None:
+        """Call ``handler(payload)`` for each message on ``<prefix>/<line>/lifecycle/set``,
+        on the line link's network thread. Needs ``line=True``."""
+        s = self.settings
+        self._link(LINE).on_command(
+            contract.line_topic(s.prefix, s.line, *contract.LIFECYCLE_SET), handler
+        )
+
     def _line_record(self, leaf: str, payload: bytes, *, retain: bool) -> None:
         s = self.settings
         record = SpoolRecord(

@@ -22,6 +22,10 @@ exists only in that case). `--rollback` undoes one teach per call. With `--out B
 as it is and B2 is written whole (atomically, like fit) with the same .history, so rollback
 works there too. A running agent picks the new version up on SIGHUP, as after calibrate.
 
+Regression set (--regression DIR, an inspection's confirmed defects: edge_agent/lifecycle/
+regression.py): the new version re-scores them under its own thresholds before anything is
+written, and teach refuses when one would pass (--force teaches anyway and says so).
+
 Errors (a missing folder, a corrupt or wrong-size image, a non-bundle) are one line, exit 2,
 and change nothing.
 """
@@ -40,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.decide.archive import original_of
 from edge_agent.errors import UserError
 from edge_agent.fileio import fsync_directory, fsync_tree
 from edge_agent.images import BadImage, decode_image, list_images
@@ -52,8 +57,6 @@ MAX_IMAGES = 1000  # the manifest records every taught image; beyond this, refit
 # (and is most likely not from this line's camera).
 MAX_UPSCALE = 8
 PROGRESS_EVERY = 10
-SEPARATOR_BGR = np.array((128, 128, 128), dtype=np.float64)  # decide/overlay.side_by_side
-SEPARATOR_PX = 4
 # Replaced by a teach; model.onnx never changes, so it is not snapshotted.
 VERSIONED = (fmt.BANK_FILE, fmt.BANK_KNN_FILE, fmt.TRAINING_IMAGES_FILE)
 
@@ -69,6 +72,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", type=Path, help="write the taught bundle here; B is left unchanged")
     p.add_argument("--rollback", action="store_true", help="return B to its previous version")
+    p.add_argument(
+        "--regression",
+        type=Path,
+        metavar="DIR",
+        help="the inspection's regression set (confirmed defects: <shadow.dir>/regression/"
+        "<recipe>/<inspection>): teach refuses a version under which any of them would pass",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="teach although a confirmed defect would pass (say so in the audit trail)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads")
     p.add_argument("--batch-size", type=int, default=8, help="images per inference batch")
@@ -103,21 +118,9 @@ def _decode(path: Path, name: str) -> tuple[bytes, np.ndarray]:
         raise UserError(f"{name}: not a usable image ({exc})") from None
 
 
-def _original_half(bgr: np.ndarray) -> np.ndarray | None:
-    """The left part of an archived NG image (original | 4 px gray bar | overlay, both halves
-    one size), or None if `bgr` is not laid out like that."""
-    w_all = bgr.shape[1]
-    w, odd = divmod(w_all - SEPARATOR_PX, 2)
-    if w < 1 or odd:
-        return None
-    bar = bgr[:, w : w + SEPARATOR_PX].astype(np.float64)
-    if np.abs(bar - SEPARATOR_BGR).mean() > 24.0:  # JPEG blurs the bar's edges, a little
-        return None
-    return bgr[:, :w]
-
-
-def _from_archive(folder: Path, sidecars: list[Path]) -> list[tuple[str, Path, str, bool]]:
-    """(name, image path, note, is NG) per sidecar of a reject archive (decide/archive.py)."""
+def _from_archive(folder: Path, sidecars: list[Path]) -> list[tuple[str, Path, str, int]]:
+    """(name, image path, note, panels side by side) per sidecar of a reject archive
+    (decide/archive.py)."""
     out = []
     for sidecar in sidecars:
         rel = sidecar.relative_to(folder)
@@ -137,7 +140,10 @@ def _from_archive(folder: Path, sidecars: list[Path]) -> list[tuple[str, Path, s
         if not image.is_file():
             raise UserError(f"{rel}: its image {meta['reject_image']!r} does not exist")
         note = f" (camera file {meta['source']})" if isinstance(meta.get("source"), str) else ""
-        out.append((str(rel.with_suffix(".jpg")), image, note, meta["verdict"] == "NG"))
+        panels = meta.get("panels", 2 if meta["verdict"] == "NG" else 1)  # older entries: none
+        if not isinstance(panels, int) or isinstance(panels, bool):
+            raise UserError(f"{rel}: panels must be an integer, got {panels!r}")
+        out.append((str(rel.with_suffix(".jpg")), image, note, panels))
     return out
 
 
@@ -156,7 +162,7 @@ def read_good(folder: Path, input_size: tuple[int, int]) -> list[TaughtImage]:
         entries = _from_archive(folder, sidecars)
     else:
         entries = [
-            (str(p.relative_to(folder)), p, "", False) for p in list_images(folder, recursive=True)
+            (str(p.relative_to(folder)), p, "", 1) for p in list_images(folder, recursive=True)
         ]
     if len(entries) > MAX_IMAGES:
         raise UserError(
@@ -164,10 +170,10 @@ def read_good(folder: Path, input_size: tuple[int, int]) -> list[TaughtImage]:
             "(this many good parts are a refit: edge-agent fit)"
         )
     images = []
-    for n, (name, path, note, is_ng) in enumerate(entries, 1):
+    for n, (name, path, note, panels) in enumerate(entries, 1):
         data, bgr = _decode(path, name)
-        if is_ng:
-            half = _original_half(bgr)
+        if panels != 1:
+            half = original_of(bgr, panels)
             if half is None:
                 raise UserError(f"{name}: not an archived NG image (original | overlay)")
             bgr = half
@@ -246,7 +252,12 @@ def teach(
     device: str = "auto",
     threads: int | None = None,
     batch_size: int = 8,
+    regression_dir: Path | None = None,
+    force: bool = False,
 ) -> TeachResult:
+    """Teach ``good_dir``'s images into ``bundle_dir`` (or ``out``). With ``regression_dir``,
+    the new version re-scores the inspection's confirmed defects first and nothing is written
+    when one would pass (UserError), unless ``force``."""
     bundle_dir = Path(bundle_dir)
     bundle = _load(bundle_dir)
     if out is not None:
@@ -282,6 +293,8 @@ def teach(
         manifest = _write_version(stage, bundle, bank, images, len(chosen), radius, source, stale)
         new = fmt.load_bundle(stage)  # the whole check `run` will make, before B is touched
         after, _ = _scores(new, frames, batch_size, **kw)
+        if regression_dir is not None:
+            _check_regression(new, Path(regression_dir), force, **kw)
         if out is None:
             _commit_in_place(bundle_dir, stage, bundle.model_id)
             where = bundle_dir
@@ -303,6 +316,33 @@ def teach(
         after,
         stale or bool(bundle.manifest.get("calibration_stale", False)),
     )
+
+
+def _check_regression(bundle: fmt.Bundle, folder: Path, force: bool, **kw: Any) -> None:
+    """Every confirmed defect in ``folder`` must still be NG under ``bundle``'s thresholds."""
+    from edge_agent.decide.decision import resolve_thresholds
+    from edge_agent.lifecycle import gates, regression
+    from edge_agent.model.scorer import Scorer
+
+    if not folder.is_dir():
+        raise UserError(f"--regression {folder}: no such folder")
+    thresholds = resolve_thresholds(bundle.thresholds, None, None)
+    if thresholds is None:
+        raise UserError(
+            f"--regression {folder}: the bundle has no thresholds to re-score the confirmed "
+            "defects with (edge-agent calibrate first)"
+        )
+    entries = regression.load(folder)
+    scorer = Scorer(bundle, index="flat", **kw)
+    misses = gates.regression_misses(regression.rescore(entries, scorer, thresholds))
+    if not misses:
+        print(f"regression set: all {len(entries)} confirmed defect(s) still rejected")
+        return
+    if not force:
+        raise UserError(
+            f"teach refused, nothing written: {'; '.join(misses)} (--force to teach anyway)"
+        )
+    print(f"FORCED past the regression set: {'; '.join(misses)}")
 
 
 def _write_version(
@@ -501,6 +541,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         batch_size=args.batch_size,
+        regression_dir=args.regression,
+        force=args.force,
     )
     _report(result, args.bundle)
     return 0
