@@ -7,6 +7,8 @@ import datetime as dt
 import json
 import logging
 import math
+import os
+import platform
 import resource
 import shutil
 import tempfile
@@ -46,6 +48,7 @@ from edge_agent.model.geometry import (
     auto_input_size,
     one_aspect,
 )
+from edge_agent.model.scorer import session_settings
 from edge_agent.model.teach import bank_neighbours
 from edge_agent.model.tiling import DEFAULT_OVERLAP, TILES_PER_RUN, Tiling, default_overlap
 from edge_agent.station.regions import blank, crop, keep_cells, load_ignore_mask
@@ -474,16 +477,18 @@ class FeatureStream:
         device: str,
         threads: int | None,
         tiling: Tiling | None = None,
+        precision: str = "float32",
     ) -> None:
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(model_path), opts, providers=providers)
+        # The Scorer's own session settings: the bank is learnt with the arithmetic that
+        # scores against it (for int8, the same bits on every x86-64 CPU with AVX2).
+        self.session = ort.InferenceSession(
+            str(model_path), providers=providers, **session_settings(precision, threads)
+        )
         self.frames = frames
         self.batch_size = batch_size
         self.tiling = tiling
@@ -612,7 +617,15 @@ def coreset_space(stream: FeatureStream, proj_dim: int, seed: int, progress: boo
         )
     out = np.empty((len(stream), min(stream.dim, proj_dim)), dtype=np.float32)
     for first, feats in stream.batches("features", progress):
-        out[first : first + len(feats)] = feats if matrix is None else feats @ matrix
+        # In float64, rounded once: a float32 product's last bits depend on the CPU's BLAS
+        # kernel, and the greedy coreset follows them (a near-tie for the farthest row goes
+        # the other way, and every later choice with it). The float64 sums of the same
+        # products differ between kernels by ~1e-16 relative, which rounding to float32 hides
+        # unless a value falls that close to a float32 midpoint (issue 33: the AVX2 and the
+        # AVX-512 kernels fit the same bank, byte for byte).
+        out[first : first + len(feats)] = (
+            feats if matrix is None else (feats.astype(np.float64) @ matrix.astype(np.float64))
+        )
     return out
 
 
@@ -762,7 +775,9 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
     precision = PrecisionChoice("float32", "set by --precision", None)
     if opts.precision != "float32":
         precision = quantize_graph(model_path, frames, tiling, probe, opts.precision)
-    stream = FeatureStream(model_path, frames, opts.batch_size, device, opts.threads, tiling)
+    stream = FeatureStream(
+        model_path, frames, opts.batch_size, device, opts.threads, tiling, precision.precision
+    )
     projected = coreset_space(stream, CORESET_PROJ_DIM, opts.seed, opts.progress)
     feature_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -857,6 +872,36 @@ def _fit_into(data: Path, out: Path, opts: FitOptions, device: str) -> dict[str,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "onnx_parity_rel": rel,
         },
+        "platform": platform_record(),
         "files": {name: "" for name in files},
     }
     return bundle_format.write_manifest(out, manifest)
+
+
+def platform_record() -> dict[str, Any]:
+    """The manifest's `platform`: the CPU and the library versions (with the kernel level
+    FAISS dispatched to, and OpenBLAS's forced core type) that computed the bank's features and
+    chose its rows, so that two banks fitted on different machines can be told apart."""
+    import faiss
+    import onnxruntime as ort
+
+    from edge_agent.ops import threads as thread_settings
+
+    libraries = {
+        "onnxruntime": ort.__version__,
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+        "opencv": cv2.__version__,
+        "torch": torch.__version__.split("+")[0],
+    }
+    simd = getattr(faiss, "SIMDConfig", None)
+    if simd is not None:
+        libraries["faiss_simd"] = str(simd.get_level_name())
+    coretype = os.environ.get("OPENBLAS_CORETYPE")
+    if coretype:
+        libraries["openblas_coretype"] = coretype
+    return {
+        "cpu_model": thread_settings.cpu_model() or platform.processor() or "unknown",
+        "cpu_simd": thread_settings.simd_flags(thread_settings.cpu_flags()),
+        "libraries": libraries,
+    }

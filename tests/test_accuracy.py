@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from edge_agent.tools.accuracy import pixel_roc_auc, pro_score, recall_at_frr, roc_auc
+from edge_agent.tools.accuracy import (
+    pixel_roc_auc,
+    pro_score,
+    recall_at_frr,
+    recall_at_frr_ci,
+    roc_auc,
+)
 
 # ---------------------------------------------------------------------------- references
 
@@ -277,3 +283,125 @@ def test_recall_at_frr_hand_case_and_errors() -> None:
         recall_at_frr(labels, scores, 1.5)
     with pytest.raises(ValueError):
         recall_at_frr(np.ones(3, bool), np.ones(3), 0.01)
+
+
+# ---------------------------------------------------------------------------- recall's interval
+
+
+def _ci_brute_force(
+    labels: np.ndarray, scores: np.ndarray, rate: float, resamples: int, seed: int
+) -> tuple[float, float]:
+    """The bootstrap as written: replay the documented draws, build each resampled test set and
+    score it with recall_at_frr, then take the 2.5% / 97.5% quantiles."""
+    neg, pos = scores[~labels], scores[labels]
+    rng = np.random.default_rng(seed)
+    neg_draw = rng.integers(0, len(neg), size=(resamples, len(neg)))
+    pos_draw = rng.integers(0, len(pos), size=(resamples, len(pos)))
+    resampled_labels = np.r_[np.zeros(len(neg), bool), np.ones(len(pos), bool)]
+    recalls = [
+        recall_at_frr(resampled_labels, np.r_[neg[n], pos[p]], rate)[0]
+        for n, p in zip(neg_draw, pos_draw, strict=True)
+    ]
+    low, high = np.quantile(recalls, [0.025, 0.975])
+    return float(low), float(high)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_recall_ci_matches_the_bootstrap_done_by_hand(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    n_neg, n_pos = int(rng.integers(2, 120)), int(rng.integers(1, 80))
+    # Integer scores in half the cases: ties within and between the classes.
+    scores = rng.normal(0.0, 1.0, n_neg + n_pos) + 1.2 * (np.arange(n_neg + n_pos) >= n_neg)
+    if seed % 2:
+        scores = np.round(scores * 3)
+    scores = scores.astype(np.float32)
+    labels = np.arange(n_neg + n_pos) >= n_neg
+    for rate in (0.0, 0.01, 0.05, 0.3):
+        got = recall_at_frr_ci(labels, scores, rate, resamples=200, seed=seed)
+        assert got == pytest.approx(_ci_brute_force(labels, scores, rate, 200, seed))
+
+
+def test_recall_ci_analytic_cases() -> None:
+    # Separated classes: every resample catches every defect; reversed: none.
+    labels = np.r_[np.zeros(50, bool), np.ones(30, bool)]
+    scores = np.r_[np.arange(50.0), 100 + np.arange(30.0)]
+    assert recall_at_frr_ci(labels, scores, 0.01) == (1.0, 1.0)
+    assert recall_at_frr_ci(labels, -scores, 0.01) == (0.0, 0.0)
+    # Goods all equal: the bar never moves, recall is Binomial(m, 3/4) / m: its quantiles.
+    m = 100
+    labels = np.r_[np.zeros(40, bool), np.ones(m, bool)]
+    scores = np.r_[np.zeros(40), np.where(np.arange(m) < 75, 1.0, -1.0)]
+    low, high = recall_at_frr_ci(labels, scores, 0.01, resamples=20000)
+    assert low == pytest.approx(66 / m, abs=1.01 / m)  # binom.ppf(0.025, 100, 0.75) = 66
+    assert high == pytest.approx(83 / m, abs=1.01 / m)  # binom.ppf(0.975, 100, 0.75) = 83
+    # One high good among 10, every defect between it and the rest, rate 0: a resample catches
+    # all defects unless it drew that good, which it misses with probability 0.9^10 = 0.349.
+    # So recall is 0 below its 0.651 quantile and 1 above it.
+    labels = np.r_[np.zeros(10, bool), np.ones(20, bool)]
+    scores = np.r_[np.zeros(9), 10.0, np.full(20, 5.0)]
+    assert recall_at_frr_ci(labels, scores, 0.0, confidence=0.2, resamples=20000) == (0, 0)
+    assert recall_at_frr_ci(labels, scores, 0.0, confidence=0.4, resamples=20000) == (0, 1)
+    # A rate that lets every good through: recall 1 whatever is drawn.
+    assert recall_at_frr_ci(labels, scores, 1.0) == (1.0, 1.0)
+
+
+def test_recall_ci_is_seeded_and_brackets_the_point() -> None:
+    rng = np.random.default_rng(7)
+    labels = np.r_[np.zeros(203, bool), np.ones(392, bool)]
+    scores = np.r_[rng.normal(0, 1, 203), rng.normal(2.5, 1, 392)].astype(np.float32)
+    first = recall_at_frr_ci(labels, scores, 0.01)
+    assert first == recall_at_frr_ci(labels, scores, 0.01)  # same seed, same interval
+    assert first != recall_at_frr_ci(labels, scores, 0.01, seed=1)
+    point = recall_at_frr(labels, scores, 0.01)[0]
+    assert first[0] < point < first[1]
+    wider = recall_at_frr_ci(labels, scores, 0.01, confidence=0.99)
+    assert wider[0] <= first[0] and first[1] <= wider[1]
+
+
+def test_recall_ci_rejects_bad_arguments() -> None:
+    labels = np.r_[np.zeros(5, bool), np.ones(5, bool)]
+    scores = np.arange(10.0)
+    for kwargs in ({"confidence": 1.0}, {"confidence": 0.0}, {"resamples": 0}):
+        with pytest.raises(ValueError):
+            recall_at_frr_ci(labels, scores, 0.01, **kwargs)
+    with pytest.raises(ValueError):
+        recall_at_frr_ci(labels, scores, 1.5)
+    with pytest.raises(ValueError):
+        recall_at_frr_ci(np.ones(3, bool), np.ones(3), 0.01)
+    with pytest.raises(ValueError):
+        recall_at_frr_ci(labels, np.r_[np.nan, scores[1:]], 0.01)
+
+
+def test_evaluate_reports_the_interval(capsys: pytest.CaptureFixture[str]) -> None:
+    """compute_metrics puts recall_at_frr_ci beside recall_at_frr, overall and per defect type,
+    and the text table prints the overall intervals."""
+    from pathlib import Path
+
+    from edge_agent.tools.accuracy import FALSE_REJECT_RATES
+    from edge_agent.tools.dataset import TestSample
+    from edge_agent.tools.evaluate import Scored, compute_metrics, print_table
+
+    rng = np.random.default_rng(3)
+    types = ["good"] * 60 + ["crack"] * 20 + ["fray"] * 20
+    samples = [
+        TestSample(Path(f"{i}.png"), t, None if t == "good" else Path(f"{i}_mask.png"))
+        for i, t in enumerate(types)
+    ]
+    labels = np.array(types) != "good"
+    scores = (rng.normal(0, 1, 100) + 2 * labels).astype(np.float32)
+    masks = np.zeros((100, 8, 8), bool)
+    masks[labels, 2:5, 2:5] = True
+    maps = rng.random((100, 8, 8)).astype(np.float32) + masks
+    scored = Scored(samples, [], scores, maps, masks, 1.0)
+    result = compute_metrics(scored)
+    crack = np.isin(types, ["good", "crack"])
+    for rate in FALSE_REJECT_RATES:
+        key = f"{rate:g}"
+        assert result["recall_at_frr_ci"][key] == list(recall_at_frr_ci(labels, scores, rate))
+        want = list(recall_at_frr_ci(labels[crack], scores[crack], rate))
+        assert result["per_type"]["crack"]["recall_at_frr_ci"][key] == want
+    result["images_per_second"], result["device"] = 10.0, "cpu"
+    print_table(result)
+    low, high = result["recall_at_frr_ci"]["0.01"]
+    point = result["recall_at_frr"]["0.01"]
+    assert f"R@1% {point:.3f} [{low:.3f}, {high:.3f}]" in capsys.readouterr().out

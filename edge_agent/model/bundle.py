@@ -189,6 +189,16 @@ class RegionSection(_Section):
         return roi
 
 
+class PlatformSection(_Section):
+    """What computed the bank (fit): the CPU and the libraries whose kernels produced its
+    features and chose its rows, so that a bank that differs from another machine's can be
+    explained. For people and `doctor`: nothing reads it to score. Absent before it existed."""
+
+    cpu_model: str | None = None
+    cpu_simd: list[str] | None = None  # the SIMD flags the kernels choose by, as /proc/cpuinfo
+    libraries: dict[str, str] | None = None  # name -> version (and kernel level where known)
+
+
 class ManifestModel(_Section):
     """manifest.json as fit (export/fit.py) and calibrate (thresholds_section) write it."""
 
@@ -207,6 +217,7 @@ class ManifestModel(_Section):
     # thresholds still apply and run keeps them, but `edge-agent calibrate` should be re-run)
     history: list[HistoryEntry] | None = None
     calibration_stale: bool = False
+    platform: PlatformSection | None = None
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
@@ -289,6 +300,11 @@ class Bundle:
     @property
     def dim(self) -> int:
         return int(self.manifest["features"]["dim"])
+
+    @property
+    def precision(self) -> str:
+        """The graph's arithmetic, "int8" or "float32" (bundles from before fit --precision)."""
+        return str(self.manifest["features"].get("precision", "float32"))
 
     @property
     def scoring(self) -> dict[str, Any]:

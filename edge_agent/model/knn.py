@@ -61,7 +61,12 @@ ROUNDING_MARGIN = 100.0 * float(np.finfo(np.float32).eps)
 # the row of the smallest rank is the nearest unless another row ranks within twice the
 # product's rounding of it (then the RECHECK_CANDIDATES best are measured, as for k > 1); the
 # distance is then summed directly, as flat reports it (equal to 2.4e-7 relative, measured).
-# Whole maps (evaluate's exact pixel metrics: ~1,300 queries an image) stay with FAISS.
+# Whole maps (evaluate's exact pixel metrics: ~1,300 queries an image) are ranked by FAISS's
+# flat search (about twice as fast as the product there, measured), and its RECHECK_CANDIDATES best
+# rows are measured the same way, so that the distances come out of the same sum whatever the
+# query count: FAISS's own (a GEMM expansion, its rounding depending on the CPU's BLAS kernels:
+# 2.7e-6 relative between them on MTD) would move map pixels across a threshold from one
+# CPU to the next.
 RECHECK_PRODUCT_BELOW = 768
 RECHECK_CANDIDATES = 8
 RECHECK_CHUNK = 256  # queries per product: 256 x 19k float32 is 20 MB
@@ -182,9 +187,9 @@ class MemoryBankIndex:
         by one matrix product, the candidates' distances summed directly (RECHECK_*)."""
         if self.exact_index is None:
             return _search(self.index, queries, k)
-        if len(queries) >= RECHECK_PRODUCT_BELOW:
-            return _search(self.exact_index, queries, k)
         q = np.ascontiguousarray(queries, dtype=np.float32)
+        if len(q) >= RECHECK_PRODUCT_BELOW:
+            return self._search_flat_measured(q, k)
         dist = np.empty((len(q), k), dtype=np.float32)
         rows = np.empty((len(q), k), dtype=np.int64)
         c = min(max(k, RECHECK_CANDIDATES), self.size)
@@ -216,14 +221,39 @@ class MemoryBankIndex:
             dist[part], rows[part] = d, r
         return np.sqrt(dist, out=dist), rows
 
+    def _search_flat_measured(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """search_exact for many queries: FAISS's flat search ranks, its c best rows are
+        measured directly. A row another CPU's rounding could rank among the k nearest ranks
+        within twice the rounding of the k-th here; where the c-th is further than that, every
+        such row is measured, and the answer does not depend on the kernels. The rare others
+        take the product path, which widens its candidates the same way."""
+        c = min(max(k, RECHECK_CANDIDATES), self.size)
+        assert self.exact_index is not None
+        sq, cand = self.exact_index.search(q, c)
+        noise = self._rank_noise(q)
+        settled = (cand[:, -1] >= 0) & (sq[:, -1] - sq[:, k - 1] > 2.0 * noise)
+        if c == self.size:
+            settled[:] = True  # a bank this small: every row is a candidate
+        dist = np.empty((len(q), k), dtype=np.float32)
+        rows = np.empty((len(q), k), dtype=np.int64)
+        dist[settled], rows[settled] = self._measure(q[settled], cand[settled], k)
+        dist[settled] = np.sqrt(dist[settled])
+        others = np.flatnonzero(~settled)
+        step = min(RECHECK_PRODUCT_BELOW - 1, RECHECK_CHUNK)  # chunks the product path takes
+        for start in range(0, len(others), step):
+            pick = others[start : start + step]
+            dist[pick], rows[pick] = self.search_exact(q[pick], k)
+        return dist, rows
+
     def _measure(
         self, queries: np.ndarray, cand: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """(squared distances [n, k], rows [n, k]): the k nearest of each query's candidate
-        rows `cand` [n, c], distances summed directly as flat's search reports them."""
+        rows `cand` [n, c], distances summed directly as flat's search reports them; equal
+        distances go to the lower row, whatever order the candidates came in."""
         diff = self._bank[cand] - queries[:, None, :]
         sq = np.einsum("ncd,ncd->nc", diff, diff)
-        order = np.argsort(sq, axis=1, kind="stable")[:, :k]
+        order = np.lexsort((cand, sq), axis=1)[:, :k]
         return np.take_along_axis(sq, order, axis=1), np.take_along_axis(cand, order, axis=1)
 
     def _rank_noise(self, queries: np.ndarray) -> np.ndarray:

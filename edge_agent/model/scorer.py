@@ -12,6 +12,12 @@ that decide are searched exactly again:
   bounds is >= flat's map everywhere. Pixels below a threshold there are below it in flat's
   map too; the patches under the others are re-checked, after which the mask, its regions and
   their peaks are flat's. The map maximum is found the same way at its argmax.
+
+An int8 bundle scores the same bits on every x86-64 CPU with AVX2, whichever SIMD kernels its
+libraries pick there (issue 33), and on older CPUs but for rare values (session_settings): the
+graph runs without ONNX Runtime's CPU-dependent layout pass (session_settings), OpenCV's float
+operations on its baseline kernels (baseline_opencv_kernels), and every distance that decides
+is summed by knn.py's own code.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 import onnxruntime as ort
 
@@ -60,6 +67,52 @@ CUDA_OPTIONS: dict[str, str] = {
     # the verdicts' reproducibility.
     "use_tf32": "0",
 }
+
+
+# ONNX Runtime's NCHWc layout transformer rewrites the float convolutions and pools around the
+# graph's ops into blocked kernels whose block is the CPU's vector width (8 floats with AVX2, 16
+# with AVX-512), and so whose sums run in a different order on each. On MTD's default int8
+# bundle that alone made the features of an AVX-512 CPU differ from an AVX2 or SSE4 one's in
+# the last bits (3 million of 10 million values, 1.3e-7 relative) and moved image scores; without
+# it the int8 graph's features are the same bits with AVX-512 VNNI, AVX-512 and AVX2 kernels
+# (integer convolutions are exact; scripts/kernels_check.py, BENCHMARKS.md). CPUs without AVX2 get
+# the same bits but for ONNX Runtime's fused int8 residual add (QLinearAdd), whose SSE kernel
+# rounds a rare value the other way: 2 of MTD's 595 test images, scores within 1.5e-4
+# relative, no verdict changed, one region of 595 did. Without the layout pass the
+# int8 graph took 1.08-1.25x the ONNX time alone and the engine's rate did not move beyond its
+# noise (default bundle, alternated, loaded machine). A float32 graph took ~3x its ONNX time
+# without it, and is the same bits only across CPUs with FMA even then: float32 keeps it, and
+# its scores agree across CPUs to ~1e-6 relative where int8's are the same bits.
+REPRODUCIBLE_PRECISIONS = ("int8",)
+CPU_KERNEL_DEPENDENT_OPTIMIZERS = ("NchwcTransformer",)
+
+
+def baseline_opencv_kernels() -> None:
+    """Run OpenCV's float image operations on its baseline x86-64 kernels in this process.
+
+    The anomaly map (bilinear resize, Gaussian blur) and the smoothed image score are float
+    OpenCV operations, which it dispatches to AVX2 code on CPUs that have it (with FMA: other
+    roundings) and to SSE code on others: on MTD the same patch scores gave image scores 1e-7
+    relative apart and one region in 48 images changed between an AVX2 and an SSE4.2-only CPU.
+    Its baseline kernels give the same bits on every x86-64 CPU (scripts/kernels_check.py),
+    for 0.08 ms more per 288 x 288 map and ~5% on uint8 resizes (measured). The setting is
+    OpenCV's one switch, for the whole process: every scorer in it scores alike."""
+    cv2.setUseOptimized(False)
+
+
+def session_settings(precision: str, threads: int | None) -> dict[str, Any]:
+    """Keyword arguments of ort.InferenceSession (sess_options, disabled_optimizers) for a
+    bundle graph of `precision` on `threads` threads (None: ONNX Runtime's default). One rule for
+    the Scorer and fit's feature stream, so the bank is learnt with the arithmetic that scores."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    # ORT's workers spin after each run by default; on a small box those spins take the
+    # cores FAISS and the re-checks need next (BENCHMARKS.md, thread contention).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    disabled = CPU_KERNEL_DEPENDENT_OPTIMIZERS if precision in REPRODUCIBLE_PRECISIONS else ()
+    return {"sess_options": opts, "disabled_optimizers": list(disabled)}
 
 
 def providers_for(
@@ -113,15 +166,12 @@ class Scorer:
     ) -> None:
         if device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        baseline_opencv_kernels()
         self.bundle = bundle
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or default_threads()
-        # ORT's workers spin after each run by default; on a small box those spins take the
-        # cores FAISS and the re-checks need next (BENCHMARKS.md, thread contention).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
-            str(bundle.model_path), opts, providers=providers_for(device)
+            str(bundle.model_path),
+            providers=providers_for(device),
+            **session_settings(bundle.precision, threads or default_threads()),
         )
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name

@@ -64,6 +64,46 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     return frozenset()
 
 
+# The flags the SIMD kernels of ONNX Runtime (MLAS), FAISS, OpenCV, NumPy and OpenBLAS choose
+# by: what a bundle's manifest records of the CPU that fitted it (fit's `platform`).
+SIMD_FLAGS = (
+    "sse4_1",
+    "sse4_2",
+    "avx",
+    "fma",
+    "f16c",
+    "avx2",
+    "avx_vnni",
+    "avx512f",
+    "avx512cd",
+    "avx512bw",
+    "avx512dq",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_int8",
+    "amx_bf16",
+)
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The first CPU's model name (Linux x86), e.g. "AMD EPYC" or "Intel(R) Xeon(R) ..."."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip() or None
+    except OSError:
+        pass
+    return None
+
+
+def simd_flags(flags: frozenset[str]) -> list[str]:
+    """The SIMD_FLAGS among `flags`, in SIMD_FLAGS' order."""
+    return [f for f in SIMD_FLAGS if f in flags]
+
+
 def openblas_coretype(flags: frozenset[str]) -> str | None:
     """OPENBLAS_CORETYPE for a CPU with these flags: SkylakeX with AVX-512, else None."""
     return "SkylakeX" if flags >= SKYLAKEX_FLAGS else None

@@ -1,0 +1,165 @@
+"""The same bundle gives the same scores, verdicts and regions on every x86-64 CPU (issue 33).
+
+On one machine: scripts/kernels_check.py scores a real int8 bundle in subprocesses that run the
+kernels another CPU would (FAISS's generic SIMD level; with an LD_PRELOAD shim that makes CPUID
+report fewer features, ONNX Runtime's, OpenCV's, NumPy's and OpenBLAS's AVX2 and SSE4.2 code
+paths) and compares each stage, bit for bit, with the native run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_agent.errors import UserError
+from edge_agent.export.fit import FitOptions, fit, platform_record
+from edge_agent.model.bundle import load_bundle, read_manifest, write_manifest
+from edge_agent.model.scorer import session_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "kernels_check.py"
+STAGES = ("frames", "features", "knn", "image_scores", "maps")
+IMAGES = 24  # of mtd_small's 50 test images, spread over good and every defect type
+
+
+@pytest.fixture(scope="module")
+def int8_small(mtd_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real bundle at the default precision (int8) and image score (smoothed), small."""
+    out = tmp_path_factory.mktemp("bundles") / "int8_small"
+    opts = FitOptions(
+        backbone="efficientnet_lite0",
+        image_size=(160, 160),
+        coreset=0.05,
+        precision="int8",
+        progress=False,
+    )
+    fit(mtd_small, out, opts)
+    return out
+
+
+def _kernels_check(bundle: Path, data: Path, modes: str) -> dict[str, dict[str, object]]:
+    args = ["--bundle", str(bundle), "--data", str(data), "--limit", str(IMAGES)]
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--modes", modes, "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _assert_identical(result: dict[str, object]) -> None:
+    for stage in STAGES:
+        assert result[stage]["differ"] == 0, (stage, result)  # type: ignore[index]
+    assert result["verdicts_differ"] == 0, result
+    assert result["regions_differ"] == 0, result
+
+
+def test_faiss_generic_kernels_score_the_same(int8_small: Path, mtd_small: Path) -> None:
+    """FAISS's generic SIMD level against the one it picks here: whole maps re-check every
+    patch with flat search, whose GEMM expansion rounds by the CPU's kernels; the distances
+    must come out of the same sum either way. Runs on any CPU."""
+    result = _kernels_check(int8_small, mtd_small, "native,faiss-generic")
+    _assert_identical(result["faiss-generic"])
+
+
+def test_older_cpu_kernels_score_the_same(int8_small: Path, mtd_small: Path) -> None:
+    """An AVX2 CPU and an SSE4.2-only one (a Celeron J-class edge box) against this one: the
+    int8 graph's features, the kNN distances, OpenCV's maps and smoothed image scores must be
+    the same bits, so verdicts and regions cannot move. (Without AVX2, ONNX Runtime's fused
+    int8 residual add rounds a rare value the other way: 2 of MTD's 595 test images, none of
+    these; BENCHMARKS.md. What this catches is everything else: the layout pass, OpenCV.)"""
+    if " cpuid_fault" not in Path("/proc/cpuinfo").read_text(errors="replace"):
+        pytest.skip("this CPU cannot make CPUID trap (no cpuid_fault flag): no kernels to fake")
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler (cc or gcc) to build the CPUID shim")
+    result = _kernels_check(int8_small, mtd_small, "native,avx2,sse4")
+    _assert_identical(result["avx2"])
+    _assert_identical(result["sse4"])
+
+
+def test_int8_sessions_leave_out_the_cpu_dependent_layout_pass() -> None:
+    assert session_settings("int8", 2)["disabled_optimizers"] == ["NchwcTransformer"]
+    # float32 keeps it: 2.5-3x its ONNX time without it, and no CPU-independence to gain
+    # on CPUs without FMA anyway.
+    assert session_settings("float32", None)["disabled_optimizers"] == []
+    opts = session_settings("int8", 3)["sess_options"]
+    assert opts.intra_op_num_threads == 3
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_fit_records_what_computed_the_bank(int8_small: Path, tmp_path: Path) -> None:
+    platform = load_bundle(int8_small).manifest["platform"]
+    assert platform == json.loads(json.dumps(platform_record()))  # this machine, as fit saw it
+    assert platform["cpu_model"]
+    assert {"onnxruntime", "faiss", "numpy", "opencv", "torch"} <= set(platform["libraries"])
+    flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    if " avx2" in flags:
+        assert "avx2" in platform["cpu_simd"]
+    # Bundles fitted before the record existed still load.
+    old = tmp_path / "old"
+    shutil.copytree(int8_small, old)
+    manifest = read_manifest(old)
+    del manifest["platform"]
+    write_manifest(old, manifest)
+    assert "platform" not in load_bundle(old).manifest
+    # A record of the wrong shape is damage, refused like any other.
+    manifest["platform"] = {"cpu_simd": "avx2"}
+    write_manifest(old, manifest)
+    with pytest.raises(UserError, match="platform"):
+        load_bundle(old)
+
+
+def test_exact_search_sums_the_same_way_for_few_and_many_queries() -> None:
+    """A whole map's re-check (FAISS ranks) and an image score's (a product ranks) measure
+    their candidates with the same sum: the same bits whatever the query count, the nearest
+    row even where two rows are closer than the ranking's rounding (near-equal pairs of rows
+    of norm ~1e3, as in test_recheck), equal distances to the lower row."""
+    import numpy as np
+
+    from edge_agent.model.knn import RECHECK_PRODUCT_BELOW, MemoryBankIndex
+
+    rng = np.random.default_rng(8)
+    centre = rng.standard_normal(16).astype(np.float32) * 250.0
+    base = centre + rng.standard_normal((200, 16)).astype(np.float32)
+    near = base + rng.standard_normal((200, 16)).astype(np.float32) * 3e-3
+    bank = np.concatenate([base, near, base[:5]])  # rows 400-404 repeat rows 0-4
+    queries = base[rng.integers(0, 200, 2000)] + rng.standard_normal((2000, 16)).astype(np.float32)
+    queries[:5] = base[:5]  # exactly on a repeated row: distance 0 twice
+    index = MemoryBankIndex(bank, kind="hnsw-exact", device="cpu")
+    many_d, many_r = index.search_exact(queries, 1)
+    assert len(queries) >= RECHECK_PRODUCT_BELOW
+    step = RECHECK_PRODUCT_BELOW // 3
+    few = [index.search_exact(queries[i : i + step], 1) for i in range(0, len(queries), step)]
+    np.testing.assert_array_equal(many_d, np.concatenate([d for d, _ in few]))
+    np.testing.assert_array_equal(many_r, np.concatenate([r for _, r in few]))
+    true = ((queries[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(axis=2)
+    np.testing.assert_array_equal(many_r[:, 0], true.argmin(axis=1))  # lowest row on ties
+    assert (many_r[:5, 0] == np.arange(5)).all() and (many_d[:5, 0] == 0).all()
+
+
+def test_cpu_model_and_simd_flags_from_cpuinfo(tmp_path: Path) -> None:
+    from edge_agent.ops.threads import cpu_flags, cpu_model, simd_flags
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nmodel name\t: Intel(R) Celeron(R) J4125 CPU @ 2.00GHz\n"
+        "flags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 popcnt aes rdrand\n"
+        "processor\t: 1\nmodel name\t: other\n"
+    )
+    assert cpu_model(str(info)) == "Intel(R) Celeron(R) J4125 CPU @ 2.00GHz"
+    assert simd_flags(cpu_flags(str(info))) == ["sse4_1", "sse4_2"]
+    assert simd_flags(frozenset({"avx512_vnni", "avx2", "fma", "avx"})) == [
+        "avx",
+        "fma",
+        "avx2",
+        "avx512_vnni",
+    ]
+    assert cpu_model(str(tmp_path / "absent")) is None
