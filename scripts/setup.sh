@@ -47,9 +47,33 @@ if ! npm ci --ignore-scripts --no-audit --no-fund --prefix tests/sparkplug_decod
 fi
 # Debian's mbpoll (libmodbus): the independent Modbus master of tests/test_modbus.py.
 test_peer mbpoll "the Modbus test with mbpoll" --no-install-recommends mbpoll
+# GenICam cameras (edge_agent/capture/genicam.py): Aravis 0.8, its GObject bindings and the
+# simulated GigE camera of tests/test_genicam.py are Debian packages; without them the agent
+# runs as before and refuses a genicam: camera with the install line.
+genicam=(aravis-tools gir1.2-aravis-0.8 python3-gi)
+if ! dpkg -s "${genicam[@]}" >/dev/null 2>&1; then
+  echo "setup: installing ${genicam[*]} (GenICam cameras)"
+  { $sudo apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+      "${genicam[@]}" >/dev/null; } ||
+    echo "setup: WARNING: could not install ${genicam[*]}: GenICam cameras and their" \
+      "tests will not work (and CI fails)" >&2
+fi
 
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[cpu,train,demo,dev,opcua,modbus]'
+.venv/bin/python -m pip install -q -e '.[cpu,train,demo,dev,opcua,modbus,docs]'
+# The venv sees the system's `gi` (python3-gi, built against this Debian's GLib and
+# girepository) through one link, not the whole of dist-packages: only where it was built
+# for the venv's Python (same extension suffix).
+gi=/usr/lib/python3/dist-packages/gi
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+suffix=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+if [ -e "$gi/_gi$suffix" ] && { [ -L "$site/gi" ] || [ ! -e "$site/gi" ]; }; then
+  ln -sfn "$gi" "$site/gi"
+elif [ -d "$gi" ] && [ ! -e "$site/gi" ]; then
+  echo "setup: WARNING: python3-gi is not built for .venv's Python ($suffix): GenICam" \
+    "cameras cannot load (docs/integrators/cameras.md)" >&2
+fi
 echo "setup: ready (.venv)"

@@ -181,7 +181,7 @@ def test_evaluate_bad_input(small_bundle: Path, tmp_path: Path) -> None:
     )
 
 
-def test_readme_fit_table_states_the_parser_defaults() -> None:
+def test_docs_fit_table_states_the_parser_defaults() -> None:
     import argparse
     import re
 
@@ -191,8 +191,8 @@ def test_readme_fit_table_states_the_parser_defaults() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     defaults = {a.option_strings[0]: a.default for a in parser._actions if a.option_strings}
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Fit", 1)[1].split("\n## ", 1)[0]
+    page = Path(__file__).resolve().parents[1] / "docs" / "model-engineers" / "fit.md"
+    section = page.read_text().split("# Fit\n", 1)[1].split("\n## ", 1)[0]
     rows = dict(re.findall(r"^\| `(--[a-z-]+)[^`]*` \| `?([^`|]+?)`? \|", section, re.M))
     assert set(rows) <= set(defaults), set(rows) - set(defaults)
     expected = {"--weights": "packaged", "--layers": "blocks.2,blocks.4", "--tile": "off"}

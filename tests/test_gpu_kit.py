@@ -1,7 +1,7 @@
 """The GPU device kit (scripts/gpu_kit/): fatbin trimming on ELF files laid out as CUDA's, and a
 kit built from small local wheels, cut into parts, gathered over "calls", reassembled and
 installed by the real pip; corrupt and missing parts refused in one line. Offline and quick:
-the real wheels (hundreds of MB) are measured in the README, not downloaded here."""
+the real wheels (hundreds of MB) are measured in docs/model-engineers/gpu.md, not downloaded."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ def make_settings(port: int, tmp_path: Path, **overrides: Any) -> MqttSettings:
 
 
 def verdict(seq: int, camera: str = "camA") -> dict[str, Any]:
-    """What the service fills in (README.md, "MQTT contract v1")."""
+    """What the service fills in (docs/integrators/mqtt.md, "Verdict")."""
     return {
         "schema": "edge-agent/verdict/v1",
         "timestamp": 1_700_000_000_000 + seq,

@@ -1,6 +1,6 @@
 """The station end to end, a real agent process on a real Mosquitto: recipes switched over
 MQTT at a frame boundary, several inspections per frame (ROIs), and one verdict per part from
-two triggered cameras (README "Station")."""
+two triggered cameras (docs/integrators/station.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Changing a model on the running line (README "Changing a model on a running line"): shadow
+"""Changing a model on the running line (docs/model-engineers/lifecycle.md): shadow
 candidates, gated promotion, rollback and confirmed defects, each audited before it counts.
 
 LineChanges owns that state (the shadows, the promotions, the changes waiting for the loop,

@@ -1130,7 +1130,7 @@ class Agent:
         if self.modbus is not None:
             self.modbus.set_recipe(message)
 
-    # -- changing a model on the running line (README "Changing a model on a running line") --
+    # -- changing a model on the running line (docs/model-engineers/lifecycle.md) --
 
     def lifecycle_command(
         self,

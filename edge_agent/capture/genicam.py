@@ -359,7 +359,7 @@ class GenicamCamera:
         if hasattr(stream.props, "socket_buffer"):
             # GigE: the kernel's default receive buffer (208 KiB) overflows within one frame's
             # burst of packets, which then arrive incomplete. The kernel caps it at
-            # net.core.rmem_max (README: raise it for GigE cameras).
+            # net.core.rmem_max (docs/integrators/cameras.md: raise it for GigE cameras).
             stream.props.socket_buffer = arv.GvStreamSocketBuffer.FIXED
             stream.props.socket_buffer_size = max(SOCKET_BUFFER, 2 * payload)
         for _ in range(self.settings.buffers):

@@ -1,5 +1,5 @@
 """MQTT contract v1, in one place: topics, QoS and retain flags, and every payload the agent
-publishes or accepts (README.md, "MQTT contract v1", documents it for PLC/SCADA integrators).
+publishes or accepts (docs/integrators/mqtt.md documents it for PLC/SCADA integrators).
 
 Pure functions and constants: no network, no threads. The publisher moves these bytes; the
 agent decides what goes into them. Fields may be added within v1; an incompatible change gets
@@ -25,13 +25,13 @@ VERDICT = "verdict"  # agent -> subscribers, QoS 1, not retained, every frame, i
 STATUS = "status"  # agent -> subscribers, QoS 1, retained; the connection's last will
 HEALTH = "health"  # agent -> subscribers, QoS 0, retained, latest only
 TRIGGER = "trigger"  # PLC -> agent, QoS 1; retained triggers are ignored
-# The line's own topics, <prefix>/<line>/<leaf> (README "Station").
+# The line's own topics, <prefix>/<line>/<leaf> (docs/integrators/station.md).
 PART = "part"  # agent -> PLC, QoS 1, not retained: one per part, in trigger order
 RECIPE = "recipe"  # agent -> subscribers, QoS 1, retained: the active recipe, the last change
 RECIPE_SET = ("recipe", "set")  # PLC -> agent, QoS 1: select a recipe; retained ones ignored
 PART_SCHEMA = "edge-agent/part/v1"
 RECIPE_SCHEMA = "edge-agent/recipe/v1"
-# Changing a model on the running line (README "Changing a model on a running line").
+# Changing a model on the running line (docs/model-engineers/lifecycle.md).
 SHADOW = "shadow"  # agent -> subscribers, QoS 1, retained: each shadow's comparison so far
 LIFECYCLE = "lifecycle"  # agent -> subscribers, QoS 1: each command's outcome
 LIFECYCLE_SET = ("lifecycle", "set")  # engineer/operator -> agent, QoS 1; retained ignored
@@ -283,8 +283,8 @@ def health_message(
     ok_median, shift, ng_rate, alarm, reason), null without calibrated good scores.
     `aspect_mismatch`: why the camera's frames have another aspect ratio than the images the
     model was fitted on (they are still scored), else null. `recipe`: the active recipe
-    (README "Station"; "default" for a config with a top-level bundle). All seven were added
-    within v1; `model_id` and `device` are the camera's first inspection's.
+    (docs/integrators/station.md; "default" for a config with a top-level bundle). All seven
+    were added within v1; `model_id` and `device` are the camera's first inspection's.
     """
     return {
         "schema": HEALTH_SCHEMA,

@@ -1,5 +1,5 @@
 """Modbus TCP server for the PLC's handshake: Trigger, Busy, Result valid, Acknowledge, Error,
-recipe select (README.md, "Modbus TCP", has the register map, the timing diagram and a PLC
+recipe select (docs/integrators/modbus.md has the register map, the timing diagram and a PLC
 example). On pymodbus; the handshake itself is ours, a pure state machine (Handshake).
 
 pymodbus runs in a thread of its own on its own event loop. The agent's side (`publish_part`,
@@ -98,7 +98,7 @@ class Status(enum.IntFlag):
 
 class ErrorCode(enum.IntEnum):
     """Input register 7 (ERROR_CODE): why ERROR (or else RECIPE_ERROR) is set; 0 when
-    neither is. README.md lists them for integrators."""
+    neither is. docs/integrators/modbus.md lists them for integrators."""
 
     NONE = 0
     TRIGGER_OVERRUN = 1  # TRIGGER rose while BUSY: that trigger is not inspected
@@ -281,7 +281,7 @@ class Handshake:
     `part`, `recipe`) and the monotonic clock (`now` on every call). No I/O, no thread, no
     clock of its own; the caller serialises the calls.
 
-    Rules (README.md, "Handshake"): a TRIGGER edge while READY sets BUSY and clears
+    Rules (docs/integrators/modbus.md, "Handshake"): a TRIGGER edge while READY sets BUSY and clears
     RESULT_VALID/PASS/FAIL and asks the agent (TriggerCall). The verdict of that part
     writes the result registers and PASS/FAIL, then RESULT_VALID=1 and BUSY=0, in one call:
     a read sees all of it or none. RESULT_ACK clears RESULT_VALID/PASS/FAIL. A TRIGGER edge

@@ -1,6 +1,6 @@
 """OPC UA server for PLCs (asyncua): each camera's state, last result, counters, one event per
 verdict and a Trigger method; the line's recipe (its state and a SelectRecipe method) and its
-last part verdict, one event per part; beside MQTT contract v1 (README.md, "OPC UA server",
+last part verdict, one event per part; beside MQTT contract v1 (docs/integrators/opcua.md
 documents the address space and the connection rules for integrators).
 
 asyncua runs in its own thread on its own event loop. The agent's side (`publish`,

@@ -1,4 +1,4 @@
-"""MQTT publishing of verdicts, health and status (contract v1: README.md, "MQTT contract v1").
+"""MQTT publishing of verdicts, health and status (contract v1: docs/integrators/mqtt.md).
 
 This module is the public face: ``MqttSettings`` (config section ``mqtt``), ``build_ssl_context``
 and ``Publisher``, which opens one spool per camera and runs one ``Link`` per camera. Below it:
@@ -75,7 +75,7 @@ _STAT_KEYS = (
 class Publisher:
     """Verdicts, health and status of several cameras over MQTT, with store and forward.
 
-    See the README ("MQTT contract v1") for topics and payloads. Thread-safe: ``publish_*``
+    See docs/integrators/mqtt.md for topics and payloads. Thread-safe: ``publish_*``
     may be called from any thread and never block on the network.
     """
 
@@ -84,7 +84,7 @@ class Publisher:
     ) -> None:
         """``line``: also open the line's own link (client id ``<client_id>-_line``, spool
         ``<spool_dir>/_line``, will on ``<prefix>/<line>/status``) for part verdicts and the
-        recipe's state and commands (README "Station")."""
+        recipe's state and commands (docs/integrators/station.md)."""
         settings.validate()
         cameras = list(cameras)
         if not cameras:

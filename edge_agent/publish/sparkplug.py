@@ -126,7 +126,7 @@ BDSEQ = "bdSeq"
 REBIRTH = "Node Control/Rebirth"
 RECIPE_SELECT = "Recipe/Select"
 SOURCE = "sparkplug"  # the recipe handler's `source`: which protocol a selection came by
-# The README's metric list is checked against these two tuples: they are the one source.
+# docs/integrators/sparkplug.md's metric list is checked against these two tuples: the one source.
 NODE_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(BDSEQ, T.Int64, "birth/death sequence of this MQTT session (0..255)"),
     MetricSpec(REBIRTH, T.Boolean, "write true (NCMD) to ask for new births"),
