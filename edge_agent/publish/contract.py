@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.decide.decision import ERROR, Decision
+from edge_agent.station.commands import json_command
 
 VERSION = "v1"
 VERDICT_SCHEMA = "edge-agent/verdict/v1"
@@ -213,18 +214,10 @@ def parse_lifecycle_command(
     "force": false}`` (``bundle`` for shadow_start, ``entry`` for confirm) -> (action,
     inspection, args, who), else the reason it is refused. ``who`` is what the sender claims
     (the broker's ACL is what authenticates it)."""
-    if len(payload) > MAX_LIFECYCLE_BYTES:
-        return f"command of {len(payload)} bytes (at most {MAX_LIFECYCLE_BYTES})"
-    try:
-        data = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return "not JSON in UTF-8"
-    if not isinstance(data, dict):
-        return "not a JSON object"
-    known = {"action", "inspection", "who", "request_id", "bundle", "entry", "force"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        return f"unknown field(s) {unknown}"
+    known = ("action", "inspection", "who", "request_id", "bundle", "entry", "force")
+    data = json_command(payload, MAX_LIFECYCLE_BYTES, known)
+    if isinstance(data, str):
+        return data
     action = data.get("action")
     if action not in LIFECYCLE_ACTIONS:
         return f"action must be one of {', '.join(LIFECYCLE_ACTIONS)}, got {action!r}"

@@ -8,13 +8,13 @@ what a peer sends.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from edge_agent.station.commands import json_command
 from edge_agent.station.regions import Roi
 
 MAX_NUMBER = 32767
@@ -94,17 +94,9 @@ class RecipeBook:
 def parse_select(payload: bytes) -> Select | str:
     """``{"recipe": "bottle-b"}`` or ``{"number": 2}``, with an optional ``"request_id"``
     (string), as JSON of at most MAX_COMMAND_BYTES -> Select, else the reason it is refused."""
-    if len(payload) > MAX_COMMAND_BYTES:
-        return f"command of {len(payload)} bytes (at most {MAX_COMMAND_BYTES})"
-    try:
-        data = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return "not JSON in UTF-8"
-    if not isinstance(data, dict):
-        return "not a JSON object"
-    unknown = sorted(set(data) - {"recipe", "number", "request_id"})
-    if unknown:
-        return f"unknown field(s) {unknown}"
+    data = json_command(payload, MAX_COMMAND_BYTES, ("recipe", "number", "request_id"))
+    if isinstance(data, str):
+        return data
     request_id = data.get("request_id")
     if request_id is not None and (
         not isinstance(request_id, str) or len(request_id) > MAX_REQUEST_ID
