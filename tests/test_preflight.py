@@ -64,6 +64,19 @@ def test_a_good_config_passes(
         ),
         ("file", "{id: a, source: 0}", "archive: {dir: afile/sub}", "archive.dir: "),
         ("port", "{id: a, source: 0}", "metrics: {port: PORT}", "metrics.port: cannot listen"),
+        ("file", "{id: a, source: 0}", "audit: {path: afile/audit.jsonl}", "audit.path: "),
+        (
+            "tokens",
+            "{id: a, source: 0}",
+            "liveview: {enabled: true, port: 0, tokens_file: tokens.txt}",
+            "liveview.tokens_file: ",
+        ),
+        (
+            None,
+            "{id: a, source: 0}",
+            "liveview: {enabled: true, port: 0, tokens_file: nowhere.txt}",
+            "cannot read",
+        ),
     ],
 )
 def test_what_the_run_would_trip_over(
@@ -82,6 +95,8 @@ def test_what_the_run_would_trip_over(
         (tmp_path / "ca.pem").write_text("not a certificate\n")
     elif setup == "file":
         (tmp_path / "afile").write_text("a file where a folder should be\n")
+    elif setup == "tokens":
+        (tmp_path / "tokens.txt").write_text("a-plain-token-not-a-hashed-entry\n")
     elif setup == "port":
         holder = socket.socket()
         holder.bind(("127.0.0.1", 0))

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 from edge_agent.agent.config import Config
 from edge_agent.errors import UserError
 from edge_agent.images import list_images
+from edge_agent.ops.liveview import Access
 from edge_agent.publish.publisher import build_ssl_context
 
 
@@ -44,6 +45,16 @@ def preflight(config: Config) -> None:
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
     _writable(config.mqtt.spool_dir, f"{where}: mqtt.spool_dir")
+    if config.audit is not None:
+        # A model change that cannot be audited is refused: find that out now, not at the
+        # first promote.
+        _writable(config.audit.parent, f"{where}: audit.path")
+    lv = config.liveview
+    if lv is not None and lv.tokens_file is not None:
+        try:
+            Access(tokens_file=lv.tokens_file)  # read and parsed as the live view will
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
     if config.archive is not None:
         _writable(config.archive.dir, f"{where}: archive.dir")
     m = config.metrics
