@@ -1,6 +1,6 @@
 """An inspection's regression set: the archived rejects an operator confirmed as defects, kept
-as data (a lossless PNG of the inspection's region and a JSON record beside it, never a
-pickle), and re-scored by `teach` and `promote`, which refuse a bundle under which any of
+as data only (a lossless PNG of the inspection's region and a JSON record beside it), and
+re-scored by `teach` and `promote`, which refuse a bundle under which any of
 them would pass.
 
     <lifecycle dir>/regression/<inspection>/<archive entry name>.png   the region, BGR
