@@ -20,6 +20,7 @@ fixture functions (``*_fixture``, registered under the short names) into a test 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import queue
@@ -33,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -480,6 +482,10 @@ class Subscriber:
     def on(self, topic: str) -> list[Received]:
         """Messages received on exactly ``topic``."""
         return [m for m in self.messages if m.topic == topic]
+
+    def json(self, topic: str) -> list[Any]:
+        """The JSON payloads received on exactly ``topic``, in order."""
+        return [json.loads(m.payload) for m in self.on(topic)]
 
     def wait_for(self, predicate: Callable[[list[Received]], bool], timeout_s: float = 5.0) -> bool:
         """Wait until ``predicate(messages)`` is true; False on timeout."""

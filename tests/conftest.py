@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from edge_agent.export.fit import FitOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 MTD = Path(os.environ.get("EDGE_AGENT_MTD", ROOT.parent / "shared" / "datasets" / "mtd"))
@@ -63,10 +69,19 @@ def small_bundle(mtd_small: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     default image score (smoothed, image_sigma) is tested on it through scoring_overrides.
     Float32, as those figures were measured; the default int8 trunk has its own bundle
     (test_quantize.py)."""
-    from edge_agent.export.fit import FitOptions, fit
+    from edge_agent.export.fit import fit
 
     out = tmp_path_factory.mktemp("bundles") / "small"
-    opts = FitOptions(
+    fit(mtd_small, out, small_fit_options())
+    return out
+
+
+def small_fit_options() -> FitOptions:
+    """small_bundle's fit: a test that fits another bundle "alike" (on other images) takes it
+    from here, so the two cannot drift apart."""
+    from edge_agent.export.fit import FitOptions
+
+    return FitOptions(
         backbone="efficientnet_lite0",
         image_size=(224, 224),
         coreset=0.05,
@@ -75,7 +90,19 @@ def small_bundle(mtd_small: Path, tmp_path_factory: pytest.TempPathFactory) -> P
         precision="float32",
         progress=False,
     )
-    fit(mtd_small, out, opts)
+
+
+def stop_agent(proc: subprocess.Popen) -> str:
+    """SIGTERM an agent subprocess (stdout piped, text) and return its output; the test fails
+    when it does not stop within 60 s or exits with anything but 0."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"the agent did not stop:\n{out[-3000:]}")
+    assert proc.returncode == 0, out[-3000:]
     return out
 
 

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from edge_agent.model.bundle import Bundle, update_thresholds
 from edge_agent.model.scorer import Scorer
 from edge_agent.station.recipes import Recipe
 from tests.brokers import Broker, Subscriber
+from tests.conftest import small_fit_options, stop_agent
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "edge-agent/line1"
@@ -59,23 +59,14 @@ def bundles(
     mtd_small: Path, small_bundle: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Path]:
     """good: the 60-image bundle; worse: the same fit on 4 images; both calibrated alike."""
-    from edge_agent.export.fit import FitOptions, fit
+    from edge_agent.export.fit import fit
 
     root = tmp_path_factory.mktemp("lifecycle_bundles")
     few = root / "few"
     (few / "train" / "good").mkdir(parents=True)
     for f in sorted((mtd_small / "train" / "good").iterdir())[:4]:
         shutil.copy(f, few / "train" / "good" / f.name)
-    opts = FitOptions(
-        backbone="efficientnet_lite0",
-        image_size=(224, 224),
-        coreset=0.05,
-        image_sigma=0.0,
-        reweight_k=9,
-        precision="float32",
-        progress=False,
-    )
-    fit(few, root / "worse", opts)
+    fit(few, root / "worse", small_fit_options())
     shutil.copytree(small_bundle, root / "good")
     for name in ("good", "worse"):
         update_thresholds(root / name, dict(THRESHOLDS))
@@ -119,22 +110,6 @@ def _cli(*args: str | Path) -> subprocess.CompletedProcess:
     )
 
 
-def _stop(proc: subprocess.Popen) -> str:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        out, _ = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"the agent did not stop:\n{out[-3000:]}")
-    assert proc.returncode == 0, out[-3000:]
-    return out
-
-
-def _json(sub: Subscriber, topic: str) -> list[dict]:
-    return [json.loads(m.payload) for m in sub.on(topic)]
-
-
 def _wait(sub: Subscriber, predicate, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -148,7 +123,7 @@ def _wait(sub: Subscriber, predicate, proc: subprocess.Popen, timeout_s: float =
 
 def _shadow(sub: Subscriber) -> dict | None:
     """The latest shadow report's first entry."""
-    reports = [r for r in _json(sub, SHADOW) if r["shadows"]]
+    reports = [r for r in sub.json(SHADOW) if r["shadows"]]
     return reports[-1]["shadows"][0] if reports else None
 
 
@@ -270,11 +245,11 @@ def test_a_worse_candidate_shows_false_rejects_and_fails_its_gate(
         _wait(sub, lambda: _compared(sub, 24, _model_id(worse)), proc)
         refused = _cli("promote", "--config", config, "--inspection", "cam")
         report = _shadow(sub)
-        out = _stop(proc)
+        out = stop_agent(proc)
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "promote cam: refused: gates failed: would-be false rejects" in refused.stdout
     # The candidate decided nothing: every verdict is production's.
-    got = _json(sub, VERDICTS)
+    got = sub.json(VERDICTS)
     assert {v["model_id"] for v in got} == {_model_id(good)}
     assert [v["sequence"] for v in got] == list(range(len(got)))
     # Within the budget: it took about a quarter of the frames and counted the rest.
@@ -313,12 +288,12 @@ def test_a_better_candidate_promotes_at_a_frame_boundary_and_rolls_back_exactly(
         _wait(sub, lambda: _compared(sub, 24, new), proc)
         promoted = _cli("promote", "--config", config, "--inspection", "cam")
         assert promoted.returncode == 0, promoted.stdout + promoted.stderr
-        _wait(sub, lambda: sum(v["model_id"] == new for v in _json(sub, VERDICTS)) >= 8, proc)
+        _wait(sub, lambda: sum(v["model_id"] == new for v in sub.json(VERDICTS)) >= 8, proc)
         back = _cli("rollback", "--config", config, "--inspection", "cam")
         assert back.returncode == 0, back.stdout + back.stderr
 
         def old_again() -> bool:
-            got = [v["model_id"] for v in _json(sub, VERDICTS)]
+            got = [v["model_id"] for v in sub.json(VERDICTS)]
             return new in got and got[got.index(new) :].count(old) >= n_files
 
         _wait(sub, old_again, proc)
@@ -334,9 +309,9 @@ def test_a_better_candidate_promotes_at_a_frame_boundary_and_rolls_back_exactly(
         _wait(sub, lambda: _compared(sub, 24, new), proc)
         blocked = _cli("promote", "--config", config, "--inspection", "cam")
         forced = _cli("promote", "--config", config, "--inspection", "cam", "--force")
-        _wait(sub, lambda: [v["model_id"] for v in _json(sub, VERDICTS)][-4:] == [new] * 4, proc)
-        _stop(proc)
-    got = _json(sub, VERDICTS)
+        _wait(sub, lambda: [v["model_id"] for v in sub.json(VERDICTS)][-4:] == [new] * 4, proc)
+        stop_agent(proc)
+    got = sub.json(VERDICTS)
     # No frame lost, and one change point each way: old, new, old, new.
     assert [v["sequence"] for v in got] == list(range(len(got)))
     runs = [got[0]["model_id"]]
@@ -428,12 +403,12 @@ def test_nothing_changes_while_the_audit_trail_cannot_be_written(
         trail.unlink()
         kept.rename(trail)
         again = _cli(*start)
-        out = _stop(proc)
+        out = stop_agent(proc)
     for done, action in ((shadow, "shadow_start"), (confirm, "confirm")):
         assert done.returncode == 1, done.stdout + done.stderr
         reason = rf"{action}[^:]*: refused: cannot be audited: .*No space left"
         assert re.search(reason, done.stdout), done.stdout + done.stderr
-    outcomes = [(o["action"], o["result"]) for o in _json(sub, f"{PREFIX}/lifecycle")]
+    outcomes = [(o["action"], o["result"]) for o in sub.json(f"{PREFIX}/lifecycle")]
     assert outcomes.count(START_OK) == 1
     assert outcomes.count(("shadow_start", "refused")) == 1
     assert ("confirm", "refused") in outcomes and ("confirm", "ok") not in outcomes
@@ -441,15 +416,15 @@ def test_nothing_changes_while_the_audit_trail_cannot_be_written(
     # Refused means not done: no shadow ran before the trail came back, no defect confirmed.
     started = [
         r["timestamp"]
-        for r in _json(sub, SHADOW)
+        for r in sub.json(SHADOW)
         if any(s["state"] == "running" for s in r["shadows"])
     ]
-    lifecycle = _json(sub, f"{PREFIX}/lifecycle")
+    lifecycle = sub.json(f"{PREFIX}/lifecycle")
     ok_at = next(o["timestamp"] for o in lifecycle if (o["action"], o["result"]) == START_OK)
     assert started and min(started) >= ok_at
     regression = tmp_path / "spool" / "_lifecycle" / "regression"
     assert not list(regression.rglob("*.png"))
-    assert {v["model_id"] for v in _json(sub, VERDICTS)} == {_model_id(calibrated_bundle)}
+    assert {v["model_id"] for v in sub.json(VERDICTS)} == {_model_id(calibrated_bundle)}
     # The trail is whole again: the failed writes left no hole in the chain.
     verify = _cli("audit", "verify", "--config", config)
     assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 
 from edge_agent.images import list_images
 from tests.brokers import Broker, Subscriber, free_port
+from tests.conftest import stop_agent
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "edge-agent/line1"
@@ -43,22 +43,6 @@ def _agent(config: Path, *args: str) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-def _stop(proc: subprocess.Popen) -> str:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        out, _ = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"the agent did not stop:\n{out[-3000:]}")
-    assert proc.returncode == 0, out[-3000:]
-    return out
-
-
-def _json(sub: Subscriber, topic: str) -> list[dict]:
-    return [json.loads(m.payload) for m in sub.on(topic)]
 
 
 def _wait(sub: Subscriber, predicate, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
@@ -106,16 +90,16 @@ def test_recipe_switch_mid_stream_at_a_frame_boundary(
         ).wait_for_publish(5)
 
         def switched(_m: object) -> bool:
-            got = _json(sub, verdicts)
+            got = sub.json(verdicts)
             return sum(v["recipe"] == "bottle-b" for v in got) >= 10
 
         _wait(sub, switched, proc)
-        out = _stop(proc)
+        out = stop_agent(proc)
         sub.wait_for(
             lambda m: any(x.payload == b"offline" for x in m if x.topic.endswith("/status"))
         )
-        got = _json(sub, verdicts)
-        states = _json(sub, f"{PREFIX}/recipe")
+        got = sub.json(verdicts)
+        states = sub.json(f"{PREFIX}/recipe")
     # Every frame answered once, in order; one change point, old recipe before, new after.
     assert [v["sequence"] for v in got] == list(range(len(got)))
     recipes = [v["recipe"] for v in got]
@@ -180,8 +164,8 @@ def test_two_triggered_cameras_give_one_verdict_per_part(
             for camera in cameras:
                 sub.client.publish(f"{PREFIX}/{camera}/trigger", part, qos=1).wait_for_publish(5)
         _wait(sub, lambda m: len([x for x in m if x.topic == f"{PREFIX}/part"]) >= 3, proc)
-        _stop(proc)
-        parts = _json(sub, f"{PREFIX}/part")
+        stop_agent(proc)
+        parts = sub.json(f"{PREFIX}/part")
     assert [p["part_id"] for p in parts] == ["P-1", "P-2", "P-3"], "one each, in trigger order"
     for p in parts[:2]:
         assert p["schema"] == "edge-agent/part/v1" and p["recipe"] == "default"
@@ -263,8 +247,8 @@ def test_a_plc_drives_the_agent_over_modbus_and_reads_each_parts_verdict(
         finally:
             plc.close()
         _wait(sub, lambda m: len([x for x in m if x.topic == f"{PREFIX}/part"]) >= 25, proc)
-        out = _stop(proc)
-        parts = _json(sub, f"{PREFIX}/part")
+        out = stop_agent(proc)
+        parts = sub.json(f"{PREFIX}/part")
     assert [int(p["part_id"]) for p in parts] == list(shown), "one part each, in order"
     assert {int(p["part_id"]): p["verdict"] for p in parts} == shown, "PASS/FAIL is the verdict"
     assert set(shown.values()) == {"OK", "NG"}, "both answers were exercised"
