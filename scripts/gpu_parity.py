@@ -14,7 +14,7 @@ from edge_agent.images import list_images, read_image
 from edge_agent.model.bundle import load_bundle
 from edge_agent.model.scorer import Scorer
 
-LIMIT = 64
+LIMIT = 256  # every image of the kit's data folder, in batches of 8
 TOLERANCE = 1e-4
 
 
