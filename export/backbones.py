@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -133,9 +135,55 @@ def _torchvision_resnet(name: str, weights: Path | None) -> Trunk:
 
 
 def load_trunk(name: str, weights: Path | None = None) -> Trunk:
-    """The named backbone with ImageNet weights; never silently random."""
+    """The named backbone with ImageNet weights, its batch norms folded (fold_batch_norms);
+    never silently random."""
     if name in EFFICIENTNET_LITES:
-        return _efficientnet_lite(name, weights)
-    if name in ("resnet18", "wide_resnet50_2"):
-        return _torchvision_resnet(name, weights)
-    raise UserError(f"unknown backbone {name!r} (choose from {', '.join(BACKBONES)})")
+        trunk = _efficientnet_lite(name, weights)
+    elif name in ("resnet18", "wide_resnet50_2"):
+        trunk = _torchvision_resnet(name, weights)
+    else:
+        raise UserError(f"unknown backbone {name!r} (choose from {', '.join(BACKBONES)})")
+    fold_batch_norms(trunk.stages)
+    return trunk
+
+
+def fold_batch_norms(root: nn.Module) -> int:
+    """Fold every batch norm into the convolution registered just before it (the order each
+    backbone's blocks run them in), in float64 rounded once to float32:
+
+        w' = w * s,  b' = (b - mean) * s + beta,  s = gamma / sqrt(var + eps)
+
+    The norm is replaced by what it applied after normalising (timm's BatchNormAct2d: its
+    dropout and activation). Returns how many were folded. Why here: the ONNX exporter folds
+    them otherwise, in float32 through MKL, whose kernels depend on the CPU's instruction set:
+    the same fit on AVX-512 and on AVX2 kernels gave weights an ulp apart (38 tensors of Lite2),
+    so other int8 scales and another bank (issue 33). float64 arithmetic is correctly rounded
+    on every CPU. Eval-mode (running statistics) only: the trunk is never trained here.
+    """
+    pairs = []
+    for parent in root.modules():
+        children = list(parent.named_children())
+        for (_, conv), (name, norm) in itertools.pairwise(children):
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                pairs.append((parent, conv, name, norm))
+    for parent, conv, name, norm in pairs:
+        if norm.running_mean is None or norm.running_var is None:
+            raise ValueError(f"{name}: a batch norm without running statistics cannot be folded")
+        mean = norm.running_mean.detach().double().numpy()
+        var = norm.running_var.detach().double().numpy()
+        out = len(mean)
+        gamma = norm.weight.detach().double().numpy() if norm.affine else np.ones(out)
+        beta = norm.bias.detach().double().numpy() if norm.affine else np.zeros(out)
+        scale = gamma / np.sqrt(var + float(norm.eps))
+        weight = conv.weight.detach().double().numpy()
+        bias = conv.bias.detach().double().numpy() if conv.bias is not None else np.zeros(out)
+        folded = weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))
+        conv.weight = nn.Parameter(torch.from_numpy(folded.astype(np.float32)))
+        conv.bias = nn.Parameter(
+            torch.from_numpy(((bias - mean) * scale + beta).astype(np.float32))
+        )
+        after = [
+            m for m in (getattr(norm, "drop", None), getattr(norm, "act", None)) if m is not None
+        ]
+        setattr(parent, name, nn.Sequential(*after) if after else nn.Identity())
+    return len(pairs)

@@ -14,7 +14,8 @@ native run's:
 
     .venv/bin/python scripts/kernels_check.py --bundle B --data MTD [--limit 60] [--json]
 
-Modes: native; avx512 (no VNNI); avx2 (no AVX-512); avx (no AVX2/FMA); sse4 (no AVX). Without
+Modes: native; noamx (no AMX, no AVX512-FP16); avx512 (no VNNI); avx2 (no AVX-512); avx (no
+AVX2/FMA); sse4 (no AVX); each below native also without AMX. Without
 `cpuid_fault` or a C compiler only FAISS_SIMD_LEVEL=NONE ("faiss-generic") is compared.
 """
 
@@ -42,7 +43,9 @@ SHIM_SOURCE = r"""
 #include <ucontext.h>
 #include <unistd.h>
 
-/* 0 native, 1 no VNNI/BF16, 2 no AVX-512, 3 no AVX2/FMA/F16C, 4 no AVX (SSE4.2 is the top). */
+/* 0 native, 1 no VNNI/BF16, 2 no AVX-512, 3 no AVX2/FMA/F16C, 4 no AVX (SSE4.2 is the top);
+   each also without AMX and AVX512-FP16, as is -1: an AVX-512 VNNI CPU without them (AMD Zen 4,
+   Intel Ice Lake) on one that has them (Intel Sapphire Rapids and later). */
 static int level;
 
 static void on_cpuid(int sig, siginfo_t *si, void *ctx) {
@@ -61,6 +64,7 @@ static void on_cpuid(int sig, siginfo_t *si, void *ctx) {
     __cpuid_count(leaf, sub, a, b, c, d);
     syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0);
     if (leaf == 7 && sub == 0) {
+        d &= ~((1u << 22) | (1u << 23) | (1u << 24) | (1u << 25)); /* AMX-BF16/FP16, TILE, INT8 */
         if (level >= 1) c &= ~(1u << 11);
         if (level >= 2) {
             b &= ~((1u << 16) | (1u << 17) | (1u << 21) | (1u << 26) | (1u << 27) | (1u << 28)
@@ -70,6 +74,7 @@ static void on_cpuid(int sig, siginfo_t *si, void *ctx) {
         }
         if (level >= 3) b &= ~((1u << 5) | (1u << 3) | (1u << 8));
     }
+    if (leaf == 7 && sub == 1) a &= ~(1u << 21); /* AMX-FP16 */
     if (leaf == 7 && sub == 1 && level >= 1) a &= ~((1u << 4) | (1u << 5));
     if (leaf == 1) {
         if (level >= 3) c &= ~((1u << 12) | (1u << 29));
@@ -84,7 +89,8 @@ __attribute__((constructor)) static void start(void) {
     const char *m = getenv("CPUID_MASK");
     struct sigaction sa;
     if (!m) return;
-    if (!strcmp(m, "avx512")) level = 1;
+    if (!strcmp(m, "noamx")) level = -1;
+    else if (!strcmp(m, "avx512")) level = 1;
     else if (!strcmp(m, "avx2")) level = 2;
     else if (!strcmp(m, "avx")) level = 3;
     else if (!strcmp(m, "sse4")) level = 4;
@@ -100,6 +106,7 @@ __attribute__((constructor)) static void start(void) {
 # Mode -> (CPUID_MASK, OpenBLAS core type for that CPU: OPENBLAS_CORETYPE beats CPUID).
 CPU_MODES: dict[str, tuple[str | None, str | None]] = {
     "native": (None, None),
+    "noamx": ("noamx", None),
     "avx512": ("avx512", None),
     "avx2": ("avx2", "Haswell"),
     "avx": ("avx", "Sandybridge"),

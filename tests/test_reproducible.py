@@ -163,3 +163,76 @@ def test_cpu_model_and_simd_flags_from_cpuinfo(tmp_path: Path) -> None:
         "avx512_vnni",
     ]
     assert cpu_model(str(tmp_path / "absent")) is None
+
+
+_EXPORT_SNIPPET = """
+import hashlib, sys
+from pathlib import Path
+import onnx
+from onnx import numpy_helper
+from edge_agent.export.backbones import DEFAULT_LAYERS, load_trunk
+from edge_agent.export.extractor import PatchFeatureExtractor
+from edge_agent.export.onnx_export import export_onnx
+trunk = load_trunk("efficientnet_lite0")
+layers = list(DEFAULT_LAYERS["efficientnet_lite0"])
+extractor = PatchFeatureExtractor(trunk, layers, patch_size=3, projection="none").eval()
+export_onnx(extractor, Path(sys.argv[1]), 160, 160)
+digest = hashlib.sha256()
+for t in onnx.load(sys.argv[1]).graph.initializer:
+    digest.update(t.name.encode() + numpy_helper.to_array(t).tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_the_exported_graph_is_the_same_bits_on_avx2_kernels(tmp_path: Path) -> None:
+    """The fit's float graph, exported natively and with AVX2 kernels (the CPUID shim): the
+    same weights to the bit. The exporter's own batch-norm folding ran through MKL, whose
+    AVX-512 and AVX2 kernels rounded 38 of Lite2's weights an ulp apart on an Intel Xeon, and
+    with them the int8 scales and the bank (issue 33); load_trunk now folds them in float64."""
+    if " cpuid_fault" not in Path("/proc/cpuinfo").read_text(errors="replace"):
+        pytest.skip("this CPU cannot make CPUID trap (no cpuid_fault flag): no kernels to fake")
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler (cc or gcc) to build the CPUID shim")
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import kernels_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    shim = kernels_check.build_shim(tmp_path)
+    digests = {}
+    for mode in ("native", "avx2"):
+        proc = subprocess.run(
+            [sys.executable, "-c", _EXPORT_SNIPPET, str(tmp_path / f"{mode}.onnx")],
+            capture_output=True,
+            text=True,
+            env=kernels_check.mode_env(mode, shim),
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        digests[mode] = proc.stdout.split()[-1]
+    assert digests["native"] == digests["avx2"]
+
+
+def test_folded_batch_norms_compute_what_the_norms_did() -> None:
+    import copy
+
+    import torch
+
+    from edge_agent.export import backbones
+
+    trunk = backbones._efficientnet_lite("efficientnet_lite0", None)
+    reference = copy.deepcopy(trunk.stages).eval()
+    n_norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in reference.modules())
+    assert backbones.fold_batch_norms(trunk.stages) == n_norms > 40
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in trunk.stages.modules())
+    x = torch.rand(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = x, x
+        for before, after in zip(reference, trunk.stages.eval(), strict=True):
+            want, got = before(want), after(got)
+    assert float((want - got).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert backbones.load_trunk("efficientnet_lite0").stages is not None
+    assert not any(
+        isinstance(m, torch.nn.BatchNorm2d)
+        for m in backbones.load_trunk("efficientnet_lite0").stages.modules()
+    )
