@@ -14,6 +14,9 @@ native run's:
 
     .venv/bin/python scripts/kernels_check.py --bundle B --data MTD [--limit 60] [--json]
 
+Across machines: `--digest` prints a sha256 of each stage of the native run (and of the
+regions), to compare with the digests another CPU printed for the same bundle and images.
+
 Modes: native; noamx (no AMX, no AVX512-FP16); avx512 (no VNNI); avx2 (no AVX-512); avx (no
 AVX2/FMA); sse4 (no AVX); each below native also without AMX. Without
 `cpuid_fault` or a C compiler only FAISS_SIMD_LEVEL=NONE ("faiss-generic") is compared.
@@ -155,6 +158,9 @@ def mode_env(mode: str, shim: Path | None) -> dict[str, str]:
 # ------------------------------------------------------------------------------ worker
 
 
+STAGES = ("frames", "features", "knn", "image_scores", "maps")
+
+
 def worker(args: argparse.Namespace) -> int:
     from edge_agent.ops.threads import quiet_thread_pools
 
@@ -235,7 +241,7 @@ def compare(ref: Path, other: Path, image_threshold: float | None) -> dict[str, 
         json.loads(other.with_suffix(".json").read_text()),
     )
     out: dict[str, object] = {}
-    for key in ("frames", "features", "knn", "image_scores", "maps"):
+    for key in STAGES:
         x, y = a[key], b[key]
         out[key] = {
             "differ": int(np.count_nonzero(x != y)),
@@ -253,6 +259,19 @@ def compare(ref: Path, other: Path, image_threshold: float | None) -> dict[str, 
     out["regions_differ"] = sum(
         1 for ra, rb in zip(ja["regions"], jb["regions"], strict=True) if ra != rb
     )
+    return out
+
+
+def digests(run: Path) -> dict[str, str]:
+    """sha256 of each stage a worker saved, and of its regions, in a form any CPU can compare."""
+    import hashlib
+
+    import numpy as np
+
+    arrays = np.load(run)
+    out = {key: hashlib.sha256(arrays[key].tobytes()).hexdigest() for key in STAGES}
+    regions = json.loads(run.with_suffix(".json").read_text())["regions"]
+    out["regions"] = hashlib.sha256(json.dumps(regions, sort_keys=True).encode()).hexdigest()
     return out
 
 
@@ -274,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default=",".join([*CPU_MODES, FAISS_GENERIC]))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--digest", action="store_true", help="print the native run's stage digests")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--images", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--ref", type=Path, help=argparse.SUPPRESS)
@@ -304,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
             if mode != "native":
                 cmd += ["--ref", str(ref)]
             subprocess.run(cmd, check=True, env=mode_env(mode, shim), cwd=ROOT)
+            if mode == "native" and args.digest:
+                results["digests"] = digests(out)
+                print("digests", json.dumps(results["digests"]), flush=True)
             if mode != "native":
                 results[mode] = compare(ref, out, threshold)
                 print(mode, json.dumps(results[mode]), flush=True)

@@ -43,8 +43,10 @@ def int8_small(mtd_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out
 
 
-def _kernels_check(bundle: Path, data: Path, modes: str) -> dict[str, dict[str, object]]:
-    args = ["--bundle", str(bundle), "--data", str(data), "--limit", str(IMAGES)]
+def _kernels_check(
+    bundle: Path, data: Path, modes: str, *more: str
+) -> dict[str, dict[str, object]]:
+    args = ["--bundle", str(bundle), "--data", str(data), "--limit", str(IMAGES), *more]
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *args, "--modes", modes, "--json"],
         capture_output=True,
@@ -270,11 +272,25 @@ def test_folded_batch_norms_compute_what_the_norms_did(name: str, tmp_path: Path
 # scripts/setup.sh's environment: a new release may change a graph or a quantizer, not a CPU).
 # Recorded on an AMD EPYC (Zen 3, AVX2, no AVX-512); the default fit's bank.npy and model.onnx
 # came out byte for byte the same there as on an Intel Xeon with AVX-512 and AMX (BENCHMARKS).
-RECORDED_VERSIONS = {"torch": "2.14.1", "onnx": "1.23.2", "onnxruntime": "1.32.0", "numpy": "2.4.6"}
+RECORDED_VERSIONS = {
+    "torch": "2.14.1",
+    "onnx": "1.23.2",
+    "onnxruntime": "1.32.0",
+    "numpy": "2.4.6",
+    "faiss-cpu": "1.15.1",
+    "opencv-python-headless": "5.1.0.95",
+}
 RECORDED_DIGESTS = {
     "lite0_export": "b4f698dbbe311fc2a65c9a68d9e2d9914648b5ec04c4fcb9a75c1a369c100451",
     "int8_small/bank.npy": "8ef83e718f546b989ebcaed76b1dfad2d237196468ea58e623b736d8592bedb6",
     "int8_small/model.onnx": "4695d14b8c2c547fb820dd3c7f2562c3f61cbfdb15da2af939c7d47e24ac9ce5",
+    # kernels_check --digest of int8_small on IMAGES of mtd_small's test images, 2 threads
+    "frames": "b4acf9b0431b27136e85bdc24cb0b29dbe0096d4638eb156c91e0da6dfd41912",
+    "features": "51ebad45d3e89c664b0716e0bd7fdb8b333560ca639eea57b26a5180e99e858d",
+    "knn": "254c31e852c20fa6506f7435713a46443494e1f9a023cd5f8ae3e1411ab2d315",
+    "image_scores": "40281fae49946e1e1ca5916eae78e4706b970a8a48eb2b32ce9b53b803674de1",
+    "maps": "6a2a1977dfa4d4ccbea4d42b644adac9331145e45df2753d247502474317f66f",
+    "regions": "8763b2b19d3411c0a40305d84603d18de72efd977f7cac521d3af2ca6605d025",
 }
 
 
@@ -309,3 +325,16 @@ def test_the_fit_is_the_recorded_bundle_on_this_cpu(int8_small: Path) -> None:
     for name in ("bank.npy", "model.onnx"):
         got = hashlib.sha256((int8_small / name).read_bytes()).hexdigest()
         assert got == RECORDED_DIGESTS[f"int8_small/{name}"], name
+
+
+def test_the_bundle_scores_the_recorded_bits_on_this_cpu(int8_small: Path, mtd_small: Path) -> None:
+    """The same bundle on the same images, on any CPU with AVX2 or AVX-512 (every stage: the
+    resized frames, the int8 graph's features, exact kNN distances, image scores, whole maps,
+    regions) gives the bits recorded on an AVX2-only EPYC; kernels_check compares kernel sets
+    on one machine where CPUID can be faked, this compares machines."""
+    _require_recorded_versions()
+    flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    if " avx2" not in flags:
+        pytest.skip("without AVX2 ONNX Runtime's int8 residual add rounds a rare value otherwise")
+    got = _kernels_check(int8_small, mtd_small, "native", "--digest")["digests"]
+    assert got == {key: RECORDED_DIGESTS[key] for key in got}
