@@ -4,7 +4,7 @@ On one machine: scripts/kernels_check.py scores a real int8 bundle in subprocess
 kernels another CPU would (FAISS's generic SIMD level; with an LD_PRELOAD shim that makes CPUID
 report fewer features, ONNX Runtime's, OpenCV's, NumPy's and OpenBLAS's AVX2 and SSE4.2 code
 paths) and compares each stage, bit for bit, with the native run. On any CPU: the exported
-graph and a small fit must hash to what was recorded on one CPU type.
+graph, a small fit and its scores at every stage must hash to what was recorded on one CPU type.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ import json
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 from edge_agent.errors import UserError
+from edge_agent.export.backbones import Trunk
 from edge_agent.export.fit import FitOptions, fit, platform_record
 from edge_agent.model.bundle import load_bundle, read_manifest, write_manifest
 from edge_agent.model.scorer import session_settings
@@ -58,6 +60,26 @@ def _kernels_check(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _kernels_check_module() -> types.ModuleType:
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import kernels_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return kernels_check
+
+
+def _shim(directory: Path) -> Path:
+    """The CPUID shim, built in `directory`; the test skips where it cannot be."""
+    kernels_check = _kernels_check_module()
+    if not kernels_check.cpuid_fault_available():
+        pytest.skip("this CPU cannot make CPUID trap (no cpuid_fault flag): no kernels to fake")
+    shim = kernels_check.build_shim(directory)
+    if shim is None:
+        pytest.skip("no C compiler (cc or gcc) to build the CPUID shim")
+    return shim
+
+
 def _assert_identical(result: dict[str, object]) -> None:
     for stage in STAGES:
         assert result[stage]["differ"] == 0, (stage, result)  # type: ignore[index]
@@ -73,16 +95,15 @@ def test_faiss_generic_kernels_score_the_same(int8_small: Path, mtd_small: Path)
     _assert_identical(result["faiss-generic"])
 
 
-def test_older_cpu_kernels_score_the_same(int8_small: Path, mtd_small: Path) -> None:
+def test_older_cpu_kernels_score_the_same(
+    int8_small: Path, mtd_small: Path, tmp_path: Path
+) -> None:
     """An AVX2 CPU and an SSE4.2-only one (a Celeron J-class edge box) against this one: the
     int8 graph's features, the kNN distances, OpenCV's maps and smoothed image scores must be
     the same bits, so verdicts and regions cannot move. (Without AVX2, ONNX Runtime's fused
     int8 residual add rounds a rare value the other way: 2 of MTD's 595 test images, none of
     these; BENCHMARKS.md. What this catches is everything else: the layout pass, OpenCV.)"""
-    if " cpuid_fault" not in Path("/proc/cpuinfo").read_text(errors="replace"):
-        pytest.skip("this CPU cannot make CPUID trap (no cpuid_fault flag): no kernels to fake")
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler (cc or gcc) to build the CPUID shim")
+    _shim(tmp_path)  # kernels_check builds its own; this says why it cannot here
     result = _kernels_check(int8_small, mtd_small, "native,avx2,sse4")
     _assert_identical(result["avx2"])
     _assert_identical(result["sse4"])
@@ -192,16 +213,7 @@ def test_the_exported_graph_is_the_same_bits_on_avx2_kernels(tmp_path: Path) -> 
     same weights to the bit. The exporter's own batch-norm folding ran through MKL, whose
     AVX-512 and AVX2 kernels rounded 38 of Lite2's weights an ulp apart on an Intel Xeon, and
     with them the int8 scales and the bank (issue 33); load_trunk now folds them in float64."""
-    if " cpuid_fault" not in Path("/proc/cpuinfo").read_text(errors="replace"):
-        pytest.skip("this CPU cannot make CPUID trap (no cpuid_fault flag): no kernels to fake")
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler (cc or gcc) to build the CPUID shim")
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import kernels_check
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    shim = kernels_check.build_shim(tmp_path)
+    kernels_check, shim = _kernels_check_module(), _shim(tmp_path)
     digests = {}
     for mode in ("native", "avx2"):
         proc = subprocess.run(
@@ -216,7 +228,7 @@ def test_the_exported_graph_is_the_same_bits_on_avx2_kernels(tmp_path: Path) -> 
     assert digests["native"] == digests["avx2"]
 
 
-def _unfolded_trunk(name: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+def _unfolded_trunk(name: str, tmp_path: Path) -> Trunk:
     """The backbone as built before fold_batch_norms: Lite with its packaged ImageNet weights,
     a ResNet (no weights can be downloaded here) from random ones, its norms' statistics and
     affine terms random too, so that folding them is not the identity."""
@@ -337,4 +349,4 @@ def test_the_bundle_scores_the_recorded_bits_on_this_cpu(int8_small: Path, mtd_s
     if " avx2" not in flags:
         pytest.skip("without AVX2 ONNX Runtime's int8 residual add rounds a rare value otherwise")
     got = _kernels_check(int8_small, mtd_small, "native", "--digest")["digests"]
-    assert got == {key: RECORDED_DIGESTS[key] for key in got}
+    assert got == {key: RECORDED_DIGESTS[key] for key in (*STAGES, "regions")}
