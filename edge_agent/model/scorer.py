@@ -75,10 +75,9 @@ CUDA_OPTIONS: dict[str, str] = {
 # bundle that alone made the features of an AVX-512 CPU differ from an AVX2 or SSE4 one's in
 # the last bits (3 million of 10 million values, 1.3e-7 relative) and moved image scores; without
 # it the int8 graph's features are the same bits with AVX-512 VNNI, AVX-512 and AVX2 kernels
-# (integer convolutions are exact; scripts/kernels_check.py, BENCHMARKS.md). CPUs without AVX2 get
-# the same bits but for ONNX Runtime's fused int8 residual add (QLinearAdd), whose SSE kernel
-# rounds a rare value the other way: 2 of MTD's 595 test images, scores within 1.5e-4
-# relative, no verdict changed, one region of 595 did. Without the layout pass the
+# (integer convolutions are exact; scripts/kernels_check.py, BENCHMARKS.md), and with SSE4.2
+# kernels too since fit writes the residual adds as Sums (export.quantize.float_residual_adds:
+# ONNX Runtime's fused QLinearAdd rounds by the CPU). Without the layout pass the
 # int8 graph took 1.08-1.25x the ONNX time alone and the engine's rate did not move beyond its
 # noise (default bundle, alternated, loaded machine). A float32 graph took ~3x its ONNX time
 # without it, and is the same bits only across CPUs with FMA even then: float32 keeps it, and
