@@ -75,6 +75,11 @@ def test_int8_graph_quantizes_the_trunk_and_keeps_the_tail_float(int8_bundle: Pa
         return all(produced[x].op_type == "DequantizeLinear" for x in node.input[:2])
 
     assert all(fed_by_dequantize(n) for n in trunk)
+    # The residual adds are Sums (float_residual_adds): ONNX Runtime fuses an Add between
+    # dequantized inputs into its CPU-dependent QLinearAdd, and no Sum.
+    sums = [n for n in model.graph.node if n.op_type == "Sum"]
+    assert sums and all(fed_by_dequantize(n) for n in sums)
+    assert not [n for n in model.graph.node if n.op_type == "Add" and fed_by_dequantize(n)]
     # The aggregation behind the trunk (pooling, upsampling) stays float: nothing quantizes
     # what it computes.
     consumers: dict[str, list[str]] = {}
