@@ -80,6 +80,19 @@ def _shim(directory: Path) -> Path:
     return shim
 
 
+def _digest_in_mode(snippet: str, path: Path, mode: str, shim: Path) -> str:
+    """Run a snippet that prints a digest of `path`'s work, with `mode`'s kernels."""
+    proc = subprocess.run(
+        [sys.executable, "-c", snippet, str(path)],
+        capture_output=True,
+        text=True,
+        env=_kernels_check_module().mode_env(mode, shim),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.split()[-1]
+
+
 def _assert_identical(result: dict[str, object]) -> None:
     for stage in STAGES:
         assert result[stage]["differ"] == 0, (stage, result)  # type: ignore[index]
@@ -153,7 +166,7 @@ def test_int8_residual_adds_are_the_same_bits_without_avx2(tmp_path: Path) -> No
 
     from edge_agent.export.quantize import float_residual_adds
 
-    kernels_check, shim = _kernels_check_module(), _shim(tmp_path)
+    shim = _shim(tmp_path)
     graph = tmp_path / "add.onnx"
     _quantized_add(graph)
     assert float_residual_adds(graph) == 1
@@ -162,17 +175,10 @@ def test_int8_residual_adds_are_the_same_bits_without_avx2(tmp_path: Path) -> No
     ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"], **settings)
     ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
     assert "QLinearAdd" not in ops and "Sum" in ops, ops
-    digests = {}
-    for mode in ("native", "avx2", "sse4"):
-        proc = subprocess.run(
-            [sys.executable, "-c", _QUANTIZED_ADD_SNIPPET, str(graph)],
-            capture_output=True,
-            text=True,
-            env=kernels_check.mode_env(mode, shim),
-            timeout=120,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        digests[mode] = proc.stdout.split()[-1]
+    digests = {
+        m: _digest_in_mode(_QUANTIZED_ADD_SNIPPET, graph, m, shim)
+        for m in ("native", "avx2", "sse4")
+    }
     assert digests["avx2"] == digests["native"] and digests["sse4"] == digests["native"], digests
 
 
@@ -280,18 +286,11 @@ def test_the_exported_graph_is_the_same_bits_on_avx2_kernels(tmp_path: Path) -> 
     same weights to the bit. The exporter's own batch-norm folding ran through MKL, whose
     AVX-512 and AVX2 kernels rounded 38 of Lite2's weights an ulp apart on an Intel Xeon, and
     with them the int8 scales and the bank (issue 33); load_trunk now folds them in float64."""
-    kernels_check, shim = _kernels_check_module(), _shim(tmp_path)
-    digests = {}
-    for mode in ("native", "avx2"):
-        proc = subprocess.run(
-            [sys.executable, "-c", _EXPORT_SNIPPET, str(tmp_path / f"{mode}.onnx")],
-            capture_output=True,
-            text=True,
-            env=kernels_check.mode_env(mode, shim),
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        digests[mode] = proc.stdout.split()[-1]
+    shim = _shim(tmp_path)
+    digests = {
+        m: _digest_in_mode(_EXPORT_SNIPPET, tmp_path / f"{m}.onnx", m, shim)
+        for m in ("native", "avx2")
+    }
     assert digests["native"] == digests["avx2"]
 
 
