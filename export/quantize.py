@@ -129,8 +129,9 @@ def float_residual_adds(path: Path) -> int:
     """Turn each quantized residual Add (both inputs dequantized) into a two-input Sum, in
     place; returns how many. The result is the same arithmetic, but ONNX Runtime fuses
     DequantizeLinear -> Add -> QuantizeLinear into QLinearAdd, whose kernels differ by CPU:
-    fixed-point multipliers with AVX2, float without, so an SSE4.2-only box rounds a rare value
-    the other way (2 of MTD's 595 test images, BENCHMARKS.md). It fuses no Sum: the add then
+    fixed-point multipliers with AVX2, float without, so an SSE4.2-only box rounds some values
+    the other way (on MTD's default bundle 217 of 595 image scores and 32 regions moved,
+    BENCHMARKS.md). It fuses no Sum: the add then
     runs as DequantizeLinear, a float add and QuantizeLinear, each one correctly rounded IEEE
     operation, the same bits on every CPU and exactly the ONNX definition of a quantized add."""
     import onnx
