@@ -31,8 +31,12 @@ import io
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -121,22 +125,24 @@ def quantize_trunk(
             )
     finally:
         root.removeFilter(_quiet_quantizer)
-    _drop_unused_constants(dst)
-    float_residual_adds(dst)
+    import onnx
+
+    model = onnx.load(str(dst))
+    _drop_unused_constants(model)
+    float_residual_adds(model)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
 
 
-def float_residual_adds(path: Path) -> int:
+def float_residual_adds(model: onnx.ModelProto) -> int:
     """Turn each quantized residual Add (both inputs dequantized) into a two-input Sum, in
     place; returns how many. The result is the same arithmetic, but ONNX Runtime fuses
     DequantizeLinear -> Add -> QuantizeLinear into QLinearAdd, whose kernels differ by CPU:
     fixed-point multipliers with AVX2, float without, so an SSE4.2-only box rounds some values
     the other way (on MTD's default bundle 217 of 595 image scores and 32 regions moved,
-    BENCHMARKS.md). It fuses no Sum: the add then
-    runs as DequantizeLinear, a float add and QuantizeLinear, each one correctly rounded IEEE
-    operation, the same bits on every CPU and exactly the ONNX definition of a quantized add."""
-    import onnx
-
-    model = onnx.load(str(path))
+    BENCHMARKS.md). It fuses no Sum: the add then runs as DequantizeLinear, a float add and
+    QuantizeLinear, each one correctly rounded IEEE operation, the same bits on every CPU and
+    exactly the ONNX definition of a quantized add."""
     producers = {out: node.op_type for node in model.graph.node for out in node.output}
     count = 0
     for node in model.graph.node:
@@ -145,19 +151,13 @@ def float_residual_adds(path: Path) -> int:
         ):
             node.op_type = "Sum"
             count += 1
-    if count:
-        onnx.checker.check_model(model)
-        onnx.save(model, str(path))
     return count
 
 
-def _drop_unused_constants(path: Path) -> None:
+def _drop_unused_constants(model: onnx.ModelProto) -> None:
     """The quantizer folds each ReLU6 (Clip) into its activation's range and leaves the Clip's
     bounds behind; ONNX Runtime would warn about each of them (60 for Lite2) every time the
     agent loads the bundle."""
-    import onnx
-
-    model = onnx.load(str(path))
     graph = model.graph
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     for node in [n for n in graph.node if n.op_type == "Constant"]:
@@ -165,8 +165,6 @@ def _drop_unused_constants(path: Path) -> None:
             graph.node.remove(node)
     for tensor in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(tensor)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
 
 
 def _quiet_quantizer(record: logging.LogRecord) -> bool:
